@@ -1,0 +1,210 @@
+"""The Python API (LANGUAGE.md §7): compile once, then check, graph, run or evaluate.
+
+`Program` strings the stages together; each stage stays a plain function in its own
+module, so an embedding tool can also call them one by one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from . import ir
+from .bind import InMemoryModel, bind
+from .diagnostics import Diagnostic, MergeError, error
+from .execute import execute
+from .io.errors import ModelFileError
+from .io.hf import OutputFolder, check_target, write_donor_files, write_model_card
+from .io.write import OutputTensor, ShardedWriter, parse_size
+from .ir import TENSOR, Node
+from .lower import Lowered, ModelRef, lower
+from .plan import Plan, TensorPlan, plan
+from .resolve import resolve
+from .syntax import parse, parse_expression
+
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What `check` reports: the plan in numbers, nothing loaded."""
+
+    tensors: int
+    outputs: int
+    models: list[str]
+    donor: str | None
+    input_bytes: int
+    output_bytes: int
+    peak_bytes: int
+    copied: int  # non-float tensors copied as they are
+
+
+class Program:
+    """A compiled script: parsed, resolved and lowered; models not opened yet."""
+
+    def __init__(self, source_text: str, path: str | Path | None = None):
+        self.path = Path(path) if path is not None else None
+        name = str(path) if path is not None else "<script>"
+        self.module = parse(source_text, name, self.path.resolve() if self.path else None)
+        self.resolved = resolve(self.module)
+        self.lowered = lower(self.resolved)
+
+    @property
+    def source_text(self) -> str:
+        return self.module.source.text
+
+    def _lowered(self, seed: int | None, dtype: str | None, out_dtype: str | None) -> Lowered:
+        if self.lowered.output is None:
+            raise error("the script has no `output`", None,
+                        hint="add a line such as `output base + ties(a - base, b - base)`")
+        changes = {k: v for k, v in (("seed", seed), ("dtype", dtype), ("out_dtype", out_dtype))
+                   if v is not None}
+        return dataclasses.replace(self.lowered, **changes)
+
+    def plan(self, seed: int | None = None, dtype: str | None = None,
+             out_dtype: str | None = None) -> Plan:
+        """Bind the models (headers only) and plan every output tensor."""
+        bound = bind(self._lowered(seed, dtype, out_dtype))
+        try:
+            return plan(bound)
+        except BaseException:
+            bound.close()
+            raise
+
+    def check(self) -> Summary:
+        """Everything short of loading a tensor. Raises MergeError."""
+        p = self.plan()
+        try:
+            return summarize(p)
+        finally:
+            p.bound.close()
+
+    def graph(self) -> nx.DiGraph:
+        """The plan as one networkx.DiGraph (see plan.build_graph)."""
+        p = self.plan()
+        p.bound.close()
+        return p.graph
+
+    def run(self, out: str | Path, device: str = "cpu", *, force: bool = False,
+            shard_size: int | str = DEFAULT_SHARD_SIZE, strict: bool = False,
+            seed: int | None = None, dtype: str | None = None, out_dtype: str | None = None,
+            progress: Callable[[TensorPlan], None] | None = None,
+            on_plan: Callable[[Plan], None] | None = None) -> list[Diagnostic]:
+        """Merge into the Hugging Face folder `out`. Returns warnings; raises MergeError.
+
+        The folder appears only when the merge is complete; on any error nothing is left
+        at `out`."""
+        out = Path(out)
+        shard_bytes = shard_size if isinstance(shard_size, int) else _size(shard_size)
+        _check_target(out, force)
+        p = self.plan(seed, dtype, out_dtype)
+        try:
+            if on_plan is not None:
+                on_plan(p)
+            with OutputFolder(out, force) as folder:
+                return _write(self, p, folder, device, shard_bytes, strict, progress)
+        except ModelFileError as exc:
+            raise error(exc.message, None, hint=exc.hint) from None
+        finally:
+            p.bound.close()
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise error(str(exc), None, hint="e.g. --shard-size 5GB or 500MB") from None
+
+
+def _check_target(out: Path, force: bool) -> None:
+    try:
+        check_target(out, force)
+    except ModelFileError as exc:
+        raise error(exc.message, None, hint=exc.hint) from None
+
+
+def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: int,
+           strict: bool, progress) -> list[Diagnostic]:
+    layout = [OutputTensor(t.name, t.shape, t.out_dtype) for t in p.tensors]
+    script_name = program.path.name if program.path else "merge.merge"
+    writer = ShardedWriter(folder, layout, shard_bytes,
+                           {"mergelang_script": program.source_text})
+    warnings = execute(p, writer.write, device, strict, progress)
+    writer.close()
+    donor = p.bound.donor
+    write_donor_files(folder, donor.source.folder if donor else None,
+                      {"torch_dtype": _main_dtype(p.tensors)})
+    write_model_card(folder, program.source_text, script_name)
+    return warnings
+
+
+def _main_dtype(tensors: list[TensorPlan]) -> str:
+    counts = Counter(t.out_dtype for t in tensors if t.out_dtype.is_floating_point)
+    dtype = counts.most_common(1)[0][0] if counts else torch.float32
+    return str(dtype).removeprefix("torch.")
+
+
+def summarize(p: Plan) -> Summary:
+    donor = p.bound.donor
+    return Summary(
+        tensors=sum(1 for n in p.graph.nodes if p.graph.nodes[n]["op"] != "output"),
+        outputs=len(p.tensors),
+        models=[m.display for m in p.bound.models.values()],
+        donor=donor.display if donor else None,
+        input_bytes=p.input_bytes,
+        output_bytes=p.output_bytes,
+        peak_bytes=p.peak_bytes(),
+        copied=sum(t.copy_only for t in p.tensors),
+    )
+
+
+def compile(source_text: str, path: str | Path | None = None) -> Program:  # noqa: A001
+    """Compile a script (parse, resolve, lower). Raises MergeError."""
+    return Program(source_text, path)
+
+
+def load(path: str | Path) -> Program:
+    """Compile a `.merge` file; relative model paths resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror}", None,
+                    hint="check the script's path") from None
+    return Program(text, path)
+
+
+def evaluate(expression: str, /, *, seed: int = 0, device: str = "cpu",
+             dtype: str = "float32", **inputs: torch.Tensor | dict[str, torch.Tensor]
+             ) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Evaluate an expression on tensors or state dicts held in memory; no files.
+
+    Each keyword names an input: a tensor, or a state dict (name -> tensor). Tensors
+    give a tensor back; state dicts give a state dict with every name the expression
+    defines. `seed`, `device` and `dtype` are reserved keywords."""
+    bare = {k for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+    if bare and len(bare) != len(inputs):
+        raise TypeError("evaluate(): give all inputs as tensors or all as state dicts")
+    states = {k: {"tensor": v} if k in bare else dict(v) for k, v in inputs.items()}
+    keys = {k: f"<memory>/{k}" for k in inputs}
+    module = parse_expression(expression)
+    resolved = resolve(module, externals=frozenset(inputs))
+    lowered = lower(resolved, {k: Node.make("model", (), key, TENSOR) for k, key in keys.items()})
+    used = {n.attr for n in ir.walk(lowered.output) if n.op == "model"}
+    span = module.statements[0].span
+    models = {key: ModelRef(k, span) for k, key in keys.items() if key in used}
+    lowered = dataclasses.replace(lowered, seed=seed, dtype=dtype,
+                                  models=models | lowered.models)
+    bound = bind(lowered, {keys[k]: InMemoryModel(s) for k, s in states.items()})
+    result: dict[str, torch.Tensor] = {}
+    execute(plan(bound), result.__setitem__, device)
+    return result["tensor"] if bare else result
+
+
+__all__ = ["Program", "Summary", "compile", "load", "evaluate", "MergeError"]

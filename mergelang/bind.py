@@ -1,0 +1,145 @@
+"""Bind: open every model the program names, read headers only, learn the layer structure.
+
+After this stage each `model(...)` in the IR has a `BoundModel`: its tensor names,
+shapes and dtypes (from safetensors headers, nothing loaded), and which tensors belong
+to which repeated block ("layer"). Errors about the files themselves (a missing folder,
+a truncated header, a pickled checkpoint) are reported here, at the `model(...)` call
+in the script.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from .diagnostics import Span, error
+from .io.errors import ModelFileError
+from .io.read import TensorInfo, open_model
+from .lower import Lowered, ModelRef
+
+# `model.layers.12.`, `transformer.h.3.`, `encoder.layer.7.`, `blocks.0.`
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
+_BEFORE_BLOCKS = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
+_NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+class ModelSource(Protocol):
+    """What the back end needs of a model: headers, and one tensor at a time."""
+
+    tensors: dict[str, TensorInfo]
+    config: dict | None
+    folder: Path | None
+
+    def load(self, name: str) -> torch.Tensor: ...
+
+    def close(self) -> None: ...
+
+
+class InMemoryModel:
+    """A state dict (or a single tensor) held by the caller, for `mergelang.evaluate`."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+        self.config = None
+        self.folder = None
+        self.tensors = {
+            name: TensorInfo(name, tuple(t.shape), t.dtype, Path("<memory>"), i,
+                             t.numel() * t.element_size())
+            for i, (name, t) in enumerate(state.items())
+        }
+
+    def load(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class BoundModel:
+    key: str
+    ref: ModelRef
+    source: ModelSource
+    num_layers: int
+
+    @property
+    def display(self) -> str:
+        """The path as the user wrote it, for messages."""
+        return self.ref.written
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """The per-tensor names a script can use (LANGUAGE.md §4)."""
+
+    name: str
+    layer: int | None
+    num_layers: int
+    depth: float
+
+
+@dataclass
+class Bound:
+    lowered: Lowered
+    models: dict[str, BoundModel]
+    donor: BoundModel | None
+
+    def close(self) -> None:
+        for model in self.models.values():
+            model.source.close()
+
+    def names(self) -> list[str]:
+        """Every tensor name any model has, the donor's first, each in file order."""
+        ordered = [self.donor] if self.donor is not None else []
+        ordered += [m for m in self.models.values() if m is not self.donor]
+        seen: dict[str, None] = {}
+        for model in ordered:
+            for name in model.source.tensors:
+                seen.setdefault(name, None)
+        return list(seen)
+
+    def context(self, name: str) -> TensorContext:
+        num_layers = self.donor.num_layers if self.donor is not None else 0
+        match = _LAYER.search(name)
+        if match is not None:
+            layer = int(match.group(1))
+            return TensorContext(name, layer, num_layers, layer / max(num_layers - 1, 1))
+        depth = 0.0 if _BEFORE_BLOCKS.search(name) else 1.0
+        return TensorContext(name, None, num_layers, depth)
+
+
+def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bound:
+    """Open the models' headers. `sources` supplies in-memory models by key."""
+    sources = sources or {}
+    models: dict[str, BoundModel] = {}
+    try:
+        for key, ref in lowered.models.items():
+            source = sources.get(key) or _open(key, ref.span)
+            models[key] = BoundModel(key, ref, source, count_layers(source))
+    except BaseException:
+        for model in models.values():
+            model.source.close()
+        raise
+    donor = models.get(lowered.donor) if lowered.donor else None
+    return Bound(lowered, models, donor)
+
+
+def _open(key: str, span: Span) -> ModelSource:
+    try:
+        return open_model(Path(key))
+    except ModelFileError as exc:
+        raise error(exc.message, span, hint=exc.hint) from None
+
+
+def count_layers(source: ModelSource) -> int:
+    """The number of repeated blocks: from config.json, else from the tensor names."""
+    for key in _NUM_LAYERS_KEYS:
+        value = (source.config or {}).get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    indices = [int(m.group(1)) for n in source.tensors if (m := _LAYER.search(n))]
+    return max(indices) + 1 if indices else 0

@@ -1,0 +1,82 @@
+"""What every script can name without defining it: signatures, context names, settings.
+
+The behaviour of the built-in functions lives in `lower.py` (they act on compile-time
+values: `model` opens nothing, it names a model; `sum` unrolls a list into additions).
+Here are only the facts `resolve` checks calls against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import ast
+from .ops import REQUIRED, Primitive
+
+
+@dataclass(frozen=True)
+class SigParam:
+    name: str
+    required: bool
+    rest: bool = False
+    keyword_only: bool = False
+
+
+@dataclass(frozen=True)
+class Signature:
+    name: str
+    params: tuple[SigParam, ...]
+    rest_min: int = 0
+
+    def describe(self) -> str:
+        parts = []
+        for p in self.params:
+            parts.append(f"*{p.name}" if p.rest else p.name if p.required else f"{p.name}=...")
+        return ", ".join(parts)
+
+    @staticmethod
+    def of_primitive(prim: Primitive) -> Signature:
+        return Signature(prim.name, tuple(SigParam(p.name, p.default is REQUIRED)
+                                          for p in prim.params))
+
+
+def signature_of_fn(fn: ast.FnDef) -> Signature:
+    params, after_rest = [], False
+    for p in fn.params:
+        params.append(SigParam(p.name, p.default is None and not p.rest, p.rest, after_rest))
+        after_rest = after_rest or p.rest
+    return Signature(fn.name, tuple(params))
+
+
+@dataclass(frozen=True)
+class Builtin:
+    signature: Signature
+    doc: str
+
+
+def _builtin(name: str, doc: str, *params: SigParam, rest_min: int = 0) -> tuple[str, Builtin]:
+    return name, Builtin(Signature(name, params, rest_min), doc)
+
+
+BUILTINS: dict[str, Builtin] = dict([
+    _builtin("model", "A model: a Hugging Face folder or a .safetensors file, relative to the "
+             "script's folder.", SigParam("path", True)),
+    _builtin("sum", "The sum of a list (of tensors or numbers), added left to right.",
+             SigParam("xs", True)),
+    _builtin("broadcast", "x as a list as long as `like`: a single value is repeated; a list "
+             "must already have that length.", SigParam("x", True), SigParam("like", True)),
+    _builtin("len", "The length of a list.", SigParam("xs", True)),
+    _builtin("gradient", "Linear interpolation of a list of values over `depth`.",
+             SigParam("values", True)),
+])
+
+CONTEXT_NAMES = frozenset({"name", "layer", "num_layers", "depth"})
+
+SETTINGS: dict[str, str] = {
+    "dtype": "compute dtype: float32 (default), float64, float16 or bfloat16",
+    "out_dtype": "dtype written: default, the donor model's dtype for each tensor",
+    "seed": "integer seed of every random op (default 0)",
+    "donor": "the model whose config.json and tokenizer files are copied "
+             "(default: the first model in `output`)",
+}
+
+DTYPES = ("float32", "float64", "float16", "bfloat16")

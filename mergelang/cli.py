@@ -1,0 +1,201 @@
+"""The `mergelang` command: run, check, graph, repl (LANGUAGE.md §6).
+
+Every script or input error is printed as a diagnostic and exits with status 2; no
+traceback reaches the user and nothing is written to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+import networkx as nx
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from . import api, ir
+from .builtins import DTYPES
+from .diagnostics import Diagnostic, MergeError
+from .plan import Plan
+
+EXIT_INPUT_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=True, highlight=False)
+    try:
+        return args.handler(args, console)
+    except MergeError as exc:
+        _report(console, exc.diagnostics)
+        return EXIT_INPUT_ERROR
+    except KeyboardInterrupt:
+        console.print("interrupted; nothing was written")
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergelang", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="merge: write the output model folder")
+    run.add_argument("script", type=Path)
+    run.add_argument("-o", "--output", type=Path, required=True, help="output folder")
+    run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    run.add_argument("--seed", type=int, help="overrides `set seed`")
+    run.add_argument("--dtype", choices=DTYPES, help="compute dtype; overrides `set dtype`")
+    run.add_argument("--out-dtype", choices=DTYPES, help="overrides `set out_dtype`")
+    run.add_argument("--shard-size", default=api.DEFAULT_SHARD_SIZE,
+                     help="largest output shard, e.g. 5GB (default) or 500MB")
+    run.add_argument("--force", action="store_true", help="replace an existing output folder")
+    run.add_argument("--strict", action="store_true",
+                     help="a NaN or infinite value in the result is an error, not a warning")
+    run.add_argument("--quiet", action="store_true", help="no progress display")
+    run.set_defaults(handler=_run)
+
+    check = sub.add_parser("check", help="check against the model headers; load nothing")
+    check.add_argument("script", type=Path)
+    check.set_defaults(handler=_check)
+
+    graph = sub.add_parser("graph", help="print the planned graph")
+    graph.add_argument("script", type=Path)
+    graph.add_argument("--tensor", help="only tensors whose name matches this regex")
+    graph.add_argument("--format", choices=("text", "dot"), default="text")
+    graph.set_defaults(handler=_graph)
+
+    repl = sub.add_parser("repl", help="explore a script interactively")
+    repl.add_argument("script", type=Path, nargs="?")
+    repl.set_defaults(handler=_repl)
+    return parser
+
+
+def _report(console: Console, diagnostics: list[Diagnostic]) -> None:
+    for d in diagnostics:
+        style = "bold red" if d.severity == "error" else "bold yellow"
+        head, _, rest = d.render().partition("\n")
+        console.print(f"[{style}]{_escape(head)}[/]")
+        if rest:
+            console.print(_escape(rest))
+
+
+def _escape(text: str) -> str:
+    return text.replace("[", r"\[")
+
+
+def _run(args: argparse.Namespace, console: Console) -> int:
+    program = api.load(args.script)
+    progress = Progress(
+        TextColumn("merging {task.fields[done]}/{task.fields[count]} tensors"), BarColumn(),
+        DownloadColumn(), TimeRemainingColumn(), console=console, disable=args.quiet,
+        transient=True)
+    state: dict = {}
+
+    def started(p: Plan) -> None:
+        state["task"] = progress.add_task("merge", total=p.output_bytes, done=0,
+                                          count=len(p.tensors))
+        state["done"] = 0
+        progress.start()
+
+    def advance(tensor) -> None:
+        state["done"] += 1
+        progress.update(state["task"], advance=tensor.nbytes, done=state["done"])
+
+    try:
+        warnings = program.run(args.output, args.device, force=args.force,
+                               shard_size=args.shard_size, strict=args.strict, seed=args.seed,
+                               dtype=args.dtype, out_dtype=args.out_dtype,
+                               progress=advance, on_plan=started)
+    finally:
+        progress.stop()
+    _report(console, warnings)
+    if not args.quiet:
+        console.print(f"wrote {args.output}")
+    return 0
+
+
+def _check(args: argparse.Namespace, console: Console) -> int:
+    summary = api.load(args.script).check()
+    out = Console(highlight=False)
+    out.print(f"ok: {args.script}")
+    out.print(f"  models:        {', '.join(summary.models)}")
+    out.print(f"  donor:         {summary.donor}")
+    out.print(f"  outputs:       {summary.outputs} tensors, {_bytes(summary.output_bytes)}"
+              + (f" ({summary.copied} non-float copied)" if summary.copied else ""))
+    out.print(f"  graph:         {summary.tensors} operations")
+    out.print(f"  inputs read:   {_bytes(summary.input_bytes)}")
+    out.print(f"  peak memory:   about {_bytes(summary.peak_bytes)} of tensors at once")
+    return 0
+
+
+def _graph(args: argparse.Namespace, console: Console) -> int:
+    p = api.load(args.script).plan()
+    p.bound.close()
+    pattern = re.compile(args.tensor) if args.tensor else None
+    tensors = [t for t in p.tensors if pattern is None or pattern.search(t.name)]
+    if not tensors:
+        raise MergeError(Diagnostic(f'no output tensor matches "{args.tensor}"',
+                                    hint="see `mergelang check` for the tensors"))
+    if args.format == "dot":
+        keep = {n for n in p.graph.nodes if p.graph.nodes[n]["tensor"] in
+                {t.name for t in tensors}}
+        sys.stdout.write(_dot(p.graph.subgraph(keep)))
+        return 0
+    for t in tensors:
+        print(_text(t))
+    return 0
+
+
+def _text(t) -> str:
+    """One tensor's plan as numbered three-address code."""
+    dtype = str(t.out_dtype).removeprefix("torch.")
+    lines = [f"{t.name}  {list(t.shape)} {dtype}"]
+    ids: dict = {}
+    for node in ir.walk(t.root):
+        if node.op == "const":
+            continue
+        ids[node] = f"%{len(ids) + 1}"
+        args = " ".join(ids.get(a, repr(a.attr)) for a in node.args)
+        if node.op == "load":
+            text = f"load {Path(node.attr[0]).name}"
+        elif node.op == "prim":
+            text = f"{node.attr[0]}({args})"
+        else:
+            text = f"{node.op} {args}"
+        lines.append(f"  {ids[node]} = {text}")
+    lines.append(f"  write {ids[t.root]}")
+    return "\n".join(lines)
+
+
+def _dot(graph: nx.DiGraph) -> str:
+    labelled = nx.DiGraph()
+    ids = {node: f"n{i}" for i, node in enumerate(graph.nodes)}
+    for node, data in graph.nodes(data=True):
+        labelled.add_node(ids[node], label=f'"{data["label"]}"')
+    for a, b in graph.edges:
+        labelled.add_edge(ids[a], ids[b])
+    return nx.nx_pydot.to_pydot(labelled).to_string()
+
+
+def _repl(args: argparse.Namespace, console: Console) -> int:
+    from .repl import Repl
+    return Repl(args.script, console).loop()
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

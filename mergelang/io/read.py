@@ -1,0 +1,231 @@
+"""Opening a model: find its safetensors files, read their headers, load tensors on demand.
+
+`open_model` reads headers only, so a script is checked against every model's names, shapes
+and dtypes before any weight is read, and every problem with the files (missing shards,
+truncated downloads, pickled checkpoints) is reported up front as a ModelFileError.
+
+Tensors are loaded one at a time through the safetensors library. Each load opens the file
+afresh and copies the tensor out of the memory map: a handle kept open keeps its whole file
+mapped, and every page ever read from it then counts towards the process's resident memory,
+so a merge of four models would look as large as the four models together.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import ModelFileError
+from .header import Header, read_header
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_SUFFIX = ".safetensors.index.json"
+
+_PICKLED_MESSAGE = "pickled checkpoints are not loaded: they can run code"
+_PICKLED_HINT = (
+    "convert it to safetensors, e.g. load it with transformers and call "
+    "model.save_pretrained(folder, safe_serialization=True)"
+)
+_REDOWNLOAD = "the download is incomplete or mixed up; download the model again"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is; `offset` is absolute, for ordering reads."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+    offset: int
+    nbytes: int
+
+
+class SafetensorsModel:
+    """An opened model: its tensors' headers, its config, and tensors loaded on demand."""
+
+    def __init__(
+        self,
+        path: Path,
+        folder: Path | None,
+        tensors: dict[str, TensorInfo],
+        config: dict | None,
+    ) -> None:
+        self.path = path
+        self.folder = folder
+        self.tensors = tensors
+        self.config = config
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def load(self, name: str) -> torch.Tensor:
+        """Read one tensor into memory of its own (it does not alias the file's memory map)."""
+        if self._closed:
+            raise ValueError(f"model {self.path} is closed")
+        info = self.tensors.get(name)
+        if info is None:
+            raise KeyError(f"{name!r} is not a tensor of {self.path}")
+        try:
+            with safe_open(str(info.file), framework="pt") as f:
+                mapped = f.get_tensor(name)
+        except (OSError, SafetensorError) as e:
+            raise ModelFileError(
+                f"cannot read tensor {name!r} from {info.file}: {e}",
+                hint="the file may have been changed or removed since the model was opened",
+            ) from e
+        if mapped.dtype != info.dtype or tuple(mapped.shape) != info.shape:
+            raise ModelFileError(
+                f"tensor {name!r} in {info.file} changed since the model was opened",
+                hint="do not modify input models while a merge runs",
+            )
+        return mapped.clone(memory_format=torch.contiguous_format)
+
+    def close(self) -> None:
+        """Mark the model closed; loads after this are errors."""
+        with self._lock:
+            self._closed = True
+
+    def __enter__(self) -> SafetensorsModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"SafetensorsModel({str(self.path)!r}, {len(self.tensors)} tensors)"
+
+
+def open_model(path: str | Path) -> SafetensorsModel:
+    """Open a model folder (single file, sharded with an index, or one other .safetensors file)
+    or a single .safetensors file, reading headers only."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelFileError(
+            f"model path {p} does not exist",
+            hint="check the path, or download the model first "
+            "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)",
+        )
+    if p.is_dir():
+        return _open_folder(p)
+    if p.name.endswith(INDEX_SUFFIX):
+        return _model(p, p.parent, _read_sharded(p.parent, p))
+    if p.suffix.lower() in PICKLED_SUFFIXES:
+        raise ModelFileError(f"{p}: {_PICKLED_MESSAGE}", hint=_PICKLED_HINT)
+    return _model(p, None, [read_header(p)])
+
+
+def _open_folder(folder: Path) -> SafetensorsModel:
+    single = folder / "model.safetensors"
+    if single.is_file():
+        return _model(folder, folder, [read_header(single)])
+    index = folder / ("model" + INDEX_SUFFIX)
+    indexes = [index] if index.is_file() else sorted(folder.glob("*" + INDEX_SUFFIX))
+    if len(indexes) == 1:
+        return _model(folder, folder, _read_sharded(folder, indexes[0]))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
+    if len(files) == 1:
+        return _model(folder, folder, [read_header(files[0])])
+    if files:
+        names = ", ".join(f.name for f in files[:4]) + (", ..." if len(files) > 4 else "")
+        raise ModelFileError(
+            f"{folder} holds {len(files)} .safetensors files ({names}) but no "
+            f"model{INDEX_SUFFIX} saying which tensors belong to the model",
+            hint=f"name one file directly (e.g. {files[0]}), or add the index that came "
+            "with the shards",
+        )
+    pickled = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in PICKLED_SUFFIXES)
+    if pickled:
+        raise ModelFileError(
+            f"{folder} holds only pickled weights ({', '.join(pickled[:3])}): {_PICKLED_MESSAGE}",
+            hint=_PICKLED_HINT,
+        )
+    nested = sorted(folder.glob("*/*.safetensors"))
+    hint = (
+        f"name the subfolder that holds the weights, e.g. {nested[0].parent}"
+        if nested
+        else "check the path, or download the model's weights into it"
+    )
+    raise ModelFileError(f"{folder} holds no model weights (no .safetensors file)", hint=hint)
+
+
+def _read_sharded(folder: Path, index: Path) -> list[Header]:
+    try:
+        parsed = json.loads(index.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelFileError(f"cannot read {index}: {e.strerror or e}", _REDOWNLOAD) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{index} is not valid JSON ({e})", hint=_REDOWNLOAD) from e
+    weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+    ):
+        raise ModelFileError(
+            f'{index} has no usable "weight_map" (an object from tensor names to shard files)',
+            hint=_REDOWNLOAD,
+        )
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    missing = [s for s in sorted(by_shard) if not (folder / s).is_file()]
+    if missing:
+        first = missing[0]
+        held = by_shard[first]
+        more = f" and {len(held) - 1} more" if len(held) > 1 else ""
+        others = f"; {len(missing) - 1} other shards are missing too" if len(missing) > 1 else ""
+        raise ModelFileError(
+            f"shard {first} named in {index} is missing from {folder} "
+            f"(it should hold {held[0]!r}{more}){others}",
+            hint="the download is incomplete; download the missing shards again",
+        )
+    headers: list[Header] = []
+    for shard in sorted(by_shard):
+        header = read_header(folder / shard)
+        names = set(by_shard[shard])
+        absent = [n for n in by_shard[shard] if n not in header.entries]
+        if absent:
+            more = f" ({len(absent) - 1} more are absent too)" if len(absent) > 1 else ""
+            raise ModelFileError(
+                f"tensor {absent[0]!r} is listed in {index} under {shard}, but that shard "
+                f"does not contain it{more}",
+                hint="the index and the shards come from different versions; " + _REDOWNLOAD,
+            )
+        kept = {n: e for n, e in header.entries.items() if n in names}
+        headers.append(replace(header, entries=kept))
+    return headers
+
+
+def _model(path: Path, folder: Path | None, headers: list[Header]) -> SafetensorsModel:
+    tensors: dict[str, TensorInfo] = {}
+    for header in headers:
+        for e in header.entries.values():
+            tensors[e.name] = TensorInfo(
+                name=e.name,
+                shape=e.shape,
+                dtype=e.dtype,
+                file=header.path,
+                offset=header.data_start + e.begin,
+                nbytes=e.end - e.begin,
+            )
+    config = _read_config(folder / "config.json") if folder is not None else None
+    return SafetensorsModel(path, folder, tensors, config)
+
+
+def _read_config(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ModelFileError(f"cannot read {path}: {e.strerror or e}", _REDOWNLOAD) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{path} is not valid JSON ({e})", hint=_REDOWNLOAD) from e
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path} is not a JSON object", hint=_REDOWNLOAD)
+    return config
