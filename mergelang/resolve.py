@@ -191,9 +191,10 @@ class _Checker:
                 self.expr(param.default, frozenset())
         local = frozenset(seen)
         for stmt in fn.body:
-            if stmt.name in local:
-                raise error(f'"{stmt.name}" is already defined in {fn.name}', stmt.span,
-                            hint="names are bound once; choose another name")
+            # a block may rebind its own locals step by step (LANGUAGE.md §2), not parameters
+            if stmt.name in seen:
+                raise error(f'"{stmt.name}" is a parameter of {fn.name}() and cannot be '
+                            "rebound", stmt.span, hint="give the new value another name")
             self.expr(stmt.value, local)
             local = local | {stmt.name}
         self.expr(fn.result, local)

@@ -104,6 +104,16 @@ def open_model(path: str | Path) -> SafetensorsModel:
     """Open a model folder (single file, sharded with an index, or one other .safetensors file)
     or a single .safetensors file, reading headers only."""
     p = Path(path).expanduser()
+    try:
+        return _open(p)
+    except OSError as e:
+        raise ModelFileError(
+            f"cannot read {e.filename or p}: {e.strerror or e}",
+            hint="check that the model's files and folders are readable",
+        ) from e
+
+
+def _open(p: Path) -> SafetensorsModel:
     if not p.exists():
         raise ModelFileError(
             f"model path {p} does not exist",
@@ -127,6 +137,11 @@ def _open_folder(folder: Path) -> SafetensorsModel:
     indexes = [index] if index.is_file() else sorted(folder.glob("*" + INDEX_SUFFIX))
     if len(indexes) == 1:
         return _model(folder, folder, _read_sharded(folder, indexes[0]))
+    if indexes:
+        raise ModelFileError(
+            f"{folder} holds several indexes ({', '.join(i.name for i in indexes)})",
+            hint=f"name the index of the model you mean directly, e.g. {indexes[0]}",
+        )
     files = sorted(f for f in folder.glob("*.safetensors") if f.is_file())
     if len(files) == 1:
         return _model(folder, folder, [read_header(files[0])])

@@ -1,0 +1,194 @@
+"""The standard library against closed-form references computed independently here.
+
+The references follow the papers' and mergekit 0.1.5's definitions literally (a stable
+argsort for the top-k, stacked tensors, explicit masks), not our primitives.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mergelang
+from mergelang.ops import drop, generator_for, trim
+
+
+def ref_trim(d: torch.Tensor, density: float) -> torch.Tensor:
+    flat = d.flatten()
+    k = max(1, int(density * flat.numel())) if density > 0 else 0
+    order = torch.argsort(flat.abs(), descending=True, stable=True)
+    mask = torch.zeros_like(flat)
+    mask[order[:k]] = 1
+    return (flat * mask).view_as(d)
+
+
+def ref_consensus(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """mergekit's sign-consensus merge of stacked, weighted deltas."""
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    mask = weighted.sign() == elected
+    merged = (weighted * mask).sum(0)
+    if normalize:
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+        merged = merged / divisor
+    return merged
+
+
+def ref_ties(base, models, weights, density, normalize=True, lam=1.0):
+    deltas = torch.stack([ref_trim(m - base, density) for m in models])
+    w = torch.tensor(weights, dtype=base.dtype).view(-1, *[1] * base.dim())
+    return base + lam * ref_consensus(deltas * w, w, normalize)
+
+
+def family(shape=(8, 16), n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = [base + torch.randn(shape, generator=g) * 0.1 for _ in range(n)]
+    return base, models
+
+
+def test_ties_matches_mergekit_on_a_hand_computed_case():
+    # mergekit 0.1.5 gives [1.3333, -1, 0, 2, 0] for these inputs (weights 1 and 0.5,
+    # density 1): the sign is elected on the weighted deltas, zeros never agree, and the
+    # divisor is the summed weight of the agreeing entries (1.5 for the first entry).
+    base = torch.zeros(5)
+    a = torch.tensor([1.0, -1.0, 0.0, 2.0, 0.0])
+    b = torch.tensor([2.0, 1.0, 0.0, -3.0, 0.0])
+    out = mergelang.evaluate("base + ties(a - base, b - base, weights=[1, 0.5], density=1)",
+                             base=base, a=a, b=b)
+    torch.testing.assert_close(out, torch.tensor([4 / 3, -1.0, 0.0, 2.0, 0.0]))
+
+
+@pytest.mark.parametrize("density", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_ties_matches_reference(density, normalize):
+    base, (a, b, c) = family()
+    weights = [1.0, 0.7, -0.3]
+    out = mergelang.evaluate(
+        f"base + ties(a - base, b - base, c - base, weights=[1.0, 0.7, -0.3], "
+        f"density={density}, normalize={str(normalize).lower()}, lambda=1.5)",
+        base=base, a=a, b=b, c=c)
+    torch.testing.assert_close(out, ref_ties(base, [a, b, c], weights, density, normalize, 1.5))
+
+
+def test_ties_sign_conflicts_and_count_election():
+    base = torch.zeros(4)
+    a = torch.tensor([3.0, -1.0, 2.0, 0.5])
+    b = torch.tensor([-1.0, -1.0, -2.0, 0.5])
+    c = torch.tensor([-1.0, 2.0, -2.0, -4.0])
+    # by mass: [+1, -1... ] entry 0: 3-1-1=1 -> +; entry 1: 0 -> + (tie elects +);
+    # entry 2: -2 -> -; entry 3: -3 -> -
+    out = mergelang.evaluate("ties(a, b, c, density=1)", a=a, b=b, c=c)
+    torch.testing.assert_close(out, torch.tensor([3.0, 2.0, -2.0, -4.0]))
+    # by count: entry 0: one +, two - -> -; entry 1: two -, one + -> -
+    out = mergelang.evaluate('ties(a, b, c, density=1, method="count")', a=a, b=b, c=c)
+    torch.testing.assert_close(out, torch.tensor([-1.0, -1.0, -2.0, 0.5]))
+    del base
+
+
+def test_trim_ties_in_magnitude_keep_the_earlier_entries():
+    x = torch.tensor([[1.0, -3.0, 3.0], [-3.0, 2.0, 3.0]])
+    # k = 3 of four entries with |x| = 3: the first three in row-major order are kept
+    torch.testing.assert_close(trim(x, 0.5), torch.tensor([[0.0, -3.0, 3.0], [-3.0, 0.0, 0.0]]))
+    for density in (0.0, 0.01, 0.3, 0.99, 1.0):
+        g = torch.Generator().manual_seed(1)
+        y = torch.randint(-3, 4, (7, 9), generator=g).float()  # many ties
+        torch.testing.assert_close(trim(y, density), ref_trim(y, density))
+
+
+def test_trim_density_floor_matches_mergekit():
+    x = torch.arange(1.0, 1001.0)
+    assert int((trim(x, 0.0001) != 0).sum()) == 1  # k = max(1, int(0.1))
+    assert int((trim(x, 0.0) != 0).sum()) == 0
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_task_arithmetic_matches_reference(normalize):
+    base, (a, b, c) = family()
+    out = mergelang.evaluate(
+        f"base + task_arithmetic(a - base, b - base, c - base, weights=[0.5, 1.0, -0.25], "
+        f"lambda=0.8, normalize={str(normalize).lower()})", base=base, a=a, b=b, c=c)
+    total = 0.5 * (a - base) + 1.0 * (b - base) - 0.25 * (c - base)
+    if normalize:
+        total = total / 1.25
+    torch.testing.assert_close(out, base + 0.8 * total)
+
+
+def test_task_arithmetic_negation():
+    base, (a, _, _) = family()
+    out = mergelang.evaluate("base - 0.5 * (a - base)", base=base, a=a)
+    torch.testing.assert_close(out, base - 0.5 * (a - base))
+
+
+def test_linear_matches_reference():
+    _, (a, b, c) = family()
+    out = mergelang.evaluate("linear(a, b, c, weights=[1, 2, 5])", a=a, b=b, c=c)
+    torch.testing.assert_close(out, (a + 2 * b + 5 * c) / 8)
+    out = mergelang.evaluate("linear(a, b, weights=[0.3, 0.3], normalize=false)", a=a, b=b)
+    torch.testing.assert_close(out, 0.3 * a + 0.3 * b)
+    out = mergelang.evaluate("linear(a, b)", a=a, b=b)
+    torch.testing.assert_close(out, (a + b) / 2)
+
+
+def test_drop_keeps_the_expected_fraction_and_preserves_the_mean():
+    x = torch.full((400, 500), 2.0)
+    out = drop(x, 0.3, generator=generator_for(0, "t", "site"))
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.3) < 0.005
+    torch.testing.assert_close(out[kept], torch.full_like(out[kept], 2.0 / 0.3))
+    assert abs(out.mean().item() - 2.0) < 0.02  # 1/density rescale keeps the expectation
+
+
+def test_drop_l1_rescale_matches_the_input_norm():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 300, generator=g)
+    out = drop(x, 0.25, "l1", generator=generator_for(0, "t", "s"))
+    torch.testing.assert_close(out.abs().sum(), x.abs().sum())
+    kept = out != 0
+    ratio = out[kept] / x[kept]
+    torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()))
+    plain = drop(x, 0.25, "none", generator=generator_for(0, "t", "s"))
+    torch.testing.assert_close(plain[kept], x[kept])
+
+
+def test_dare_linear_is_the_weighted_sum_of_rescaled_drops():
+    base, (a, b, _) = family((64, 64))
+    out = mergelang.evaluate("dare_linear(a - base, b - base, weights=[1, 0.5], density=0.4)",
+                             base=base, a=a, b=b)
+    da, db = a - base, b - base
+    # every entry is one of: 0, da/0.4, 0.5*db/0.4, or their sum
+    options = torch.stack([torch.zeros_like(da), da / 0.4, 0.5 * db / 0.4, da / 0.4 + 0.5 * db / 0.4])
+    close = (options - out).abs().min(0).values
+    assert float(close.max()) < 1e-5
+    only_a = (out - da / 0.4).abs() < 1e-6
+    assert 0.15 < only_a.float().mean().item() < 0.33  # P(a kept, b dropped) = 0.4 * 0.6
+
+
+def test_dare_ties_without_a_drop_is_the_unnormalized_ties_consensus():
+    base, (a, b, c) = family((32, 32))
+    out = mergelang.evaluate("dare_ties(a - base, b - base, c - base, weights=[1, 0.5, 2], "
+                             "density=1)", base=base, a=a, b=b, c=c)
+    deltas = torch.stack([a - base, b - base, c - base])
+    w = torch.tensor([1, 0.5, 2]).view(-1, 1, 1)
+    torch.testing.assert_close(out, ref_consensus(deltas * w, w, normalize=False))
+
+
+def test_dare_ties_keeps_only_agreeing_rescaled_entries():
+    base = torch.zeros(200, 200)
+    a = torch.full((200, 200), 1.0)
+    b = torch.full((200, 200), -3.0)
+    out = mergelang.evaluate("dare_ties(a, b, density=0.5)", a=a, b=b)
+    # per entry: both kept -> sum is -4/0.5 < 0, b wins: -6; only a kept: 2; only b: -6
+    values = set(out.unique().tolist())
+    assert values <= {0.0, 2.0, -6.0}
+    assert abs((out == 2.0).float().mean().item() - 0.25) < 0.02
+    assert abs((out == -6.0).float().mean().item() - 0.5) < 0.02
+    del base
+
+
+def test_dare_is_reproducible_and_seeded():
+    base, (a, b, _) = family((32, 32))
+    expr = "dare_ties(a - base, b - base, density=0.5)"
+    first = mergelang.evaluate(expr, base=base, a=a, b=b, seed=7)
+    assert torch.equal(first, mergelang.evaluate(expr, base=base, a=a, b=b, seed=7))
+    assert not torch.equal(first, mergelang.evaluate(expr, base=base, a=a, b=b, seed=8))
