@@ -17,7 +17,7 @@ import torch
 
 from . import ir
 from .bind import InMemoryModel, bind
-from .diagnostics import Diagnostic, MergeError, error
+from .diagnostics import Diagnostic, MergeError, Source, Span, error
 from .execute import execute
 from .io.errors import ModelFileError
 from .io.hf import OutputFolder, check_target, write_donor_files, write_model_card
@@ -61,7 +61,7 @@ class Program:
 
     def _lowered(self, seed: int | None, dtype: str | None, out_dtype: str | None) -> Lowered:
         if self.lowered.output is None:
-            raise error("the script has no `output`", None,
+            raise error("the script has no `output`", _end_of(self.module.source),
                         hint="add a line such as `output base + ties(a - base, b - base)`")
         changes = {k: v for k, v in (("seed", seed), ("dtype", dtype), ("out_dtype", out_dtype))
                    if v is not None}
@@ -102,6 +102,7 @@ class Program:
         at `out`."""
         out = Path(out)
         shard_bytes = shard_size if isinstance(shard_size, int) else _size(shard_size)
+        _check_device(device)
         _check_target(out, force)
         p = self.plan(seed, dtype, out_dtype)
         try:
@@ -120,6 +121,33 @@ def _size(text: str) -> int:
         return parse_size(text)
     except ValueError as exc:
         raise error(str(exc), None, hint="e.g. --shard-size 5GB or 500MB") from None
+
+
+def _end_of(source: Source) -> Span:
+    """Just after the last line with text: where a missing statement would go."""
+    lines = source.text.splitlines()
+    line = next((i for i in range(len(lines), 0, -1) if lines[i - 1].strip()), 1)
+    col = len(lines[line - 1]) + 1 if lines else 1
+    return Span(source, line, col, line, col + 1)
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device torch cannot use here before any work is done."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise error(f'unknown device "{device}"', None, hint="use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise error(f'device "{device}" is not available: torch finds no CUDA GPU here',
+                        None, hint="use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise error(f'device "{device}" does not exist: there '
+                        f"{'is 1 CUDA GPU' if count == 1 else f'are {count} CUDA GPUs'}",
+                        None, hint=f"use cuda:0 to cuda:{count - 1}")
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -193,6 +221,7 @@ def evaluate(expression: str, /, *, seed: int = 0, device: str = "cpu",
         raise TypeError("evaluate(): give all inputs as tensors or all as state dicts")
     states = {k: {"tensor": v} if k in bare else dict(v) for k, v in inputs.items()}
     keys = {k: f"<memory>/{k}" for k in inputs}
+    _check_device(device)
     module = parse_expression(expression)
     resolved = resolve(module, externals=frozenset(inputs))
     lowered = lower(resolved, {k: Node.make("model", (), key, TENSOR) for k, key in keys.items()})

@@ -81,9 +81,10 @@ def _report(console: Console, diagnostics: list[Diagnostic]) -> None:
     for d in diagnostics:
         style = "bold red" if d.severity == "error" else "bold yellow"
         head, _, rest = d.render().partition("\n")
-        console.print(f"[{style}]{_escape(head)}[/]")
+        # soft_wrap: never re-wrap a diagnostic; a wrapped source line loses its caret
+        console.print(f"[{style}]{_escape(head)}[/]", soft_wrap=True)
         if rest:
-            console.print(_escape(rest))
+            console.print(_escape(rest), soft_wrap=True)
 
 
 def _escape(text: str) -> str:

@@ -37,8 +37,9 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
             diagnostic = Diagnostic(
                 f'tensor "{t.name}" has {bad} NaN or infinite value{"s" if bad > 1 else ""} '
                 "in the result", plan.bound.lowered.output.span,
-                hint="check the weights and divisors of the merge; pass --strict to make "
-                     "this an error", severity="error" if strict else "warning")
+                hint="check the weights and divisors of the merge"
+                     + ("" if strict else "; pass --strict to make this an error"),
+                severity="error" if strict else "warning")
             if strict:
                 raise MergeError(diagnostic)
             warnings.append(diagnostic)

@@ -72,9 +72,16 @@ def lower(resolved: Resolved, externals: dict[str, Value] | None = None) -> Lowe
     return _Lowerer(resolved, externals or {}).run()
 
 
-def lower_expression(resolved: Resolved, expr: ast.Expr) -> Value:
-    """Lower one expression in the script's scope (for the REPL)."""
-    return _Lowerer(resolved, {}).eval(expr, _Frame(resolved.scope, {}))
+def lower_session(resolved: Resolved, expr: ast.Expr | None) -> tuple[Value, dict[str, ModelRef]]:
+    """For the REPL: lower every binding of the script and then `expr` in its scope.
+    Returns expr's value (a constant, a per-tensor scalar or a tensor node) and every
+    model the script names."""
+    lowerer = _Lowerer(resolved, {})
+    top = _Frame(resolved.scope, {})
+    for name, stmt in resolved.scope.bindings.items():
+        lowerer.eval(ast.Name(stmt.span, name), top)
+    value = lowerer.eval(expr, top) if expr is not None else None
+    return value, lowerer.models
 
 
 class _Lowerer:

@@ -157,7 +157,8 @@ def test_dare_linear_is_the_weighted_sum_of_rescaled_drops():
                              base=base, a=a, b=b)
     da, db = a - base, b - base
     # every entry is one of: 0, da/0.4, 0.5*db/0.4, or their sum
-    options = torch.stack([torch.zeros_like(da), da / 0.4, 0.5 * db / 0.4, da / 0.4 + 0.5 * db / 0.4])
+    ka, kb = da / 0.4, 0.5 * db / 0.4
+    options = torch.stack([torch.zeros_like(da), ka, kb, ka + kb])
     close = (options - out).abs().min(0).values
     assert float(close.max()) < 1e-5
     only_a = (out - da / 0.4).abs() < 1e-6

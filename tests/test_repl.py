@@ -1,0 +1,51 @@
+"""The REPL, driven by scripted input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from mergelang.repl import Repl
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def session(lines: list[str], script: Path | None = EXAMPLES / "quickstart.merge") -> str:
+    console = Console(record=True, width=200, force_terminal=False)
+    feed = iter(lines)
+
+    def read(prompt: str) -> str:
+        try:
+            return next(feed)
+        except StopIteration:
+            raise EOFError from None
+
+    assert Repl(script, console, read).loop() == 0
+    return console.export_text()
+
+
+def test_explore_a_merge_on_one_tensor():
+    text = session([":tensor layers.1.mlp.up", "ties(math - base, code - base,",
+                    "    density=0.2)", "depth", "d = math - base", "d * 0", "2 * 3"])
+    assert "current tensor: model.layers.1.mlp.up_proj.weight" in text
+    assert "shape [176, 64]" in text and "nonzero" in text
+    assert "0.3333333333333333   (for model.layers.1.mlp.up_proj.weight)" in text
+    assert "nonzero 0.0%" in text
+    assert "\n6\n" in text
+
+
+def test_errors_are_diagnostics_and_leave_the_session_unchanged():
+    text = session(["x = bogus", "x", "tie(math)", ":tensor nomatch", ":what"])
+    assert 'unknown name "bogus"' in text
+    assert 'unknown name "x"' in text  # the bad binding was not kept
+    assert 'did you mean "ties"?' in text
+    assert 'no tensor matches "nomatch"' in text
+    assert "unknown command :what" in text
+    assert "Traceback" not in text
+
+
+def test_a_session_without_a_script():
+    base = EXAMPLES / "models" / "base"
+    text = session([f'b = model("{base}")', ":tensors lm_head", "b"], script=None)
+    assert "lm_head.weight" in text and "shape [256, 64]" in text
