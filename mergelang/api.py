@@ -73,9 +73,25 @@ class Program:
         bound = bind(self._lowered(seed, dtype, out_dtype))
         try:
             return plan(bound)
+        except MergeError as exc:
+            bound.close()
+            raise MergeError(self._in_script(exc.diagnostics)) from None
         except BaseException:
             bound.close()
             raise
+
+    def _in_script(self, diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+        """Diagnostics the back end found inside the standard library, or at no place, are
+        shown at the script's `output`, with a note saying where in the library; repeats
+        that this makes are dropped."""
+        output = self.resolved.output
+        shown: dict[tuple, Diagnostic] = {}
+        for d in diagnostics:
+            if output is not None and (d.span is None or _in_stdlib(d.span)):
+                notes = d.notes + ((f"found at {d.span}",) if d.span is not None else ())
+                d = dataclasses.replace(d, span=output.value.span, notes=notes)
+            shown.setdefault((d.message, d.span), d)
+        return list(shown.values())
 
     def check(self) -> Summary:
         """Everything short of loading a tensor. Raises MergeError."""
@@ -123,6 +139,10 @@ def _size(text: str) -> int:
         raise error(str(exc), None, hint="e.g. --shard-size 5GB or 500MB") from None
 
 
+def _in_stdlib(span: Span) -> bool:
+    return span.file.startswith("stdlib/")  # as resolve names the library's files
+
+
 def _end_of(source: Source) -> Span:
     """Just after the last line with text: where a missing statement would go."""
     lines = source.text.splitlines()
@@ -163,7 +183,10 @@ def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: in
     script_name = program.path.name if program.path else "merge.merge"
     writer = ShardedWriter(folder, layout, shard_bytes,
                            {"mergelang_script": program.source_text})
-    warnings = execute(p, writer.write, device, strict, progress)
+    try:
+        warnings = program._in_script(execute(p, writer.write, device, strict, progress))
+    except MergeError as exc:
+        raise MergeError(program._in_script(exc.diagnostics)) from None
     writer.close()
     donor = p.bound.donor
     write_donor_files(folder, donor.source.folder if donor else None,
@@ -205,6 +228,9 @@ def load(path: str | Path) -> Program:
     except OSError as exc:
         raise error(f"cannot read {path}: {exc.strerror}", None,
                     hint="check the script's path") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"cannot read {path}: it is not UTF-8 text (byte {exc.start})", None,
+                    hint="save the script as UTF-8") from None
     return Program(text, path)
 
 

@@ -137,9 +137,14 @@ def _check(args: argparse.Namespace, console: Console) -> int:
 
 
 def _graph(args: argparse.Namespace, console: Console) -> int:
+    try:
+        pattern = re.compile(args.tensor) if args.tensor else None
+    except re.error as exc:
+        bad = Diagnostic(f'bad --tensor pattern "{args.tensor}": {exc}',
+                         hint="it is a regular expression, e.g. 'layers\\.3\\.'")
+        raise MergeError(bad) from None
     p = api.load(args.script).plan()
     p.bound.close()
-    pattern = re.compile(args.tensor) if args.tensor else None
     tensors = [t for t in p.tensors if pattern is None or pattern.search(t.name)]
     if not tensors:
         raise MergeError(Diagnostic(f'no output tensor matches "{args.tensor}"',

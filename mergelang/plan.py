@@ -116,6 +116,7 @@ class _Planner:
         # (span, model display) -> names missing there, for one error per place
         self.missing: dict[tuple[Span | None, str, str], list[str]] = defaultdict(list)
         self.errors: list[Diagnostic] = []
+        self.reported: set[str] = set()  # tensors with an error already: one error each
 
     def specialise_tensor(self, root: Node, ctx: TensorContext) -> Node | None:
         memo: dict[Node, Any] = {}
@@ -189,7 +190,9 @@ class _Planner:
         lacking = sorted(k for m in missing for k in m.models)[0]
         here = self.bound.models[have.attr[0]].display
         there = self.bound.models[lacking].display
-        self.missing[(node.span, here, there)].append(name)
+        if name not in self.reported:  # at the innermost operation only, not at each above it
+            self.reported.add(name)
+            self.missing[(node.span, here, there)].append(name)
 
     # after specialisation
 
@@ -232,7 +235,8 @@ class _Planner:
             tensors = [t for a in tensors for t in (a.args if a.op == "list" else (a,))]
         first = tensors[0]
         for other in tensors[1:]:
-            if shapes[other] != shapes[first]:
+            if shapes[other] != shapes[first] and name not in self.reported:
+                self.reported.add(name)
                 a, b = _a_load(first), _a_load(other)
                 self.errors.append(Diagnostic(
                     f'tensor "{name}" has shape {list(shapes[first])} in '

@@ -125,7 +125,14 @@ def _import(stmt: ast.Import, module: ast.Module, scope: Scope, settings: dict[s
     if not path.is_file():
         raise error(f'cannot import "{stmt.path}": no such file ({path})', stmt.span,
                     hint="paths are relative to the importing script's folder")
-    imported = parse(path.read_text(), _display_name(path), path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise error(f'cannot import "{stmt.path}": it is not UTF-8 text', stmt.span,
+                    hint="save the file as UTF-8") from None
+    except OSError as exc:
+        raise error(f'cannot import "{stmt.path}": {exc.strerror}', stmt.span) from None
+    imported = parse(text, _display_name(path), path)
     _collect(imported, scope, settings, outputs, chain)
 
 

@@ -86,7 +86,13 @@ def parse(text: str, name: str = "<script>", path: Path | None = None) -> ast.Mo
         tree = parser.parse(source.text)
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, source, postlex) from None
-    return ast.Module(source, tuple(_ToAst(source).transform(tree).children))
+    try:
+        statements = _ToAst(source).transform(tree).children
+    except lark.exceptions.VisitError as exc:
+        if isinstance(exc.orig_exc, MergeError):
+            raise exc.orig_exc from None
+        raise
+    return ast.Module(source, tuple(statements))
 
 
 def parse_expression(text: str, name: str = "<expression>") -> ast.Module:
@@ -227,7 +233,13 @@ class _ToAst(Transformer):
         func, args = c
         positional, keywords = [], []
         for arg in args or ():
-            (keywords if isinstance(arg, ast.Keyword) else positional).append(arg)
+            if isinstance(arg, ast.Keyword):
+                keywords.append(arg)
+            elif keywords:
+                raise error("a positional argument cannot follow a keyword argument",
+                            arg.span, hint=f"move it before {keywords[0].name}=...")
+            else:
+                positional.append(arg)
         return ast.Call(self._span(meta), func, tuple(positional), tuple(keywords))
 
     def args(self, meta, c):
