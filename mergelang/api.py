@@ -17,6 +17,7 @@ import torch
 
 from . import ir
 from .bind import InMemoryModel, bind
+from .builtins import DTYPES
 from .diagnostics import Diagnostic, MergeError, Source, Span, error
 from .execute import execute
 from .io.errors import ModelFileError
@@ -65,6 +66,8 @@ class Program:
                         hint="add a line such as `output base + ties(a - base, b - base)`")
         changes = {k: v for k, v in (("seed", seed), ("dtype", dtype), ("out_dtype", out_dtype))
                    if v is not None}
+        for key in ("dtype", "out_dtype"):
+            _check_dtype(key, changes.get(key))
         return dataclasses.replace(self.lowered, **changes)
 
     def plan(self, seed: int | None = None, dtype: str | None = None,
@@ -81,17 +84,8 @@ class Program:
             raise
 
     def _in_script(self, diagnostics: list[Diagnostic]) -> list[Diagnostic]:
-        """Diagnostics the back end found inside the standard library, or at no place, are
-        shown at the script's `output`, with a note saying where in the library; repeats
-        that this makes are dropped."""
         output = self.resolved.output
-        shown: dict[tuple, Diagnostic] = {}
-        for d in diagnostics:
-            if output is not None and (d.span is None or _in_stdlib(d.span)):
-                notes = d.notes + ((f"found at {d.span}",) if d.span is not None else ())
-                d = dataclasses.replace(d, span=output.value.span, notes=notes)
-            shown.setdefault((d.message, d.span), d)
-        return list(shown.values())
+        return in_script(diagnostics, output.value.span if output is not None else None)
 
     def check(self) -> Summary:
         """Everything short of loading a tensor. Raises MergeError."""
@@ -139,6 +133,19 @@ def _size(text: str) -> int:
         raise error(str(exc), None, hint="e.g. --shard-size 5GB or 500MB") from None
 
 
+def in_script(diagnostics: list[Diagnostic], output: Span | None) -> list[Diagnostic]:
+    """Diagnostics the back end found inside the standard library, or at no place, are
+    shown at the script's `output`, with a note saying where in the library; repeats
+    that this makes are dropped."""
+    shown: dict[tuple, Diagnostic] = {}
+    for d in diagnostics:
+        if output is not None and (d.span is None or _in_stdlib(d.span)):
+            notes = d.notes + ((f"found at {d.span}",) if d.span is not None else ())
+            d = dataclasses.replace(d, span=output, notes=notes)
+        shown.setdefault((d.message, d.span), d)
+    return list(shown.values())
+
+
 def _in_stdlib(span: Span) -> bool:
     return span.file.startswith("stdlib/")  # as resolve names the library's files
 
@@ -149,6 +156,11 @@ def _end_of(source: Source) -> Span:
     line = next((i for i in range(len(lines), 0, -1) if lines[i - 1].strip()), 1)
     col = len(lines[line - 1]) + 1 if lines else 1
     return Span(source, line, col, line, col + 1)
+
+
+def _check_dtype(key: str, value: str | None) -> None:
+    if value is not None and value not in DTYPES:
+        raise error(f'unknown {key} "{value}"', None, hint=f"use one of {', '.join(DTYPES)}")
 
 
 def _check_device(device: str) -> None:
@@ -248,6 +260,7 @@ def evaluate(expression: str, /, *, seed: int = 0, device: str = "cpu",
     states = {k: {"tensor": v} if k in bare else dict(v) for k, v in inputs.items()}
     keys = {k: f"<memory>/{k}" for k in inputs}
     _check_device(device)
+    _check_dtype("dtype", dtype)
     module = parse_expression(expression)
     resolved = resolve(module, externals=frozenset(inputs))
     lowered = lower(resolved, {k: Node.make("model", (), key, TENSOR) for k, key in keys.items()})
@@ -258,7 +271,10 @@ def evaluate(expression: str, /, *, seed: int = 0, device: str = "cpu",
                                   models=models | lowered.models)
     bound = bind(lowered, {keys[k]: InMemoryModel(s) for k, s in states.items()})
     result: dict[str, torch.Tensor] = {}
-    execute(plan(bound), result.__setitem__, device)
+    try:
+        execute(plan(bound), result.__setitem__, device)
+    except MergeError as exc:
+        raise MergeError(in_script(exc.diagnostics, span)) from None
     return result["tensor"] if bare else result
 
 

@@ -27,6 +27,7 @@ from .resolve import Resolved, Scope
 
 Value = Any  # int | float | bool | str | None | tuple[Value, ...] | Node
 
+_MAX_INLINE_DEPTH = 64
 _ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
             ">": operator.gt, ">=": operator.ge}
@@ -307,6 +308,13 @@ class _Lowerer:
         return getattr(self, "_builtin_" + name)(node, frame, *args, **kwargs)
 
     def _inline(self, fn: ast.FnDef, scope: Scope, node: ast.Call, caller: _Frame) -> Value:
+        depth, f = 0, caller
+        while f is not None:
+            depth, f = depth + 1, f.parent
+        if depth > _MAX_INLINE_DEPTH:
+            raise error(f"{fn.name}() calls itself without end: functions are inlined, so "
+                        "recursion is not supported", node.span,
+                        hint="write the repetition out, or use a list and sum()")
         frame = _Frame(scope, {}, node, fn, parent=caller)
         params = [p for p in fn.params if not p.rest]
         positional = [p for p in fn.params if not p.rest and not _after_rest(fn, p)]

@@ -178,6 +178,11 @@ class _Planner:
             if present:
                 self._record_missing(node, flat, present, ctx.name)
             return _Missing(frozenset().union(*(m.models for m in flat)))
+        for a in args if node.op in ("+", "-", "*", "/", "neg") else ():
+            if not isinstance(a, (Node, int, float)) or isinstance(a, bool):
+                raise error(f'cannot use {a!r} in tensor arithmetic (for "{ctx.name}")',
+                            node.span, hint="`layer` is none outside the repeated blocks; "
+                            "test `layer == none` first")
         if node.op == "*" and _is_one(args[0]):
             return args[1]
         if node.op in ("*", "/") and _is_one(args[1]):
@@ -318,8 +323,10 @@ def _interpolate(values: tuple[float, ...], depth: float) -> float:
 
 
 def _is_one(value: Any) -> bool:
-    return isinstance(value, Node) and value.op == "const" and value.attr == 1.0 \
-        and not isinstance(value.attr, bool)
+    """A specialised scalar equal to 1 (x * 1 and x / 1 are x, bit for bit)."""
+    if isinstance(value, Node):
+        value = value.attr if value.op == "const" else None
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 1
 
 
 def _as_node(value: Any) -> Node:

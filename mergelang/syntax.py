@@ -74,6 +74,7 @@ def _grammar() -> str:
 def _parser() -> tuple[lark.Lark, _Continuations]:
     postlex = _Continuations()
     parser = lark.Lark(_grammar(), parser="lalr", lexer="basic", postlex=postlex,
+                       start=["start", "expr"],
                        propagate_positions=True, maybe_placeholders=True)
     return parser, postlex
 
@@ -81,23 +82,29 @@ def _parser() -> tuple[lark.Lark, _Continuations]:
 def parse(text: str, name: str = "<script>", path: Path | None = None) -> ast.Module:
     """Parse a whole script. Raises MergeError with a located diagnostic on bad syntax."""
     source = Source(name, text if text.endswith("\n") else text + "\n", path)
+    return ast.Module(source, tuple(_parse(source, "start").children))
+
+
+def parse_expression(text: str, name: str = "<expression>") -> ast.Module:
+    """Parse a bare expression; it becomes the module's `output` (spans stay those of
+    the text as given)."""
+    source = Source(name, text.rstrip() + "\n")
+    expr = _parse(source, "expr", source.text.rstrip("\n"))
+    return ast.Module(source, (ast.Output(expr.span, expr),))
+
+
+def _parse(source: Source, start: str, text: str | None = None):
     parser, postlex = _parser()
     try:
-        tree = parser.parse(source.text)
+        tree = parser.parse(source.text if text is None else text, start=start)
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, source, postlex) from None
     try:
-        statements = _ToAst(source).transform(tree).children
+        return _ToAst(source).transform(tree)
     except lark.exceptions.VisitError as exc:
         if isinstance(exc.orig_exc, MergeError):
             raise exc.orig_exc from None
         raise
-    return ast.Module(source, tuple(statements))
-
-
-def parse_expression(text: str, name: str = "<expression>") -> ast.Module:
-    """Parse a bare expression as the script `output <expression>`."""
-    return parse(f"output {text}", name)
 
 
 def _token_span(source: Source, tok: Token) -> Span:
