@@ -19,7 +19,7 @@ from . import ir
 from .bind import InMemoryModel, bind
 from .builtins import DTYPES
 from .diagnostics import Diagnostic, MergeError, Source, Span, error
-from .execute import execute
+from .execute import Collector, execute
 from .io.errors import ModelFileError
 from .io.hf import OutputFolder, check_target, write_donor_files, write_model_card
 from .io.write import OutputTensor, ShardedWriter, parse_size
@@ -27,6 +27,7 @@ from .ir import TENSOR, Node
 from .lower import Lowered, ModelRef, lower
 from .plan import Plan, TensorPlan, plan
 from .resolve import resolve
+from .schedule import DEFAULT_BUDGET
 from .syntax import parse, parse_expression
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -104,14 +105,17 @@ class Program:
     def run(self, out: str | Path, device: str = "cpu", *, force: bool = False,
             shard_size: int | str = DEFAULT_SHARD_SIZE, strict: bool = False,
             seed: int | None = None, dtype: str | None = None, out_dtype: str | None = None,
+            max_memory: int | str = DEFAULT_BUDGET,
             progress: Callable[[TensorPlan], None] | None = None,
             on_plan: Callable[[Plan], None] | None = None) -> list[Diagnostic]:
         """Merge into the Hugging Face folder `out`. Returns warnings; raises MergeError.
 
-        The folder appears only when the merge is complete; on any error nothing is left
-        at `out`."""
+        `max_memory` bounds the tensor data held at once (large tensors are computed in
+        row blocks to stay under it). The folder appears only when the merge is
+        complete; on any error nothing is left at `out`."""
         out = Path(out)
-        shard_bytes = shard_size if isinstance(shard_size, int) else _size(shard_size)
+        shard_bytes = _size(shard_size, "--shard-size 5GB")
+        budget = _size(max_memory, "--max-memory 2GB")
         _check_device(device)
         _check_target(out, force)
         p = self.plan(seed, dtype, out_dtype)
@@ -119,18 +123,18 @@ class Program:
             if on_plan is not None:
                 on_plan(p)
             with OutputFolder(out, force) as folder:
-                return _write(self, p, folder, device, shard_bytes, strict, progress)
+                return _write(self, p, folder, device, shard_bytes, strict, progress, budget)
         except ModelFileError as exc:
             raise error(exc.message, None, hint=exc.hint) from None
         finally:
             p.bound.close()
 
 
-def _size(text: str) -> int:
+def _size(value: int | str, example: str) -> int:
     try:
-        return parse_size(text)
+        return value if isinstance(value, int) else parse_size(value)
     except ValueError as exc:
-        raise error(str(exc), None, hint="e.g. --shard-size 5GB or 500MB") from None
+        raise error(str(exc), None, hint=f"e.g. {example}") from None
 
 
 def in_script(diagnostics: list[Diagnostic], output: Span | None) -> list[Diagnostic]:
@@ -190,13 +194,14 @@ def _check_target(out: Path, force: bool) -> None:
 
 
 def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: int,
-           strict: bool, progress) -> list[Diagnostic]:
+           strict: bool, progress, budget: int) -> list[Diagnostic]:
     layout = [OutputTensor(t.name, t.shape, t.out_dtype) for t in p.tensors]
     script_name = program.path.name if program.path else "merge.merge"
     writer = ShardedWriter(folder, layout, shard_bytes,
                            {"mergelang_script": program.source_text})
     try:
-        warnings = program._in_script(execute(p, writer.write, device, strict, progress))
+        warnings = program._in_script(execute(p, writer.write_rows, device, strict, progress,
+                                              budget))
     except MergeError as exc:
         raise MergeError(program._in_script(exc.diagnostics)) from None
     writer.close()
@@ -270,12 +275,13 @@ def evaluate(expression: str, /, *, seed: int = 0, device: str = "cpu",
     lowered = dataclasses.replace(lowered, seed=seed, dtype=dtype,
                                   models=models | lowered.models)
     bound = bind(lowered, {keys[k]: InMemoryModel(s) for k, s in states.items()})
-    result: dict[str, torch.Tensor] = {}
     try:
-        execute(plan(bound), result.__setitem__, device)
+        p = plan(bound)
+        results = Collector(p.tensors)
+        execute(p, results.sink, device)
     except MergeError as exc:
         raise MergeError(in_script(exc.diagnostics, span)) from None
-    return result["tensor"] if bare else result
+    return results.tensors["tensor"] if bare else results.tensors
 
 
 __all__ = ["Program", "Summary", "compile", "load", "evaluate", "MergeError"]

@@ -34,7 +34,8 @@ class ModelSource(Protocol):
     config: dict | None
     folder: Path | None
 
-    def load(self, name: str) -> torch.Tensor: ...
+    def load(self, name: str, rows: tuple[int, int] | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor: ...
 
     def close(self) -> None: ...
 
@@ -52,8 +53,12 @@ class InMemoryModel:
             for i, (name, t) in enumerate(state.items())
         }
 
-    def load(self, name: str) -> torch.Tensor:
-        return self.state[name]
+    def load(self, name: str, rows: tuple[int, int] | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A copy (the caller's tensors are never written to), converted to `dtype`."""
+        tensor = self.state[name]
+        part = tensor[rows[0]:rows[1]] if rows is not None else tensor
+        return part.to(dtype) if dtype is not None and dtype != part.dtype else part.clone()
 
     def close(self) -> None:
         pass

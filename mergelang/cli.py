@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dtype", choices=DTYPES, help="overrides `set out_dtype`")
     run.add_argument("--shard-size", default=api.DEFAULT_SHARD_SIZE,
                      help="largest output shard, e.g. 5GB (default) or 500MB")
+    run.add_argument("--max-memory", default="512MB",
+                     help="tensor data held at once (default 512MB); large tensors are "
+                          "computed in row blocks to stay under it")
     run.add_argument("--force", action="store_true", help="replace an existing output folder")
     run.add_argument("--strict", action="store_true",
                      help="a NaN or infinite value in the result is an error, not a warning")
@@ -113,6 +116,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         warnings = program.run(args.output, args.device, force=args.force,
                                shard_size=args.shard_size, strict=args.strict, seed=args.seed,
                                dtype=args.dtype, out_dtype=args.out_dtype,
+                               max_memory=args.max_memory,
                                progress=advance, on_plan=started)
     finally:
         progress.stop()

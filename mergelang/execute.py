@@ -1,103 +1,260 @@
-"""Execute: walk the plan one output tensor at a time, load on demand, release early.
+"""Execute: run the scheduled kernels, streaming inputs in and results out.
 
-Each output tensor's expression is evaluated in dependency order; a value is dropped
-as soon as its last user has run (use counts are fixed by the plan), so the working
-set is a few tensors of the size being merged, never the model. Results are cast once
-to the output dtype and handed to a sink (the shard writer, or a dict in memory).
+Three threads share the work, so both cores stay busy and the disk never waits on
+the arithmetic: a reader loads the next chunk's inputs (and converts them to the
+compute dtype, and copies them to the GPU) while the main thread computes the
+current one, and a writer casts finished chunks to the output dtype and puts them in
+the output file. Values are released right after their last use (use counts come from
+the schedule), and a value whose last use is an elementwise operation is overwritten
+in place rather than copied.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
 
-from . import ir
 from .diagnostics import Diagnostic, MergeError, error
 from .ir import Node
-from .ops import BINARY, PRIMITIVES, generator_for
+from .ops import BINARY, PRIMITIVES
 from .plan import Plan, TensorPlan
+from .reduce import Chunk, RandomStream, Reduction
+from .schedule import DEFAULT_BUDGET, Kernel, Pass, schedule
 
-Sink = Callable[[str, torch.Tensor], None]
+# sink(name, first row, rows of the result in the output dtype, on the CPU)
+Sink = Callable[[str, int, torch.Tensor], None]
+_SMALL_LOAD = 1 << 18  # elements: read or written on the spot, not by a helper thread
+_IN_PLACE = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div}
 
 
 def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
-            progress: Callable[[TensorPlan], None] | None = None) -> list[Diagnostic]:
-    """Compute every output tensor and pass it to `sink`. Returns warnings (NaN/Inf).
-
-    With strict=True a non-finite result is an error instead of a warning.
-    """
-    warnings: list[Diagnostic] = []
-    for t in plan.tensors:
-        result = run_tensor(plan, t, device)
-        if t.out_dtype.is_floating_point and not bool(torch.isfinite(result).all()):
-            bad = int((~torch.isfinite(result)).sum())
-            diagnostic = Diagnostic(
-                f'tensor "{t.name}" has {bad} NaN or infinite value{"s" if bad > 1 else ""} '
-                "in the result", plan.bound.lowered.output.span,
-                hint="check the weights and divisors of the merge"
-                     + ("" if strict else "; pass --strict to make this an error"),
-                severity="error" if strict else "warning")
-            if strict:
-                raise MergeError(diagnostic)
-            warnings.append(diagnostic)
-        sink(t.name, result)
-        del result
-        if progress is not None:
-            progress(t)
-    return warnings
+            progress: Callable[[TensorPlan], None] | None = None,
+            budget: int = DEFAULT_BUDGET) -> list[Diagnostic]:
+    """Compute every output tensor into `sink`. Returns warnings (NaN/Inf); with
+    strict=True a non-finite result is an error instead."""
+    kernels = schedule(plan, budget)
+    non_finite: Counter[str] = Counter()
+    with ThreadPoolExecutor(1, thread_name_prefix="mergelang-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="mergelang-write") as writer:
+        run = _Run(plan, torch.device(device), reader, writer, sink, non_finite)
+        for kernel in kernels:
+            run.kernel(kernel)
+            if progress is not None:
+                progress(kernel.tensor)
+        run.drain(0)
+    return _report(plan, non_finite, strict)
 
 
-def run_tensor(plan: Plan, t: TensorPlan, device: str = "cpu") -> torch.Tensor:
-    """Evaluate one output tensor; returns it on the CPU in its output dtype."""
-    order = [n for n in ir.walk(t.root) if n.op != "const"]
-    uses: dict[Node, int] = defaultdict(int)
-    for node in order:
-        for arg in node.args:
-            uses[arg] += 1
-    values: dict[Node, Any] = {}
-    for node in order:
-        values[node] = _evaluate(plan, t, node, values, device)
-        for arg in node.args:
-            uses[arg] -= 1
-            if uses[arg] == 0:
-                values.pop(arg, None)
-    return values.pop(t.root).to(t.out_dtype).cpu()
+def run_tensor(plan: Plan, t: TensorPlan, device: str = "cpu",
+               budget: int = DEFAULT_BUDGET) -> torch.Tensor:
+    """One output tensor, computed alone; on the CPU in its output dtype."""
+    results = Collector([t])
+    execute(Plan(plan.bound, [t], plan.graph, plan.compute_dtype, plan.seed), results.sink,
+            device, budget=budget)
+    return results.tensors[t.name]
 
 
-def _arg(node: Node, values: dict) -> Any:
-    return node.attr if node.op == "const" else values[node]
+class Collector:
+    """A sink that assembles the results in memory (for `evaluate` and tests)."""
+
+    def __init__(self, tensors: list[TensorPlan]):
+        self.tensors = {t.name: torch.empty(t.shape, dtype=t.out_dtype) for t in tensors}
+
+    def sink(self, name: str, row0: int, part: torch.Tensor) -> None:
+        whole = self.tensors[name]
+        rows = whole.view(-1) if whole.dim() == 0 else whole
+        rows[row0:row0 + len(part)] = part
 
 
-def _evaluate(plan: Plan, t: TensorPlan, node: Node, values: dict, device: str) -> Any:
-    op = node.op
-    if op == "load":
-        key, name = node.attr
-        tensor = plan.bound.models[key].source.load(name)
-        if t.copy_only:
-            return tensor
-        return tensor.to(device=device, dtype=plan.compute_dtype)
-    if op == "list":
-        return [values[a] for a in node.args]
-    if op == "neg":
-        return -values[node.args[0]]
-    if op in BINARY:
-        return BINARY[op](_arg(node.args[0], values), _arg(node.args[1], values))
-    if op == "prim":
-        name, site = node.attr
-        args = [_arg(a, values) for a in node.args]
-        if site is None:
-            return PRIMITIVES[name].fn(*args)
-        generator = generator_for(plan.seed, t.name, site)
-        return PRIMITIVES[name].fn(*args, generator=generator)
-    if op == "copy_agreeing":
-        first = values[node.args[0]]
-        for other in node.args[1:]:
-            if not torch.equal(first, values[other]):
-                raise error(f'tensor "{t.name}" ({first.dtype}) is not a float tensor and '
-                            "differs between the models; it cannot be merged", node.span,
-                            hint="take it from one model with `a | b` or a condition on `name`")
-        return first
-    raise AssertionError(f"no executor for {op}")
+class _Run:
+    """The state of one execution: the device, the two helper threads, the results."""
+
+    def __init__(self, plan: Plan, device: torch.device, reader: ThreadPoolExecutor,
+                 writer: ThreadPoolExecutor, sink: Sink, non_finite: Counter):
+        self.plan, self.device = plan, device
+        self.reader, self.writer = reader, writer
+        self.sink, self.non_finite = sink, non_finite
+        self.pending: deque[Future] = deque()
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def kernel(self, k: Kernel) -> None:
+        t = k.tensor
+        randoms = {n: RandomStream(self.plan.seed, t.name, n.attr[1]) for p in k.passes
+                   for n in p.steps if n.op == "prim" and PRIMITIVES[n.attr[0]].random}
+        reductions = {r: reduction_of(r, k.numel) for p in k.passes for r in p.reductions}
+        chunks = k.chunks
+        stats = {r: red.result() for r, red in reductions.items() if red.sweeps(len(chunks)) == 0}
+        tasks = [(p, rows) for p in k.passes[:-1]
+                 for _ in range(max(reductions[r].sweeps(len(chunks)) for r in p.reductions))
+                 for rows in chunks]
+        tasks += [(k.passes[-1], rows) for rows in chunks]
+        loading = self._prefetch(k, *tasks[0])
+        states: dict[Node, dict] = {}
+        for i, (p, rows) in enumerate(tasks):
+            loads = loading.result()
+            if i + 1 < len(tasks):
+                loading = self._prefetch(k, *tasks[i + 1])
+            if rows[0] == 0:  # a new sweep: primitives start their chunk state afresh
+                states = {}
+            chunk = _ChunkContext(k, rows, stats, states, randoms)
+            values = self._compute(p, loads, chunk)
+            if not p.reductions:
+                self._write(t, rows[0], values[t.root])
+                continue
+            open_ = [r for r in p.reductions if r not in stats]
+            for r in open_:
+                reductions[r].add(values[r.args[0]], chunk.at(r))
+            if rows[1] == k.rows:
+                for r in open_:
+                    if reductions[r].finish_sweep():
+                        stats[r] = reductions[r].result()
+
+    def _prefetch(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> Future:
+        """Start loading a task's inputs on the reader thread; small ones are loaded
+        right away, where a thread hand-off would cost more than the read."""
+        if len(p.loads) * (rows[1] - rows[0]) * k.row_numel < _SMALL_LOAD:
+            done: Future = Future()
+            done.set_result(self._load(k, p, rows))
+            return done
+        return self.reader.submit(self._load, k, p, rows)
+
+    def _load(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> dict[Node, torch.Tensor]:
+        whole = rows == (0, k.rows) or not k.tensor.shape
+        loaded = {}
+        for node in p.loads:
+            key, name = node.attr
+            source = self.plan.bound.models[key].source
+            dtype = None if k.tensor.copy_only else self.plan.compute_dtype
+            tensor = source.load(name, None if whole else rows, dtype)
+            if self.copy_stream is not None:
+                with torch.cuda.stream(self.copy_stream):
+                    tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            loaded[node] = tensor
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        return loaded
+
+    def _compute(self, p: Pass, loads: dict, chunk: _ChunkContext) -> dict[Node, Any]:
+        values: dict[Node, Any] = dict(loads)
+        uses = dict(p.uses)
+        in_lists: Counter[int] = Counter()  # tensors a live list refers to: not overwritten
+        for node in p.steps:
+            if node.op != "load":
+                values[node] = self._step(node, values, uses, in_lists, chunk)
+                if node.op == "list":
+                    in_lists.update(id(v) for v in values[node])
+            for arg in node.args:
+                if arg.op == "const":
+                    continue
+                uses[arg] -= 1
+                if uses[arg] == 0:
+                    dead = values.pop(arg)
+                    if arg.op == "list":
+                        in_lists.subtract(id(v) for v in dead)
+        return values
+
+    def _step(self, node: Node, values: dict, uses: dict, in_lists: Counter,
+              chunk: _ChunkContext) -> Any:
+        op = node.op
+        args = [a.attr if a.op == "const" else values[a] for a in node.args]
+        if op == "list":
+            return args
+        if op == "neg":
+            return args[0].neg_() if self._reusable(node.args[0], args[0], uses, in_lists) \
+                else -args[0]
+        if op in _IN_PLACE:
+            a, b = args
+            if self._reusable(node.args[0], a, uses, in_lists) and _fits(a, a, b):
+                return _IN_PLACE[op](a, b, out=a)
+            if isinstance(a, torch.Tensor) and self._reusable(node.args[1], b, uses, in_lists) \
+                    and _fits(b, a, b):
+                return _IN_PLACE[op](a, b, out=b)
+            return BINARY[op](a, b)
+        if op == "prim":
+            prim = PRIMITIVES[node.attr[0]]
+            if prim.takes_chunk:
+                return prim.fn(*args, chunk=chunk.at(node))
+            return prim.fn(*args)
+        if op == "copy_agreeing":
+            for other in args[1:]:
+                if not torch.equal(args[0], other):
+                    name = chunk.kernel.tensor.name
+                    raise error(f'tensor "{name}" ({args[0].dtype}) is not a float tensor and '
+                                "differs between the models; it cannot be merged", node.span,
+                                hint="take it from one model with `a | b` or a condition on "
+                                     "`name`")
+            return args[0]
+        raise AssertionError(f"no executor for {op}")
+
+    @staticmethod
+    def _reusable(arg: Node, value: Any, uses: dict, in_lists: Counter) -> bool:
+        """A tensor this step is the last user of, and nothing else refers to."""
+        return (arg.op != "const" and uses.get(arg) == 1 and isinstance(value, torch.Tensor)
+                and value.is_floating_point() and not in_lists[id(value)])
+
+    def _write(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
+        if part.numel() < _SMALL_LOAD:
+            self._cast_and_sink(t, row0, part)
+            return
+        self.drain(1)
+        self.pending.append(self.writer.submit(self._cast_and_sink, t, row0, part))
+
+    def _cast_and_sink(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
+        out = part.to(t.out_dtype).cpu()
+        if out.is_floating_point():
+            bad = int((~torch.isfinite(out)).sum())
+            if bad:
+                self.non_finite[t.name] += bad
+        self.sink(t.name, row0, out.reshape(-1) if not t.shape else out)
+
+    def drain(self, keep: int) -> None:
+        """Wait until at most `keep` writes are outstanding (raising their errors)."""
+        while len(self.pending) > keep:
+            self.pending.popleft().result()
+
+
+def _fits(out: torch.Tensor, a: Any, b: Any) -> bool:
+    """Whether `out` can hold a op b: same shape and dtype as the result."""
+    shapes = [x.shape for x in (a, b) if isinstance(x, torch.Tensor)]
+    return all(s == out.shape for s in shapes) and all(
+        x.dtype == out.dtype for x in (a, b) if isinstance(x, torch.Tensor))
+
+
+def reduction_of(node: Node, numel: int) -> Reduction:
+    """A fresh reduction for one primitive call on a tensor of `numel` elements."""
+    return PRIMITIVES[node.attr[0]].reduction(numel, *(a.attr for a in node.args[1:]))
+
+
+class _ChunkContext:
+    """Makes the `Chunk` each primitive call sees for the current rows."""
+
+    def __init__(self, k: Kernel, rows: tuple[int, int], stats: dict, states: dict,
+                 randoms: dict):
+        self.kernel, self.rows = k, rows
+        self.stats, self.states, self.randoms = stats, states, randoms
+
+    def at(self, node: Node) -> Chunk:
+        state = self.states.setdefault(node, {})
+        return Chunk(self.kernel.numel, self.rows[0] * self.kernel.row_numel,
+                     self.stats.get(node), state, self.randoms.get(node))
+
+
+def _report(plan: Plan, non_finite: Counter, strict: bool) -> list[Diagnostic]:
+    if not non_finite:
+        return []
+    names = [t.name for t in plan.tensors if t.name in non_finite]
+    shown = ", ".join(f'"{n}" ({non_finite[n]})' for n in names[:3])
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    diagnostic = Diagnostic(
+        f"NaN or infinite values in the result: {shown}{more}",
+        plan.bound.lowered.output.span if plan.bound.lowered.output is not None else None,
+        hint="check the weights and divisors of the merge"
+             + ("" if strict else "; pass --strict to make this an error"),
+        severity="error" if strict else "warning")
+    if strict:
+        raise MergeError(diagnostic)
+    return [diagnostic]

@@ -10,11 +10,12 @@ Merge methods are not here: they are written in the language, in `stdlib/*.merge
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from .reduce import Chunk, KthMagnitude, L1Ratio, Reduction
 
 REQUIRED = object()
 
@@ -36,18 +37,29 @@ class Primitive:
     params: tuple[Param, ...]
     fn: Callable = field(compare=False)
     doc: str
-    random: bool = False  # receives a `generator=` made from (seed, tensor name, call site)
+    # Draws random numbers: fn gets a `chunk=` whose RandomStream is keyed by
+    # (seed, tensor name, call site).
+    random: bool = False
+    # A per-tensor reduction over the first argument, computed before the elementwise
+    # pass: reduction(numel, *other args, random=...) -> Reduction | None. fn then gets
+    # `chunk=` with the result in chunk.stats.
+    reduction: Callable | None = field(default=None, compare=False)
     # Calling it with a list where the first parameter takes one tensor maps over the list.
     maps: bool = True
+
+    @property
+    def takes_chunk(self) -> bool:
+        return self.random or self.reduction is not None
 
 
 PRIMITIVES: dict[str, Primitive] = {}
 
 
-def primitive(name: str, *params: Param, random: bool = False, maps: bool = True):
+def primitive(name: str, *params: Param, random: bool = False, maps: bool = True,
+              reduction: Callable | None = None):
     def register(fn: Callable) -> Callable:
         PRIMITIVES[name] = Primitive(name, params, fn, (fn.__doc__ or "").strip(),
-                                     random=random, maps=maps)
+                                     random=random, reduction=reduction, maps=maps)
         return fn
     return register
 
@@ -55,62 +67,73 @@ def primitive(name: str, *params: Param, random: bool = False, maps: bool = True
 DENSITY = Param("density", "number", range=(0.0, 1.0))
 
 
-@primitive("trim", Param("x", "tensor"), DENSITY)
-def trim(x: torch.Tensor, density: float) -> torch.Tensor:
+def _top_k(numel: int, density: float, random=None) -> KthMagnitude:
+    return KthMagnitude(max(1, int(density * numel)) if density > 0 else 0, numel)
+
+
+@primitive("trim", Param("x", "tensor"), DENSITY, reduction=_top_k)
+def trim(x: torch.Tensor, density: float, *, chunk: Chunk | None = None) -> torch.Tensor:
     """Keep the k = max(1, int(density * numel)) entries of largest magnitude (none when
     density is 0), zero the rest: mergekit 0.1.5's rule.
 
     Ties in magnitude at the cut-off keep the entries that come first in row-major
     order: the result equals masking with a stable descending argsort of |x|, but is
-    found with one k-th value selection instead of a sort.
+    found by a k-th value selection (reduce.KthMagnitude) instead of a sort.
     """
-    return x * magnitude_mask(x, density)
+    if chunk is None:
+        chunk = Chunk.whole(x)
+        chunk.stats = _reduce_whole(_top_k(x.numel(), density), x, chunk)
+    threshold, room = chunk.stats
+    magnitude = x.abs()
+    keep = magnitude > threshold
+    if room > 0:
+        at = (magnitude == threshold).reshape(-1).nonzero().squeeze(1)
+        taken = chunk.state.get("ties", 0)
+        keep.view(-1)[at[:max(0, room - taken)]] = True
+        chunk.state["ties"] = taken + at.numel()
+    return x * keep
 
 
-def magnitude_mask(x: torch.Tensor, density: float) -> torch.Tensor:
-    """The 0/1 mask `trim` applies (see there)."""
-    n = x.numel()
-    k = max(1, int(density * n)) if density > 0 else 0
-    if k >= n:
-        return torch.ones_like(x)
-    if k <= 0:
-        return torch.zeros_like(x)
-    magnitude = x.abs().reshape(-1)
-    # the k-th largest magnitude is the (n - k + 1)-th smallest
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    above = magnitude > threshold
-    at = magnitude == threshold
-    room = k - int(above.sum())
-    keep = above | (at & (torch.cumsum(at, 0) <= room))
-    return keep.reshape(x.shape).to(x.dtype)
+def _keep_mask(density: float):
+    def keep(x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        drawn = chunk.random.uniform(chunk.offset, x.numel(), chunk.numel)
+        return (drawn < density).reshape(x.shape).to(x.device)
+    return keep
+
+
+def _l1_ratio(numel: int, density: float, rescale: str = "density") -> L1Ratio | None:
+    return L1Ratio(_keep_mask(density)) if rescale == "l1" and density < 1 else None
 
 
 @primitive("drop", Param("x", "tensor"), DENSITY,
            Param("rescale", "string", "density", choices=("density", "l1", "none")),
-           random=True)
+           random=True, reduction=_l1_ratio)
 def drop(x: torch.Tensor, density: float, rescale: str = "density", *,
-         generator: torch.Generator) -> torch.Tensor:
+         chunk: Chunk) -> torch.Tensor:
     """DARE: keep each entry with probability `density`, then rescale.
 
     rescale="density" divides the kept entries by density (the DARE paper: the
     expectation is preserved); "l1" scales the result to the L1 norm of the input
-    (mergekit's norm-matching rule); "none" leaves them.
+    (mergekit 0.1.5's norm-matching rule); "none" leaves them.
     """
     if density >= 1:
         return x
-    keep = random_mask(x.shape, density, generator).to(x.device, x.dtype)
-    kept = x * keep
+    kept = x * _keep_mask(density)(x, chunk)
     if rescale == "density":
         return kept / density if density > 0 else kept
     if rescale == "l1":
-        before, after = x.abs().sum(), kept.abs().sum()
-        return kept * (before / after) if before >= 1e-7 and after >= 1e-7 else kept
+        if chunk.stats is None:
+            chunk.stats = _reduce_whole(L1Ratio(_keep_mask(density)), x, chunk)
+        return kept * chunk.stats
     return kept
 
 
-def random_mask(shape: torch.Size, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Bernoulli(density) entries, drawn on the CPU so every device gets the same bits."""
-    return torch.rand(shape, generator=generator, dtype=torch.float32) < density
+def _reduce_whole(reduction: Reduction, x: torch.Tensor, chunk: Chunk):
+    """A reduction over a tensor held whole (one chunk)."""
+    while True:
+        reduction.add(x, chunk)
+        if reduction.finish_sweep():
+            return reduction.result()
 
 
 @primitive("elect_sign", Param("xs", "tensors"),
@@ -162,9 +185,3 @@ BINARY: dict[str, Callable] = {
     "*": lambda a, b: a * b,
     "/": lambda a, b: a / b,
 }
-
-
-def generator_for(seed: int, tensor_name: str, site: str) -> torch.Generator:
-    """A CPU generator that depends only on (seed, tensor name, call site)."""
-    digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{site}".encode(), digest_size=8).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)

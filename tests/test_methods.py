@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import mergelang
-from mergelang.ops import drop, generator_for, trim
+from mergelang.ops import drop, trim
+from mergelang.reduce import Chunk, RandomStream
 
 
 def ref_trim(d: torch.Tensor, density: float) -> torch.Tensor:
@@ -132,7 +133,7 @@ def test_linear_matches_reference():
 
 def test_drop_keeps_the_expected_fraction_and_preserves_the_mean():
     x = torch.full((400, 500), 2.0)
-    out = drop(x, 0.3, generator=generator_for(0, "t", "site"))
+    out = drop(x, 0.3, chunk=Chunk.whole(x, RandomStream(0, "t", "site")))
     kept = out != 0
     assert abs(kept.float().mean().item() - 0.3) < 0.005
     torch.testing.assert_close(out[kept], torch.full_like(out[kept], 2.0 / 0.3))
@@ -142,12 +143,12 @@ def test_drop_keeps_the_expected_fraction_and_preserves_the_mean():
 def test_drop_l1_rescale_matches_the_input_norm():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(300, 300, generator=g)
-    out = drop(x, 0.25, "l1", generator=generator_for(0, "t", "s"))
+    out = drop(x, 0.25, "l1", chunk=Chunk.whole(x, RandomStream(0, "t", "s")))
     torch.testing.assert_close(out.abs().sum(), x.abs().sum())
     kept = out != 0
     ratio = out[kept] / x[kept]
     torch.testing.assert_close(ratio, torch.full_like(ratio, ratio[0].item()))
-    plain = drop(x, 0.25, "none", generator=generator_for(0, "t", "s"))
+    plain = drop(x, 0.25, "none", chunk=Chunk.whole(x, RandomStream(0, "t", "s")))
     torch.testing.assert_close(plain[kept], x[kept])
 
 

@@ -63,8 +63,10 @@ class SafetensorsModel:
         self._closed = False
         self._lock = threading.Lock()
 
-    def load(self, name: str) -> torch.Tensor:
-        """Read one tensor into memory of its own (it does not alias the file's memory map)."""
+    def load(self, name: str, rows: tuple[int, int] | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor, or rows [start, stop) of its first dimension, into memory of
+        its own (never aliasing the file's memory map), converted to `dtype` if given."""
         if self._closed:
             raise ValueError(f"model {self.path} is closed")
         info = self.tensors.get(name)
@@ -72,18 +74,26 @@ class SafetensorsModel:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         try:
             with safe_open(str(info.file), framework="pt") as f:
-                mapped = f.get_tensor(name)
+                if rows is None:
+                    mapped = f.get_tensor(name)
+                    shape = tuple(mapped.shape)
+                else:
+                    part = f.get_slice(name)
+                    shape = tuple(part.get_shape())
+                    mapped = part[rows[0]:rows[1]]
+                if mapped.dtype != info.dtype or shape != info.shape:
+                    raise ModelFileError(
+                        f"tensor {name!r} in {info.file} changed since the model was opened",
+                        hint="do not modify input models while a merge runs",
+                    )
+                if dtype is not None and dtype != mapped.dtype:
+                    return mapped.to(dtype)
+                return mapped.clone(memory_format=torch.contiguous_format)
         except (OSError, SafetensorError) as e:
             raise ModelFileError(
                 f"cannot read tensor {name!r} from {info.file}: {e}",
                 hint="the file may have been changed or removed since the model was opened",
             ) from e
-        if mapped.dtype != info.dtype or tuple(mapped.shape) != info.shape:
-            raise ModelFileError(
-                f"tensor {name!r} in {info.file} changed since the model was opened",
-                hint="do not modify input models while a merge runs",
-            )
-        return mapped.clone(memory_format=torch.contiguous_format)
 
     def close(self) -> None:
         """Mark the model closed; loads after this are errors."""

@@ -122,6 +122,7 @@ class ShardedWriter:
                 self.weight_map[t.name] = path.name
             self.total_size += position
         self._written: set[str] = set()
+        self._rows_written: dict[str, int] = {}
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
@@ -153,6 +154,36 @@ class ShardedWriter:
                 self._pending.discard(name)
         with self._lock:
             self._written.add(name)
+
+    def write_rows(self, name: str, row0: int, part: torch.Tensor) -> None:
+        """Write rows [row0, row0 + len(part)) of a declared tensor (its first dimension;
+        a scalar is one row). The tensor counts as written once all its bytes are."""
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ValueError(f"tensor {name!r} was not declared to the writer")
+        shape = slot.spec.shape
+        row_shape = shape[1:] if shape else ()
+        if tuple(part.shape[1:]) != tuple(row_shape) or part.dtype != slot.spec.dtype:
+            raise ValueError(f"rows of {name!r} are {tuple(part.shape)} {part.dtype}, but it "
+                             f"was declared as {shape} {slot.spec.dtype}")
+        data = part.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
+        row_bytes = slot.nbytes // shape[0] if shape and shape[0] else slot.nbytes
+        start = row0 * row_bytes
+        if start + len(data) > slot.nbytes:
+            raise ValueError(f"rows {row0}.. of {name!r} run past its end")
+        with self._lock:
+            if self._closed:
+                raise ValueError("the writer is closed")
+            if name in self._written:
+                raise ValueError(f"tensor {name!r} was written twice")
+        if len(data):
+            with open(slot.path, "r+b") as f:
+                f.seek(slot.offset + start)
+                f.write(memoryview(data))
+        with self._lock:
+            self._rows_written[name] = self._rows_written.get(name, 0) + len(data)
+            if self._rows_written[name] == slot.nbytes:
+                self._written.add(name)
 
     def close(self) -> None:
         """Check every declared tensor was written, then write the index (for several shards)."""

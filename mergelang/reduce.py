@@ -1,0 +1,177 @@
+"""What lets a primitive run on a tensor in row blocks and still give the same bits.
+
+Large tensors are computed in chunks of whole rows (see schedule.py). An elementwise
+primitive needs nothing for that; two kinds need help, and it is here:
+
+- a per-tensor reduction (TIES's magnitude threshold, DARE's L1 norms) is accumulated
+  over the chunks first, in one or two sweeps, by a `Reduction`;
+- randomness is drawn per fixed page of elements from a generator seeded by
+  (seed, tensor name, call site, page), so a chunk gets the same draws whatever the
+  chunk size, tensor order, thread count or device.
+
+A `Chunk` tells a primitive where it is: which elements of the whole tensor it holds,
+what the reduction found, and a small state carried from one chunk to the next.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+RANDOM_PAGE = 1 << 18  # elements drawn from one generator
+
+
+class RandomStream:
+    """Uniform [0, 1) draws for the elements of one tensor at one call site."""
+
+    def __init__(self, seed: int, tensor_name: str, site: str):
+        self.key = f"{seed}\0{tensor_name}\0{site}"
+
+    def _generator(self, page: int) -> torch.Generator:
+        digest = hashlib.blake2b(f"{self.key}\0{page}".encode(), digest_size=8).digest()
+        return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
+
+    def uniform(self, offset: int, count: int, numel: int) -> torch.Tensor:
+        """Draws for elements [offset, offset + count) of a tensor of `numel` elements,
+        made on the CPU (every device gets the same numbers)."""
+        first, last = offset // RANDOM_PAGE, (offset + count - 1) // RANDOM_PAGE
+        pages = [torch.rand(min(RANDOM_PAGE, numel - p * RANDOM_PAGE),
+                            generator=self._generator(p)) for p in range(first, last + 1)]
+        drawn = pages[0] if len(pages) == 1 else torch.cat(pages)
+        start = offset - first * RANDOM_PAGE
+        return drawn[start:start + count]
+
+
+@dataclass
+class Chunk:
+    """Rows [row0, row0 + rows) of a tensor of `numel` elements, as a primitive sees them."""
+
+    numel: int
+    offset: int                 # first element of the chunk, row-major
+    stats: Any = None           # what this call's reduction found
+    state: dict = field(default_factory=dict)  # carried across the chunks of one call, in order
+    random: RandomStream | None = None
+
+    @staticmethod
+    def whole(x: torch.Tensor, random: RandomStream | None = None) -> Chunk:
+        return Chunk(x.numel(), 0, None, {}, random)
+
+
+class Reduction:
+    """A per-tensor statistic accumulated over the chunks of a tensor, in sweeps."""
+
+    def sweeps(self, chunks: int) -> int:
+        """How many sweeps over the tensor it needs when the tensor is in `chunks` chunks."""
+        return 1
+
+    def add(self, x: torch.Tensor, chunk: Chunk) -> None:
+        raise NotImplementedError
+
+    def finish_sweep(self) -> bool:
+        """Called after each sweep; True when the result is known."""
+        raise NotImplementedError
+
+    def result(self) -> Any:
+        raise NotImplementedError
+
+
+class KthMagnitude(Reduction):
+    """The k-th largest |x|, and how many entries are strictly larger, exactly.
+
+    One chunk holding the whole tensor: torch.kthvalue, one sweep. Several chunks: a
+    two-sweep radix selection on float32 bit patterns (non-negative floats order like
+    their bits): the first sweep counts the high 16 bits, the second the low 16 bits
+    inside the bin where the k-th value lies. Both give the same number.
+    """
+
+    def __init__(self, k: int, numel: int):
+        self.k, self.numel = k, numel
+        self.sweep = 0
+        self.high = self.low = None  # histograms, made by the first chunk that needs them
+        self.bin = -1
+        self.above_bin = 0
+        self.found: tuple[float, int] | None = None
+        if k >= numel:
+            self.found = (-1.0, 0)  # everything is kept
+        elif k <= 0:
+            self.found = (math.inf, 0)  # nothing is kept
+
+    def sweeps(self, chunks: int) -> int:
+        return 0 if self.found is not None else 1 if chunks == 1 else 2
+
+    def add(self, x: torch.Tensor, chunk: Chunk) -> None:
+        if self.found is not None:
+            return
+        magnitude = x.detach().abs().float().reshape(-1)
+        if self.sweep == 0 and magnitude.numel() == self.numel:
+            threshold = torch.kthvalue(magnitude, self.numel - self.k + 1).values
+            self.found = (float(threshold), int((magnitude > threshold).sum()))
+            return
+        bits = magnitude.view(torch.int32)
+        if self.sweep == 0:
+            self.high = _count(self.high, bits >> 16)
+        else:
+            self.low = _count(self.low, bits[(bits >> 16) == self.bin] & 0xFFFF)
+
+    def finish_sweep(self) -> bool:
+        if self.found is not None:
+            return True
+        counts = self.high if self.sweep == 0 else self.low
+        if counts is None:  # no chunk had elements
+            counts = torch.zeros(1 << 16, dtype=torch.int64)
+        from_top = counts.flip(0).cumsum(0) + (0 if self.sweep == 0 else self.above_bin)
+        j = int(torch.searchsorted(from_top, self.k))  # first position reaching k
+        value = (1 << 16) - 1 - j
+        above = int(from_top[j]) - int(counts[value])
+        if self.sweep == 0:
+            self.bin, self.above_bin = value, above
+            self.sweep = 1
+            return False
+        bits = torch.tensor([(self.bin << 16) | value], dtype=torch.int32)
+        self.found = (float(bits.view(torch.float32)), above)
+        return True
+
+    def result(self) -> tuple[float, int]:
+        """(threshold, room): keep |x| > threshold, and the first `room` entries equal to it."""
+        assert self.found is not None
+        threshold, above = self.found
+        return threshold, self.k - above if self.k < self.numel else 0
+
+
+def _count(histogram: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
+    """Add the counts of 16-bit keys to a 65536-bin histogram, in place."""
+    if histogram is None:
+        histogram = torch.zeros(1 << 16, dtype=torch.int64)
+    if keys.numel() >= histogram.numel():
+        histogram += torch.bincount(keys, minlength=histogram.numel()).cpu()
+    elif keys.numel():
+        values, counts = torch.unique(keys, return_counts=True)
+        histogram.index_add_(0, values.long().cpu(), counts.cpu())
+    return histogram
+
+
+class L1Ratio(Reduction):
+    """sum |x| / sum |x * keep|, one sweep, summed exactly (math.fsum of per-row sums)
+    so the ratio does not depend on how the rows were chunked."""
+
+    def __init__(self, keep):
+        self.keep = keep  # (x, chunk) -> the 0/1 mask for this chunk
+        self.before: list[float] = []
+        self.after: list[float] = []
+
+    def add(self, x: torch.Tensor, chunk: Chunk) -> None:
+        rows = x.reshape(x.shape[0], -1) if x.dim() > 0 else x.reshape(1, 1)
+        kept = rows * self.keep(x, chunk).reshape(rows.shape)
+        self.before += rows.abs().double().sum(1).tolist()
+        self.after += kept.abs().double().sum(1).tolist()
+
+    def finish_sweep(self) -> bool:
+        return True
+
+    def result(self) -> float:
+        before, after = math.fsum(self.before), math.fsum(self.after)
+        return before / after if before >= 1e-7 and after >= 1e-7 else 1.0

@@ -1,0 +1,151 @@
+"""Schedule: how the planned tensors are computed — the last part of planning.
+
+For each output tensor this fixes, before anything runs:
+- the steps in dependency order and how many times each value is used, so that the
+  executor frees every value right after its last use;
+- the passes: the per-tensor reductions (a TIES threshold, a DARE L1 norm), grouped in
+  levels that are swept together over the tensor, then the final pass that computes
+  and writes the result;
+- the chunk: how many rows go through at once, so that the values alive at the same
+  time fit the memory budget whatever the size of the tensor.
+
+And the order of the tensors: by the position of their inputs in the files, so that
+each input file is read front to back.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from .ir import Node, walk
+from .ops import PRIMITIVES
+from .plan import Plan, TensorPlan
+
+DEFAULT_BUDGET = 512 * 10**6  # bytes of tensor data alive at once, prefetched inputs included
+_SCRATCH = 2
+_WRITE_QUEUE = 2
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One sweep over the rows: `steps` in order, computing `targets`."""
+
+    steps: tuple[Node, ...]
+    uses: dict[Node, int]         # users of each value within this pass (targets: +1)
+    targets: tuple[Node, ...]
+    reductions: tuple[Node, ...]  # the reduction calls this pass feeds (none: the final pass)
+
+    @property
+    def loads(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.steps if n.op == "load")
+
+
+@dataclass(frozen=True)
+class Kernel:
+    tensor: TensorPlan
+    passes: tuple[Pass, ...]      # reduction levels first, the final pass last
+    rows: int                     # extent of the first dimension (1 for a scalar)
+    row_numel: int
+    chunk_rows: int
+
+    @property
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(r, min(r + self.chunk_rows, self.rows))
+                for r in range(0, self.rows, self.chunk_rows)]
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.row_numel
+
+
+def schedule(plan: Plan, budget: int = DEFAULT_BUDGET) -> list[Kernel]:
+    """A kernel per output tensor, in the order their inputs lie in the files."""
+    itemsize = torch.empty((), dtype=plan.compute_dtype).element_size()
+    kernels = [kernel(plan, t, budget, itemsize) for t in plan.tensors]
+    return sorted(kernels, key=lambda k: _file_position(plan, k.tensor))
+
+
+def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
+    steps = tuple(n for n in walk(t.root) if n.op != "const")
+    reductions = [n for n in steps if n.op == "prim" and _reduces(n, _numel(t.shape))]
+    passes = [_pass(steps, level, tuple(r.args[0] for r in level))
+              for level in _levels(reductions)]
+    passes.append(_pass(steps, (), (t.root,)))
+    rows = t.shape[0] if t.shape else 1
+    row_numel = _numel(t.shape[1:]) if t.shape else 1
+    # + the next chunk's inputs (prefetched), the temporaries inside one primitive,
+    # and the results waiting for the writer
+    alive = max(_peak_alive(p) + len(p.loads) for p in passes) + _SCRATCH + _WRITE_QUEUE
+    per_row = max(1, row_numel * itemsize * alive)
+    chunk_rows = max(1, min(rows, budget // per_row)) if not t.copy_only else rows
+    return Kernel(t, tuple(passes), rows, row_numel, chunk_rows)
+
+
+def _reduces(node: Node, numel: int) -> bool:
+    """Whether this primitive call needs a whole-tensor reduction with these arguments."""
+    factory = PRIMITIVES[node.attr[0]].reduction
+    return factory is not None and factory(numel, *(a.attr for a in node.args[1:])) is not None
+
+
+def _levels(reductions: list[Node]) -> list[tuple[Node, ...]]:
+    """Reductions grouped so each group depends only on earlier groups' results."""
+    level: dict[Node, int] = {}
+    for r in reductions:  # in dependency order
+        inner = [level[n] for n in walk(r.args[0]) if n in level]
+        level[r] = 1 + max(inner, default=-1)
+    groups: dict[int, list[Node]] = defaultdict(list)
+    for r, lv in level.items():
+        groups[lv].append(r)
+    return [tuple(groups[lv]) for lv in sorted(groups)]
+
+
+def _pass(steps: tuple[Node, ...], reductions: tuple[Node, ...],
+          targets: tuple[Node, ...]) -> Pass:
+    needed: set[Node] = set()
+    for target in targets:
+        needed.update(walk(target))
+    order = tuple(n for n in steps if n in needed)
+    uses: dict[Node, int] = defaultdict(int)
+    for node in order:
+        for arg in node.args:
+            if arg.op != "const":
+                uses[arg] += 1
+    for target in targets:
+        uses[target] += 1
+    return Pass(order, dict(uses), targets, reductions)
+
+
+def _peak_alive(p: Pass) -> int:
+    """The most values alive at once while the pass runs its steps in order, its inputs
+    (loaded before it starts) included."""
+    uses = dict(p.uses)
+    alive = peak = len(p.loads)
+    for node in p.steps:
+        if node.op not in ("list", "load"):
+            alive += 1
+        peak = max(peak, alive)
+        for arg in node.args:
+            if arg.op == "const":
+                continue
+            uses[arg] -= 1
+            if uses[arg] == 0 and arg.op != "list":
+                alive -= 1
+    return peak
+
+
+def _file_position(plan: Plan, t: TensorPlan) -> tuple[str, int]:
+    load = next((n for n in walk(t.root) if n.op == "load"), None)
+    if load is None:
+        return ("", 0)
+    info = plan.bound.models[load.attr[0]].source.tensors[load.attr[1]]
+    return (str(info.file), info.offset)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
