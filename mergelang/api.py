@@ -18,6 +18,7 @@ import torch
 from . import ir
 from .bind import InMemoryModel, bind
 from .builtins import DTYPES
+from .devices import parse_devices
 from .diagnostics import Diagnostic, MergeError, Source, Span, error
 from .execute import Collector, execute
 from .io.errors import ModelFileError
@@ -116,7 +117,7 @@ class Program:
         out = Path(out)
         shard_bytes = _size(shard_size, "--shard-size 5GB")
         budget = _size(max_memory, "--max-memory 2GB")
-        _check_device(device)
+        parse_devices(device)
         _check_target(out, force)
         p = self.plan(seed, dtype, out_dtype)
         try:
@@ -165,25 +166,6 @@ def _end_of(source: Source) -> Span:
 def _check_dtype(key: str, value: str | None) -> None:
     if value is not None and value not in DTYPES:
         raise error(f'unknown {key} "{value}"', None, hint=f"use one of {', '.join(DTYPES)}")
-
-
-def _check_device(device: str) -> None:
-    """Refuse a device torch cannot use here before any work is done."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise error(f'unknown device "{device}"', None, hint="use cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise error(f'device "{device}" is not available: torch finds no CUDA GPU here',
-                        None, hint="use --device cpu")
-        if dev.index is not None and dev.index >= count:
-            raise error(f'device "{device}" does not exist: there '
-                        f"{'is 1 CUDA GPU' if count == 1 else f'are {count} CUDA GPUs'}",
-                        None, hint=f"use cuda:0 to cuda:{count - 1}")
 
 
 def _check_target(out: Path, force: bool) -> None:
@@ -264,7 +246,7 @@ def evaluate(expression: str, /, *, seed: int = 0, device: str = "cpu",
         raise TypeError("evaluate(): give all inputs as tensors or all as state dicts")
     states = {k: {"tensor": v} if k in bare else dict(v) for k, v in inputs.items()}
     keys = {k: f"<memory>/{k}" for k in inputs}
-    _check_device(device)
+    parse_devices(device)
     _check_dtype("dtype", dtype)
     module = parse_expression(expression)
     resolved = resolve(module, externals=frozenset(inputs))

@@ -11,6 +11,7 @@ in place rather than copied.
 
 from __future__ import annotations
 
+import threading
 from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .devices import parse_devices
 from .diagnostics import Diagnostic, MergeError, error
 from .ir import Node
 from .ops import BINARY, PRIMITIVES
@@ -27,6 +29,7 @@ from .schedule import DEFAULT_BUDGET, Kernel, Pass, schedule
 
 # sink(name, first row, rows of the result in the output dtype, on the CPU)
 Sink = Callable[[str, int, torch.Tensor], None]
+_COUNTING = threading.Lock()
 _SMALL_LOAD = 1 << 18  # elements: read or written on the spot, not by a helper thread
 _IN_PLACE = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div}
 
@@ -35,18 +38,45 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
             progress: Callable[[TensorPlan], None] | None = None,
             budget: int = DEFAULT_BUDGET) -> list[Diagnostic]:
     """Compute every output tensor into `sink`. Returns warnings (NaN/Inf); with
-    strict=True a non-finite result is an error instead."""
+    strict=True a non-finite result is an error instead.
+
+    `device` is one device or several GPUs ("cuda:0,cuda:1", "cuda:all"), which split
+    the tensors between them; the results are the same bytes either way."""
+    devices = parse_devices(device)
     kernels = schedule(plan, budget)
     non_finite: Counter[str] = Counter()
+    if len(devices) == 1:
+        _run_kernels(plan, devices[0], kernels, sink, non_finite, progress)
+    else:
+        with ThreadPoolExecutor(len(devices), thread_name_prefix="mergelang-gpu") as pool:
+            runs = [pool.submit(_run_kernels, plan, d, group, sink, non_finite, progress)
+                    for d, group in zip(devices, _split(kernels, len(devices)), strict=True)]
+            for run in runs:
+                run.result()
+    return _report(plan, non_finite, strict)
+
+
+def _run_kernels(plan: Plan, device: torch.device, kernels: list[Kernel], sink: Sink,
+                 non_finite: Counter, progress) -> None:
     with ThreadPoolExecutor(1, thread_name_prefix="mergelang-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="mergelang-write") as writer:
-        run = _Run(plan, torch.device(device), reader, writer, sink, non_finite)
+        run = _Run(plan, device, reader, writer, sink, non_finite)
         for kernel in kernels:
             run.kernel(kernel)
             if progress is not None:
                 progress(kernel.tensor)
         run.drain(0)
-    return _report(plan, non_finite, strict)
+
+
+def _split(kernels: list[Kernel], parts: int) -> list[list[Kernel]]:
+    """Kernels dealt to `parts` devices by size, largest first, each part kept in order."""
+    loads = [0] * parts
+    owner: dict[int, int] = {}
+    for i in sorted(range(len(kernels)), key=lambda i: -kernels[i].numel):
+        part = loads.index(min(loads))
+        owner[i] = part
+        loads[part] += kernels[i].numel
+    return [[k for i, k in enumerate(kernels) if owner[i] == part] for part in range(parts)]
 
 
 def run_tensor(plan: Plan, t: TensorPlan, device: str = "cpu",
@@ -208,7 +238,8 @@ class _Run:
         if out.is_floating_point():
             bad = int((~torch.isfinite(out)).sum())
             if bad:
-                self.non_finite[t.name] += bad
+                with _COUNTING:
+                    self.non_finite[t.name] += bad
         self.sink(t.name, row0, out.reshape(-1) if not t.shape else out)
 
     def drain(self, keep: int) -> None:

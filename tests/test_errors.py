@@ -477,7 +477,7 @@ def test_unknown_device(tmp_path, make_model, capsys):
     script = one_model(tmp_path, "a")
     out = tmp_path / "out"
     result = run(capsys, script, out, "--device", "tpu")
-    assert_error(result, None, None, 'unknown device "tpu"', hint="cpu, cuda or cuda:N")
+    assert_error(result, None, None, 'unknown device "tpu"', hint="use cpu, cuda, cuda:N")
     assert_nothing_written(out)
 
 
