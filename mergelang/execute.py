@@ -25,7 +25,7 @@ from .ir import Node
 from .ops import BINARY, PRIMITIVES
 from .plan import Plan, TensorPlan
 from .reduce import Chunk, RandomStream, Reduction
-from .schedule import DEFAULT_BUDGET, Kernel, Pass, schedule
+from .schedule import DEFAULT_BUDGET, Kernel, Pass, schedule, static_args, tensor_args
 
 # sink(name, first row, rows of the result in the output dtype, on the CPU)
 Sink = Callable[[str, int, torch.Tensor], None]
@@ -137,7 +137,7 @@ class _Run:
                 continue
             open_ = [r for r in p.reductions if r not in stats]
             for r in open_:
-                reductions[r].add(values[r.args[0]], chunk.at(r))
+                reductions[r].add(*(values[a] for a in tensor_args(r)), chunk.at(r))
             if rows[1] == k.rows:
                 for r in open_:
                     if reductions[r].finish_sweep():
@@ -257,7 +257,7 @@ def _fits(out: torch.Tensor, a: Any, b: Any) -> bool:
 
 def reduction_of(node: Node, numel: int) -> Reduction:
     """A fresh reduction for one primitive call on a tensor of `numel` elements."""
-    return PRIMITIVES[node.attr[0]].reduction(numel, *(a.attr for a in node.args[1:]))
+    return PRIMITIVES[node.attr[0]].reduction(numel, *static_args(node))
 
 
 class _ChunkContext:

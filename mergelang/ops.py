@@ -40,10 +40,13 @@ class Primitive:
     # Draws random numbers: fn gets a `chunk=` whose RandomStream is keyed by
     # (seed, tensor name, call site).
     random: bool = False
-    # A per-tensor reduction over the first argument, computed before the elementwise
-    # pass: reduction(numel, *other args, random=...) -> Reduction | None. fn then gets
-    # `chunk=` with the result in chunk.stats.
+    # A per-tensor reduction over the tensor arguments, computed before the elementwise
+    # pass: reduction(numel, *number and string args) -> Reduction | None (None: not
+    # needed with these arguments). fn then gets `chunk=` with the result in chunk.stats.
+    # See reduce.py; the reduction's add() receives the tensor arguments in order.
     reduction: Callable | None = field(default=None, compare=False)
+    # Needs the whole tensor at once (e.g. a decomposition): never computed in row blocks.
+    whole: bool = False
     # Calling it with a list where the first parameter takes one tensor maps over the list.
     maps: bool = True
 
@@ -56,10 +59,10 @@ PRIMITIVES: dict[str, Primitive] = {}
 
 
 def primitive(name: str, *params: Param, random: bool = False, maps: bool = True,
-              reduction: Callable | None = None):
+              reduction: Callable | None = None, whole: bool = False):
     def register(fn: Callable) -> Callable:
         PRIMITIVES[name] = Primitive(name, params, fn, (fn.__doc__ or "").strip(),
-                                     random=random, reduction=reduction, maps=maps)
+                                     random=random, reduction=reduction, maps=maps, whole=whole)
         return fn
     return register
 

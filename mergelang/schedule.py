@@ -71,7 +71,7 @@ def schedule(plan: Plan, budget: int = DEFAULT_BUDGET) -> list[Kernel]:
 def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
     steps = tuple(n for n in walk(t.root) if n.op != "const")
     reductions = [n for n in steps if n.op == "prim" and _reduces(n, _numel(t.shape))]
-    passes = [_pass(steps, level, tuple(r.args[0] for r in level))
+    passes = [_pass(steps, level, tuple(a for r in level for a in tensor_args(r)))
               for level in _levels(reductions)]
     passes.append(_pass(steps, (), (t.root,)))
     rows = t.shape[0] if t.shape else 1
@@ -80,21 +80,32 @@ def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
     # and the results waiting for the writer
     alive = max(_peak_alive(p) + len(p.loads) for p in passes) + _SCRATCH + _WRITE_QUEUE
     per_row = max(1, row_numel * itemsize * alive)
-    chunk_rows = max(1, min(rows, budget // per_row)) if not t.copy_only else rows
+    whole = t.copy_only or any(n.op == "prim" and PRIMITIVES[n.attr[0]].whole for n in steps)
+    chunk_rows = rows if whole else max(1, min(rows, budget // per_row))
     return Kernel(t, tuple(passes), rows, row_numel, chunk_rows)
 
 
 def _reduces(node: Node, numel: int) -> bool:
     """Whether this primitive call needs a whole-tensor reduction with these arguments."""
     factory = PRIMITIVES[node.attr[0]].reduction
-    return factory is not None and factory(numel, *(a.attr for a in node.args[1:])) is not None
+    return factory is not None and factory(numel, *static_args(node)) is not None
+
+
+def tensor_args(node: Node) -> tuple[Node, ...]:
+    """A primitive call's tensor arguments (a list counts as one)."""
+    return tuple(a for a in node.args if a.op != "const")
+
+
+def static_args(node: Node) -> tuple:
+    """A primitive call's other arguments: numbers and strings, known per tensor."""
+    return tuple(a.attr for a in node.args if a.op == "const")
 
 
 def _levels(reductions: list[Node]) -> list[tuple[Node, ...]]:
     """Reductions grouped so each group depends only on earlier groups' results."""
     level: dict[Node, int] = {}
     for r in reductions:  # in dependency order
-        inner = [level[n] for n in walk(r.args[0]) if n in level]
+        inner = [level[n] for a in tensor_args(r) for n in walk(a) if n in level]
         level[r] = 1 + max(inner, default=-1)
     groups: dict[int, list[Node]] = defaultdict(list)
     for r, lv in level.items():
