@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mergelang
-from mergelang.ops import drop, trim
+from mergelang.ops.sparsify import drop, trim
 from mergelang.reduce import Chunk, RandomStream
 
 

@@ -1,0 +1,79 @@
+"""Sparsification: keep the largest entries (TIES) or a random subset (DARE)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..reduce import Chunk, KthMagnitude, L1Ratio, Reduction
+from . import Param, primitive
+
+DENSITY = Param("density", "number", range=(0.0, 1.0))
+
+
+def _top_k(numel: int, density: float, random=None) -> KthMagnitude:
+    return KthMagnitude(max(1, int(density * numel)) if density > 0 else 0, numel)
+
+
+@primitive("trim", Param("x", "tensor"), DENSITY, reduction=_top_k)
+def trim(x: torch.Tensor, density: float, *, chunk: Chunk | None = None) -> torch.Tensor:
+    """Keep the k = max(1, int(density * numel)) entries of largest magnitude (none when
+    density is 0), zero the rest: mergekit 0.1.5's rule.
+
+    Ties in magnitude at the cut-off keep the entries that come first in row-major
+    order: the result equals masking with a stable descending argsort of |x|, but is
+    found by a k-th value selection (reduce.KthMagnitude) instead of a sort.
+    """
+    if chunk is None:
+        chunk = Chunk.whole(x)
+        chunk.stats = _reduce_whole(_top_k(x.numel(), density), x, chunk)
+    threshold, room = chunk.stats
+    magnitude = x.abs()
+    keep = magnitude > threshold
+    if room > 0:
+        at = (magnitude == threshold).reshape(-1).nonzero().squeeze(1)
+        taken = chunk.state.get("ties", 0)
+        keep.view(-1)[at[:max(0, room - taken)]] = True
+        chunk.state["ties"] = taken + at.numel()
+    return x * keep
+
+
+def _keep_mask(density: float):
+    def keep(x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        drawn = chunk.random.uniform(chunk.offset, x.numel(), chunk.numel)
+        return (drawn < density).reshape(x.shape).to(x.device)
+    return keep
+
+
+def _l1_ratio(numel: int, density: float, rescale: str = "density") -> L1Ratio | None:
+    return L1Ratio(_keep_mask(density)) if rescale == "l1" and density < 1 else None
+
+
+@primitive("drop", Param("x", "tensor"), DENSITY,
+           Param("rescale", "string", "density", choices=("density", "l1", "none")),
+           random=True, reduction=_l1_ratio)
+def drop(x: torch.Tensor, density: float, rescale: str = "density", *,
+         chunk: Chunk) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`, then rescale.
+
+    rescale="density" divides the kept entries by density (the DARE paper: the
+    expectation is preserved); "l1" scales the result to the L1 norm of the input
+    (mergekit 0.1.5's norm-matching rule); "none" leaves them.
+    """
+    if density >= 1:
+        return x
+    kept = x * _keep_mask(density)(x, chunk)
+    if rescale == "density":
+        return kept / density if density > 0 else kept
+    if rescale == "l1":
+        if chunk.stats is None:
+            chunk.stats = _reduce_whole(L1Ratio(_keep_mask(density)), x, chunk)
+        return kept * chunk.stats
+    return kept
+
+
+def _reduce_whole(reduction: Reduction, x: torch.Tensor, chunk: Chunk):
+    """A reduction over a tensor held whole (one chunk)."""
+    while True:
+        reduction.add(x, chunk)
+        if reduction.finish_sweep():
+            return reduction.result()
