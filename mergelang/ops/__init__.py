@@ -73,4 +73,4 @@ BINARY: dict[str, Callable] = {
 
 
 # the primitives register themselves on import
-from . import consensus, elementwise, sparsify  # noqa: E402, F401
+from . import consensus, elementwise, geometry, pruning, sparsify, subspace  # noqa: E402, F401
