@@ -16,7 +16,7 @@ import networkx as nx
 import torch
 
 from . import ir
-from .bind import InMemoryModel, bind
+from .bind import NUM_LAYERS_KEYS, InMemoryModel, bind
 from .builtins import DTYPES
 from .devices import parse_devices
 from .diagnostics import Diagnostic, MergeError, Source, Span, error
@@ -188,8 +188,12 @@ def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: in
         raise MergeError(program._in_script(exc.diagnostics)) from None
     writer.close()
     donor = p.bound.donor
-    write_donor_files(folder, donor.source.folder if donor else None,
-                      {"torch_dtype": _main_dtype(p.tensors)})
+    updates: dict = {"torch_dtype": _main_dtype(p.tensors)}
+    if donor is not None and p.num_layers != donor.num_layers:  # a stack
+        key = next((k for k in NUM_LAYERS_KEYS if k in (donor.source.config or {})),
+                   "num_hidden_layers")
+        updates[key] = p.num_layers
+    write_donor_files(folder, donor.source.folder if donor else None, updates)
     write_model_card(folder, program.source_text, script_name)
     return warnings
 

@@ -87,6 +87,15 @@ class Index(Expr):
 
 
 @dataclass(frozen=True)
+class Slice(Expr):
+    """`value[start:stop]`; either bound may be omitted."""
+
+    value: Expr
+    start: Expr | None
+    stop: Expr | None
+
+
+@dataclass(frozen=True)
 class Attr(Expr):
     value: Expr
     name: str

@@ -24,7 +24,7 @@ from .lower import Lowered, ModelRef
 # `model.layers.12.`, `transformer.h.3.`, `encoder.layer.7.`, `blocks.0.`
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 _BEFORE_BLOCKS = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
-_NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 class ModelSource(Protocol):
@@ -97,24 +97,46 @@ class Bound:
         for model in self.models.values():
             model.source.close()
 
-    def names(self) -> list[str]:
-        """Every tensor name any model has, the donor's first, each in file order."""
+    def names(self, num_layers: int | None = None) -> list[str]:
+        """Every tensor name of the output's candidates, the donor's first, each in file
+        order. With `num_layers`, each layer tensor's name is made for every layer
+        0..num_layers-1 (a stack may have more layers than any model)."""
         ordered = [self.donor] if self.donor is not None else []
         ordered += [m for m in self.models.values() if m is not self.donor]
         seen: dict[str, None] = {}
         for model in ordered:
             for name in model.source.tensors:
-                seen.setdefault(name, None)
+                if num_layers is None or layer_of(name) is None:
+                    seen.setdefault(name, None)
+                    continue
+                for layer in range(num_layers):
+                    seen.setdefault(with_layer(name, layer), None)
         return list(seen)
 
-    def context(self, name: str) -> TensorContext:
-        num_layers = self.donor.num_layers if self.donor is not None else 0
-        match = _LAYER.search(name)
-        if match is not None:
-            layer = int(match.group(1))
+    def context(self, name: str, num_layers: int | None = None) -> TensorContext:
+        if num_layers is None:
+            num_layers = self.donor.num_layers if self.donor is not None else 0
+        layer = layer_of(name)
+        if layer is not None:
             return TensorContext(name, layer, num_layers, layer / max(num_layers - 1, 1))
-        depth = 0.0 if _BEFORE_BLOCKS.search(name) else 1.0
-        return TensorContext(name, None, num_layers, depth)
+        return TensorContext(name, None, num_layers, 0.0 if is_before_layers(name) else 1.0)
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index in a tensor name (`model.layers.12.mlp...` -> 12), or None."""
+    match = _LAYER.search(name)
+    return int(match.group(1)) if match else None
+
+
+def with_layer(name: str, layer: int) -> str:
+    """The same tensor name in another layer."""
+    match = _LAYER.search(name)
+    return name[:match.start(1)] + str(layer) + name[match.end(1):]
+
+
+def is_before_layers(name: str) -> bool:
+    """Embeddings come before the layers; final norms and heads after."""
+    return _BEFORE_BLOCKS.search(name) is not None
 
 
 def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bound:
@@ -142,7 +164,7 @@ def _open(key: str, span: Span) -> ModelSource:
 
 def count_layers(source: ModelSource) -> int:
     """The number of repeated blocks: from config.json, else from the tensor names."""
-    for key in _NUM_LAYERS_KEYS:
+    for key in NUM_LAYERS_KEYS:
         value = (source.config or {}).get(key)
         if isinstance(value, int) and value > 0:
             return value

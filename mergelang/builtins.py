@@ -67,6 +67,9 @@ BUILTINS: dict[str, Builtin] = dict([
     _builtin("len", "The length of a list.", SigParam("xs", True)),
     _builtin("gradient", "Linear interpolation of a list of values over `depth`.",
              SigParam("values", True)),
+    _builtin("stack", "A model whose layers are the given layer slices, one after another: "
+             "embeddings from the first slice's model, final norm and head from the last's.",
+             SigParam("slices", False, rest=True), rest_min=1),
 ])
 
 CONTEXT_NAMES = frozenset({"name", "layer", "num_layers", "depth"})

@@ -287,11 +287,37 @@ class _Lowerer:
                         hint="both branches must give a model (e.g. `if ... then a else b`)")
         return Node.make("cond", (test, _as_node(a), _as_node(b)), None, kind, node.span)
 
-    def _Index(self, node: ast.Index, frame: _Frame) -> Value:
-        raise error("indexing is not supported yet", node.span)
-
     def _Attr(self, node: ast.Attr, frame: _Frame) -> Value:
-        raise error("attribute access is not supported yet", node.span)
+        """`x.layers`: all of x's layers, as a slice (resolve allows no other attribute)."""
+        value = self.eval(node.value, frame)
+        if not _is_tensor(value):
+            raise error(f"`.layers` is a model's, not {_describe(value)}'s", node.span)
+        return Node.make("layers", (value,), (0, None), TENSOR, node.span)
+
+    def _Index(self, node: ast.Index, frame: _Frame) -> Value:
+        """`x.layers[i]`: one layer."""
+        index = self._layer_bound(node.index, frame)
+        return self._layers(node, frame, index, index + 1)
+
+    def _Slice(self, node: ast.Slice, frame: _Frame) -> Value:
+        """`x.layers[i:j]`: layers i to j - 1 (j omitted: to the last)."""
+        start = self._layer_bound(node.start, frame) if node.start is not None else 0
+        stop = self._layer_bound(node.stop, frame) if node.stop is not None else None
+        if stop is not None and stop <= start:
+            raise error(f"the layer range {start}:{stop} is empty", node.span,
+                        hint="write a.layers[start:stop] with start < stop")
+        return self._layers(node, frame, start, stop)
+
+    def _layers(self, node, frame: _Frame, start: int, stop: int | None) -> Node:
+        model = self.eval(node.value, frame)  # a `layers` node, from _Attr
+        return Node.make("layers", model.args, (start, stop), TENSOR, node.span)
+
+    def _layer_bound(self, expr: ast.Expr, frame: _Frame) -> int:
+        value = self.eval(expr, frame)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise error(f"a layer index is a whole number >= 0, not {_describe(value)}",
+                        expr.span)
+        return value
 
     # calls
 
@@ -455,6 +481,15 @@ class _Lowerer:
                             self.user_span(node.args[0], node, frame))
         return len(xs)
 
+    def _builtin_stack(self, node: ast.Call, frame: _Frame, *slices: Value) -> Value:
+        for value, expr in zip(slices, node.args, strict=True):
+            if not (_is_tensor(value) and _is_sliced(value)):
+                raise error(f"stack() takes layer slices such as a.layers[0:8], not "
+                            f"{_describe(value) if not _is_tensor(value) else 'a whole model'}",
+                            self.user_span(expr, node, frame),
+                            hint="slice every model you stack: a.layers[0:24]")
+        return Node.make("stack", tuple(slices), None, TENSOR, node.span)
+
     def _builtin_gradient(self, node: ast.Call, frame: _Frame, values: Value) -> Value:
         if not (isinstance(values, tuple) and values and all(_is_number(v) for v in values)):
             raise error(f"gradient() takes a list of numbers, not {_describe(values)}",
@@ -515,6 +550,14 @@ def _user_facing_call(frame: _Frame) -> str | None:
             name = f.fn.name
         f = f.parent
     return name
+
+
+def _is_sliced(node: Node) -> bool:
+    """Every model in this tensor expression is seen through a layer slice."""
+    if node.op in ("layers", "stack"):
+        return True
+    tensors = [a for a in node.args if a.kind == TENSOR]
+    return bool(tensors) and node.op != "model" and all(_is_sliced(a) for a in tensors)
 
 
 def _after_rest(fn: ast.FnDef, param: ast.Param) -> bool:

@@ -21,7 +21,7 @@ import networkx as nx
 import torch
 
 from . import ir
-from .bind import Bound, TensorContext
+from .bind import Bound, TensorContext, is_before_layers, layer_of, with_layer
 from .diagnostics import Diagnostic, MergeError, Span, error
 from .ir import SCALAR, TENSOR, Node
 
@@ -56,6 +56,7 @@ class Plan:
     graph: nx.DiGraph
     compute_dtype: torch.dtype
     seed: int
+    num_layers: int = 0  # of the output model (a stack changes it)
     warnings: list[Diagnostic] = field(default_factory=list)
 
     @property
@@ -79,9 +80,10 @@ def plan(bound: Bound) -> Plan:
     compute = _DTYPES[lowered.dtype]
     out_dtype = _DTYPES[lowered.out_dtype] if lowered.out_dtype else None
     planner = _Planner(bound)
+    num_layers = planner.output_layers(lowered.output)
     tensors = []
-    for name in bound.names():
-        root = planner.specialise_tensor(lowered.output, bound.context(name))
+    for name in bound.names(num_layers):
+        root = planner.specialise_tensor(lowered.output, bound.context(name, num_layers))
         if root is None:
             continue
         tensors.append(planner.finish(name, root, out_dtype))
@@ -89,7 +91,7 @@ def plan(bound: Bound) -> Plan:
     if not tensors:
         raise error("the output has no tensors: no tensor name is in every model it uses",
                     lowered.output.span if lowered.output is not None else None)
-    return Plan(bound, tensors, build_graph(tensors), compute, lowered.seed)
+    return Plan(bound, tensors, build_graph(tensors), compute, lowered.seed, num_layers)
 
 
 def build_graph(tensors: list[TensorPlan]) -> nx.DiGraph:
@@ -119,11 +121,56 @@ class _Planner:
         self.reported: set[str] = set()  # tensors with an error already: one error each
 
     def specialise_tensor(self, root: Node, ctx: TensorContext) -> Node | None:
-        memo: dict[Node, Any] = {}
-        value = self._spec(root, ctx, memo)
-        if isinstance(value, _Missing):
-            return None
-        return value
+        value = self._spec(root, ctx, {}, ctx.name)
+        return None if isinstance(value, _Missing) else value
+
+    def value_for(self, node: Node, ctx: TensorContext) -> Any:
+        """A per-tensor value (e.g. `depth`, a gradient) for one output tensor."""
+        return self._spec(node, ctx, {}, ctx.name)
+
+    def output_layers(self, root: Node) -> int:
+        """The output's number of layers: a stack's total, else the donor's. Checks every
+        layer slice against its models first."""
+        for node in ir.walk(root):
+            if node.op == "layers":
+                self._check_slice(node)
+        stacks = [n for n in ir.walk(root) if n.op == "stack"]
+        totals = {sum(self._slice_length(s) for s in n.args) for n in stacks}
+        if len(totals) > 1:
+            raise error(f"the stacks in this output have different numbers of layers: "
+                        f"{sorted(totals)}", root.span, hint="stack the same layer count")
+        if totals:
+            return totals.pop()
+        return self.bound.donor.num_layers if self.bound.donor is not None else 0
+
+    def _check_slice(self, node: Node) -> None:
+        start, stop = node.attr
+        for leaf in (n for n in ir.walk(node) if n.op == "model"):
+            model = self.bound.models[leaf.attr]
+            if model.num_layers == 0:
+                raise error(f"{model.display} has no layers that mergelang can find", node.span,
+                            hint="layers are found from names like model.layers.N. and "
+                                 "config.json's num_hidden_layers")
+            if (stop if stop is not None else start + 1) > model.num_layers:
+                raise error(f"layers {start}:{stop if stop is not None else start + 1} are "
+                            f"beyond the {model.num_layers} layers of {model.display}",
+                            node.span, hint=f"use layers between 0 and {model.num_layers}")
+
+    def _slice_length(self, node: Node) -> int:
+        """The number of layers a sliced expression has (lower checked it is sliced)."""
+        if node.op == "layers":
+            start, stop = node.attr
+            if stop is None:
+                stop = min(self.bound.models[n.attr].num_layers
+                           for n in ir.walk(node) if n.op == "model")
+            return stop - start
+        if node.op == "stack":
+            return sum(self._slice_length(a) for a in node.args)
+        lengths = {self._slice_length(a) for a in node.args if a.kind == TENSOR}
+        if len(lengths) != 1:
+            raise error(f"these layer slices have different lengths: {sorted(lengths)}",
+                        node.span, hint="combine slices with the same number of layers")
+        return lengths.pop()
 
     def raise_errors(self) -> None:
         for (span, here, there), names in self.missing.items():
@@ -139,14 +186,15 @@ class _Planner:
 
     # specialisation: returns a Python value for scalars, a Node for tensors, or _Missing
 
-    def _spec(self, node: Node, ctx: TensorContext, memo: dict) -> Any:
-        if node in memo:
-            return memo[node]
-        value = self._spec_uncached(node, ctx, memo)
-        memo[node] = value
-        return value
+    def _spec(self, node: Node, ctx: TensorContext, memo: dict, lookup: str) -> Any:
+        """Specialise `node` for the output tensor `ctx`; models are read at the tensor
+        name `lookup` (the output's name, unless a layer slice renumbers it)."""
+        key = (node, lookup)
+        if key not in memo:
+            memo[key] = self._spec_uncached(node, ctx, memo, lookup)
+        return memo[key]
 
-    def _spec_uncached(self, node: Node, ctx: TensorContext, memo: dict) -> Any:
+    def _spec_uncached(self, node: Node, ctx: TensorContext, memo: dict, lookup: str) -> Any:
         op = node.op
         if op == "const":
             return node.attr
@@ -154,22 +202,53 @@ class _Planner:
             return getattr(ctx, node.attr)
         if op == "model":
             model = self.bound.models[node.attr]
-            if ctx.name not in model.source.tensors:
+            if lookup not in model.source.tensors:
                 return _Missing(frozenset([node.attr]))
-            return Node.make("load", (), (node.attr, ctx.name), TENSOR, node.span)
+            return Node.make("load", (), (node.attr, lookup), TENSOR, node.span)
         if op == "cond":
-            test = self._spec(node.args[0], ctx, memo)
+            test = self._spec(node.args[0], ctx, memo, lookup)
             if not isinstance(test, bool):
                 raise error(f"an `if` condition must be true or false; for "
                             f'"{ctx.name}" it is {test!r}', node.args[0].span or node.span)
-            return self._spec(node.args[1] if test else node.args[2], ctx, memo)
+            return self._spec(node.args[1] if test else node.args[2], ctx, memo, lookup)
         if op == "fallback":
-            first = self._spec(node.args[0], ctx, memo)
-            return self._spec(node.args[1], ctx, memo) if isinstance(first, _Missing) else first
-        args = [self._spec(a, ctx, memo) for a in node.args]
+            first = self._spec(node.args[0], ctx, memo, lookup)
+            return (self._spec(node.args[1], ctx, memo, lookup)
+                    if isinstance(first, _Missing) else first)
+        if op == "layers":
+            return self._spec_slice(node, ctx, memo, lookup)
+        if op == "stack":
+            return self._spec_stack(node, ctx, memo, lookup)
+        args = [self._spec(a, ctx, memo, lookup) for a in node.args]
         if node.kind == SCALAR:
             return _scalar(node, args, ctx)
         return self._tensor_op(node, args, ctx)
+
+    def _spec_slice(self, node: Node, ctx: TensorContext, memo: dict, lookup: str) -> Any:
+        """Layer r of `x.layers[start:stop]` is layer start + r of x; tensors outside the
+        layers (embeddings, head) pass through."""
+        layer = layer_of(lookup)
+        if layer is None:
+            return self._spec(node.args[0], ctx, memo, lookup)
+        start = node.attr[0]
+        if layer >= self._slice_length(node):
+            return _Missing(frozenset())
+        return self._spec(node.args[0], ctx, memo, with_layer(lookup, start + layer))
+
+    def _spec_stack(self, node: Node, ctx: TensorContext, memo: dict, lookup: str) -> Any:
+        """Layer l of a stack is layer l - (layers before it) of the slice holding it;
+        embeddings come from the first slice, everything else outside the layers from
+        the last."""
+        layer = layer_of(lookup)
+        if layer is None:
+            part = node.args[0] if is_before_layers(lookup) else node.args[-1]
+            return self._spec(part, ctx, memo, lookup)
+        for part in node.args:
+            length = self._slice_length(part)
+            if layer < length:
+                return self._spec(part, ctx, memo, with_layer(lookup, layer))
+            layer -= length
+        return _Missing(frozenset())
 
     def _tensor_op(self, node: Node, args: list, ctx: TensorContext) -> Any:
         flat = [a for a in args if isinstance(a, _Missing)]
@@ -203,7 +282,7 @@ class _Planner:
 
     def finish(self, name: str, root: Node, out_dtype: torch.dtype | None) -> TensorPlan:
         loads = [n for n in ir.walk(root) if n.op == "load"]
-        infos = {n: self.bound.models[n.attr[0]].source.tensors[name] for n in loads}
+        infos = {n: self.bound.models[n.attr[0]].source.tensors[n.attr[1]] for n in loads}
         shapes: dict[Node, tuple[int, ...]] = {}
         for node in ir.walk(root):
             if node.op == "load":

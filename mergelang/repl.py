@@ -130,7 +130,7 @@ class Repl:
         try:
             if value.kind == SCALAR:
                 name = self._current(bound.names())
-                scalar = _Planner(bound)._spec(value, bound.context(name), {})
+                scalar = _Planner(bound).value_for(value, bound.context(name))
                 self.console.print(f"{scalar!r}   (for {name})", markup=False, highlight=False)
                 return
             p = plan(bound)

@@ -222,12 +222,18 @@ class _Checker:
         elif isinstance(node, ast.Cond):
             for part in (node.test, node.then, node.orelse):
                 self.expr(part, local)
-        elif isinstance(node, ast.Index):
-            raise error("indexing is not supported yet", node.span,
-                        hint="per-layer selection is planned: use `layer` in a condition")
+        elif isinstance(node, (ast.Index, ast.Slice)):
+            if not (isinstance(node.value, ast.Attr) and node.value.name == "layers"):
+                raise error("only a model's layers can be indexed", node.span,
+                            hint="e.g. a.layers[0:24] or a.layers[3]")
+            bounds = [node.index] if isinstance(node, ast.Index) else [node.start, node.stop]
+            for part in [node.value, *(b for b in bounds if b is not None)]:
+                self.expr(part, local)
         elif isinstance(node, ast.Attr):
-            raise error("attribute access is not supported yet", node.span,
-                        hint="per-layer selection is planned: use `layer` in a condition")
+            if node.name != "layers":
+                raise error(f'unknown attribute ".{node.name}"', node.span,
+                            hint="a model has one attribute, `.layers` (e.g. a.layers[0:24])")
+            self.expr(node.value, local)
 
     def name(self, node: ast.Name, local: frozenset[str]) -> None:
         if node.id in local or node.id in CONTEXT_NAMES or self.scope.all_names() & {node.id}:

@@ -261,6 +261,9 @@ class _ToAst(Transformer):
     def index(self, meta, c):
         return ast.Index(self._span(meta), c[0], c[1])
 
+    def slice_(self, meta, c):
+        return ast.Slice(self._span(meta), c[0], c[1], c[2])
+
     def attr(self, meta, c):
         return ast.Attr(self._span(meta), c[0], str(c[1]))
 
