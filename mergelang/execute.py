@@ -45,11 +45,13 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
     devices = parse_devices(device)
     kernels = schedule(plan, budget)
     non_finite: Counter[str] = Counter()
+    model_wide = _run_kernels(plan, devices[0], kernels, sink, non_finite, None, {}, sweep=True)
     if len(devices) == 1:
-        _run_kernels(plan, devices[0], kernels, sink, non_finite, progress)
+        _run_kernels(plan, devices[0], kernels, sink, non_finite, progress, model_wide)
     else:
         with ThreadPoolExecutor(len(devices), thread_name_prefix="mergelang-gpu") as pool:
-            runs = [pool.submit(_run_kernels, plan, d, group, sink, non_finite, progress)
+            runs = [pool.submit(_run_kernels, plan, d, group, sink, non_finite, progress,
+                                model_wide)
                     for d, group in zip(devices, _split(kernels, len(devices)), strict=True)]
             for run in runs:
                 run.result()
@@ -57,15 +59,21 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
 
 
 def _run_kernels(plan: Plan, device: torch.device, kernels: list[Kernel], sink: Sink,
-                 non_finite: Counter, progress) -> None:
+                 non_finite: Counter, progress, model_wide: dict, sweep: bool = False
+                 ) -> dict[str, Reduction]:
+    """Run kernels on one device; with sweep=True, only the model-wide reductions' sweeps
+    (all kernels, in order), returning those reductions by call site."""
     with ThreadPoolExecutor(1, thread_name_prefix="mergelang-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="mergelang-write") as writer:
         run = _Run(plan, device, reader, writer, sink, non_finite)
+        if sweep:
+            return run.sweep_model(kernels)
         for kernel in kernels:
-            run.kernel(kernel)
+            run.kernel(kernel, model_wide)
             if progress is not None:
                 progress(kernel.tensor)
         run.drain(0)
+    return model_wide
 
 
 def _split(kernels: list[Kernel], parts: int) -> list[list[Kernel]]:
@@ -111,13 +119,44 @@ class _Run:
         self.pending: deque[Future] = deque()
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def kernel(self, k: Kernel) -> None:
+    def sweep_model(self, kernels: list[Kernel]) -> dict[str, Reduction]:
+        """Feed every kernel's model-wide reductions, in order, for as many sweeps as
+        they need; one reduction per call site, over all the tensors it appears in."""
+        sites: dict[str, list[Node]] = {}
+        numel: Counter[str] = Counter()
+        for k in kernels:
+            for node in k.model_pass.reductions if k.model_pass else ():
+                sites.setdefault(node.attr[1], []).append(node)
+                numel[node.attr[1]] += k.numel
+        made = {site: reduction_of(nodes[0], numel[site]) for site, nodes in sites.items()}
+        for _ in range(max((r.sweeps(2) for r in made.values()), default=0)):
+            for k in kernels:
+                if k.model_pass is None:
+                    continue
+                randoms = self._randoms(k, [k.model_pass])
+                for rows in k.chunks:
+                    chunk = _ChunkContext(k, rows, {}, {}, randoms)
+                    values = self._compute(k.model_pass, self._load(k, k.model_pass, rows),
+                                           chunk)
+                    for node in k.model_pass.reductions:
+                        made[node.attr[1]].add(*(values[a] for a in tensor_args(node)),
+                                               chunk.at(node))
+            for reduction in made.values():
+                reduction.finish_sweep()
+        return made
+
+    def _randoms(self, k: Kernel, passes) -> dict[Node, RandomStream]:
+        return {n: RandomStream(self.plan.seed, k.tensor.name, n.attr[1]) for p in passes
+                for n in p.steps if n.op == "prim" and PRIMITIVES[n.attr[0]].random}
+
+    def kernel(self, k: Kernel, model_wide: dict[str, Reduction]) -> None:
         t = k.tensor
-        randoms = {n: RandomStream(self.plan.seed, t.name, n.attr[1]) for p in k.passes
-                   for n in p.steps if n.op == "prim" and PRIMITIVES[n.attr[0]].random}
+        randoms = self._randoms(k, k.passes)
         reductions = {r: reduction_of(r, k.numel) for p in k.passes for r in p.reductions}
         chunks = k.chunks
         stats = {r: red.result() for r, red in reductions.items() if red.sweeps(len(chunks)) == 0}
+        for node in k.model_pass.reductions if k.model_pass else ():
+            stats[node] = model_wide[node.attr[1]].result_for(t.name)
         tasks = [(p, rows) for p in k.passes[:-1]
                  for _ in range(max(reductions[r].sweeps(len(chunks)) for r in p.reductions))
                  for rows in chunks]
@@ -271,7 +310,8 @@ class _ChunkContext:
     def at(self, node: Node) -> Chunk:
         state = self.states.setdefault(node, {})
         return Chunk(self.kernel.numel, self.rows[0] * self.kernel.row_numel,
-                     self.stats.get(node), state, self.randoms.get(node))
+                     self.stats.get(node), state, self.randoms.get(node),
+                     self.kernel.tensor.name)
 
 
 def _report(plan: Plan, non_finite: Counter, strict: bool) -> list[Diagnostic]:

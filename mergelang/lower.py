@@ -403,7 +403,9 @@ class _Lowerer:
             where = self.user_span(exprs.get(param.name), node, frame)
             args.append(self._check_argument(prim, param, value, where, frame))
         kind = TENSOR
-        site = self.call_site(node, frame) + suffix if prim.random else None
+        # random draws and reductions that may span the model are keyed by the call site
+        keyed = prim.random or prim.reduction is not None
+        site = self.call_site(node, frame) + suffix if keyed else None
         return Node.make("prim", tuple(args), (prim.name, site), kind, node.span)
 
     def _check_argument(self, prim: Primitive, param, value: Value, where: Span,

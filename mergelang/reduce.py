@@ -55,6 +55,7 @@ class Chunk:
     stats: Any = None           # what this call's reduction found
     state: dict = field(default_factory=dict)  # carried across the chunks of one call, in order
     random: RandomStream | None = None
+    tensor: str = ""            # the output tensor's name
 
     @staticmethod
     def whole(x: torch.Tensor, random: RandomStream | None = None) -> Chunk:
@@ -62,7 +63,12 @@ class Chunk:
 
 
 class Reduction:
-    """A per-tensor statistic accumulated over the chunks of a tensor, in sweeps."""
+    """A per-tensor statistic accumulated over the chunks of a tensor, in sweeps.
+
+    A model-wide reduction (`model_wide = True`) is fed the chunks of every tensor of
+    the model, in the plan's order, and gives each tensor its share of the result."""
+
+    model_wide = False
 
     def sweeps(self, chunks: int) -> int:
         """How many sweeps over the tensor it needs when the tensor is in `chunks` chunks."""
@@ -140,6 +146,52 @@ class KthMagnitude(Reduction):
         assert self.found is not None
         threshold, above = self.found
         return threshold, self.k - above if self.k < self.numel else 0
+
+
+class ModelKthMagnitude(KthMagnitude):
+    """KthMagnitude over all the tensors of a task vector (the TIES paper's trim scope):
+    two sweeps of the whole model. Entries equal to the threshold are kept in the plan's
+    tensor order, then row-major order, so each tensor gets its share of the room: the
+    second sweep keeps, per tensor, a histogram of the low bits inside the threshold's
+    bin, from which each tensor's count of threshold ties is read."""
+
+    model_wide = True
+
+    def __init__(self, k: int, numel: int):
+        super().__init__(k, numel)
+        self.per_tensor: dict[str, torch.Tensor] = {}  # in the order tensors are seen
+        self.rooms: dict[str, int] = {}
+
+    def sweeps(self, chunks: int) -> int:
+        return 0 if self.found is not None else 2
+
+    def add(self, x: torch.Tensor, chunk: Chunk) -> None:
+        if self.found is not None:
+            return
+        bits = x.detach().abs().float().reshape(-1).view(torch.int32)
+        if self.sweep == 0:
+            self.per_tensor.setdefault(chunk.tensor, None)
+            self.high = _count(self.high, bits >> 16)
+        else:
+            inside = bits[(bits >> 16) == self.bin] & 0xFFFF
+            self.low = _count(self.low, inside)
+            self.per_tensor[chunk.tensor] = _count(self.per_tensor[chunk.tensor], inside)
+
+    def finish_sweep(self) -> bool:
+        done = super().finish_sweep()
+        if done and self.sweep == 1:
+            low = int(torch.tensor([self.found[0]]).view(torch.int32)) & 0xFFFF
+            room = self.k - self.found[1]
+            for name, histogram in self.per_tensor.items():
+                ties = int(histogram[low]) if histogram is not None else 0
+                self.rooms[name] = min(ties, max(room, 0))
+                room -= self.rooms[name]
+        return done
+
+    def result_for(self, tensor: str) -> tuple[float, int]:
+        """(threshold, room) for one tensor: its share of the entries at the threshold."""
+        threshold, _ = self.found
+        return threshold, self.rooms.get(tensor, 0)
 
 
 def _count(histogram: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:

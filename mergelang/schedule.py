@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .diagnostics import error
 from .ir import Node, walk
 from .ops import PRIMITIVES
 from .plan import Plan, TensorPlan
+from .reduce import Reduction
 
 DEFAULT_BUDGET = 512 * 10**6  # bytes of tensor data alive at once, prefetched inputs included
 _SCRATCH = 2
@@ -47,6 +49,7 @@ class Pass:
 class Kernel:
     tensor: TensorPlan
     passes: tuple[Pass, ...]      # reduction levels first, the final pass last
+    model_pass: Pass | None       # feeds the model-wide reductions (swept before any kernel)
     rows: int                     # extent of the first dimension (1 for a scalar)
     row_numel: int
     chunk_rows: int
@@ -70,25 +73,38 @@ def schedule(plan: Plan, budget: int = DEFAULT_BUDGET) -> list[Kernel]:
 
 def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
     steps = tuple(n for n in walk(t.root) if n.op != "const")
-    reductions = [n for n in steps if n.op == "prim" and _reduces(n, _numel(t.shape))]
+    made = {n: _reduction(n, _numel(t.shape)) for n in steps if n.op == "prim"}
+    model_wide = [n for n, r in made.items() if r is not None and r.model_wide]
+    reductions = [n for n, r in made.items() if r is not None and not r.model_wide]
+    for node in model_wide:
+        inner = [n for a in tensor_args(node) for n in walk(a) if n in made and made[n]]
+        if inner:
+            raise error("a whole-model reduction cannot take the result of another "
+                        "reduction (e.g. a trim of a trim)", node.span,
+                        hint="compute the inner step per tensor, or apply the whole-model "
+                             "step to plain deltas")
     passes = [_pass(steps, level, tuple(a for r in level for a in tensor_args(r)))
               for level in _levels(reductions)]
     passes.append(_pass(steps, (), (t.root,)))
+    model_pass = (_pass(steps, tuple(model_wide),
+                        tuple(a for r in model_wide for a in tensor_args(r)))
+                  if model_wide else None)
     rows = t.shape[0] if t.shape else 1
     row_numel = _numel(t.shape[1:]) if t.shape else 1
     # + the next chunk's inputs (prefetched), the temporaries inside one primitive,
     # and the results waiting for the writer
-    alive = max(_peak_alive(p) + len(p.loads) for p in passes) + _SCRATCH + _WRITE_QUEUE
+    every = passes + ([model_pass] if model_pass else [])
+    alive = max(_peak_alive(p) + len(p.loads) for p in every) + _SCRATCH + _WRITE_QUEUE
     per_row = max(1, row_numel * itemsize * alive)
     whole = t.copy_only or any(n.op == "prim" and PRIMITIVES[n.attr[0]].whole for n in steps)
     chunk_rows = rows if whole else max(1, min(rows, budget // per_row))
-    return Kernel(t, tuple(passes), rows, row_numel, chunk_rows)
+    return Kernel(t, tuple(passes), model_pass, rows, row_numel, chunk_rows)
 
 
-def _reduces(node: Node, numel: int) -> bool:
-    """Whether this primitive call needs a whole-tensor reduction with these arguments."""
+def _reduction(node: Node, numel: int) -> Reduction | None:
+    """The reduction this primitive call needs with these arguments, if any."""
     factory = PRIMITIVES[node.attr[0]].reduction
-    return factory is not None and factory(numel, *static_args(node)) is not None
+    return factory(numel, *static_args(node)) if factory is not None else None
 
 
 def tensor_args(node: Node) -> tuple[Node, ...]:

@@ -155,3 +155,27 @@ def test_in_place_reuse_does_not_touch_values_still_in_a_list(tmp_path):
     agree = stack.sign() == sign
     expected = (stack * agree).sum(0) / agree.sum(0).clamp(min=1)
     torch.testing.assert_close(got["layers.0.w"], expected)
+
+
+def test_whole_model_trim_keeps_the_top_k_of_all_tensors_together(tmp_path):
+    state = quantised_state(1)  # many ties in magnitude, across tensors too
+    density = 0.3
+    program = compile_in(tmp_path, f'a = model("a")\noutput trim(a, {density}, "model")',
+                         a=state)
+    p = program.plan()
+    info = p.bound.models[next(iter(p.bound.models))].source.tensors
+    names = sorted(state, key=lambda n: info[n].offset)  # ties go to earlier tensors
+    flat = torch.cat([state[n].reshape(-1) for n in names])
+    k = max(1, int(density * flat.numel()))
+    order = torch.argsort(flat.abs(), descending=True, stable=True)
+    keep = torch.zeros_like(flat)
+    keep[order[:k]] = 1
+    expected = dict(zip(names, torch.split(flat * keep, [state[n].numel() for n in names]),
+                        strict=True))
+    for budget in (10**9, 1):
+        got = run_all(p, budget)
+        for name, tensor in state.items():
+            assert torch.equal(got[name], expected[name].reshape(tensor.shape)), (budget, name)
+    per_tensor = mergelang.evaluate(f"trim(a, {density})", a=state)
+    assert not all(torch.equal(per_tensor[n], got[n]) for n in state)
+    p.bound.close()

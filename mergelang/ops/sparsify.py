@@ -4,24 +4,32 @@ from __future__ import annotations
 
 import torch
 
-from ..reduce import Chunk, KthMagnitude, L1Ratio, Reduction
+from ..reduce import Chunk, KthMagnitude, L1Ratio, ModelKthMagnitude, Reduction
 from . import Param, primitive
 
 DENSITY = Param("density", "number", range=(0.0, 1.0))
 
 
-def _top_k(numel: int, density: float, random=None) -> KthMagnitude:
-    return KthMagnitude(max(1, int(density * numel)) if density > 0 else 0, numel)
+def _top_k(numel: int, density: float, scope: str = "tensor") -> KthMagnitude:
+    k = max(1, int(density * numel)) if density > 0 else 0
+    return (ModelKthMagnitude if scope == "model" else KthMagnitude)(k, numel)
 
 
-@primitive("trim", Param("x", "tensor"), DENSITY, reduction=_top_k)
-def trim(x: torch.Tensor, density: float, *, chunk: Chunk | None = None) -> torch.Tensor:
+@primitive("trim", Param("x", "tensor"), DENSITY,
+           Param("scope", "string", "tensor", choices=("tensor", "model")), reduction=_top_k)
+def trim(x: torch.Tensor, density: float, scope: str = "tensor", *,
+         chunk: Chunk | None = None) -> torch.Tensor:
     """Keep the k = max(1, int(density * numel)) entries of largest magnitude (none when
     density is 0), zero the rest: mergekit 0.1.5's rule.
 
+    scope="tensor" takes the top k of each tensor (mergekit); scope="model" the top k of
+    the whole model's x, all tensors together (the TIES paper), which costs two extra
+    reads of the inputs.
+
     Ties in magnitude at the cut-off keep the entries that come first in row-major
-    order: the result equals masking with a stable descending argsort of |x|, but is
-    found by a k-th value selection (reduce.KthMagnitude) instead of a sort.
+    order (and, for scope="model", in earlier tensors of the plan's order): the result
+    equals masking with a stable descending argsort of |x|, but is found by a k-th
+    value selection (reduce.KthMagnitude) instead of a sort.
     """
     if chunk is None:
         chunk = Chunk.whole(x)
