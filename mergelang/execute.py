@@ -24,7 +24,7 @@ from .diagnostics import Diagnostic, MergeError, error
 from .ir import Node
 from .ops import BINARY, PRIMITIVES
 from .plan import Plan, TensorPlan
-from .reduce import Chunk, RandomStream, Reduction
+from .reduce import Chunk, RandomStream, Reduction, reduce_whole
 from .schedule import DEFAULT_BUDGET, Kernel, Pass, schedule, static_args, tensor_args
 
 # sink(name, first row, rows of the result in the output dtype, on the CPU)
@@ -157,7 +157,11 @@ class _Run:
         stats = {r: red.result() for r, red in reductions.items() if red.sweeps(len(chunks)) == 0}
         for node in k.model_pass.reductions if k.model_pass else ():
             stats[node] = model_wide[node.attr[1]].result_for(t.name)
-        tasks = [(p, rows) for p in k.passes[:-1]
+        # One chunk: no sweeps; each reduction runs when its call is reached, on the
+        # call's own arguments (see _step), so the inputs are read and computed once.
+        inline = {r: red for r, red in reductions.items() if r not in stats} \
+            if len(chunks) == 1 else {}
+        tasks = [(p, rows) for p in k.passes[:-1] if not inline
                  for _ in range(max(reductions[r].sweeps(len(chunks)) for r in p.reductions))
                  for rows in chunks]
         tasks += [(k.passes[-1], rows) for rows in chunks]
@@ -169,7 +173,7 @@ class _Run:
                 loading = self._prefetch(k, *tasks[i + 1])
             if rows[0] == 0:  # a new sweep: primitives start their chunk state afresh
                 states = {}
-            chunk = _ChunkContext(k, rows, stats, states, randoms)
+            chunk = _ChunkContext(k, rows, stats, states, randoms, inline)
             values = self._compute(p, loads, chunk)
             if not p.reductions:
                 self._write(t, rows[0], values[t.root])
@@ -245,9 +249,13 @@ class _Run:
             return BINARY[op](a, b)
         if op == "prim":
             prim = PRIMITIVES[node.attr[0]]
-            if prim.takes_chunk:
-                return prim.fn(*args, chunk=chunk.at(node))
-            return prim.fn(*args)
+            if not prim.takes_chunk:
+                return prim.fn(*args)
+            if node in chunk.inline and node not in chunk.stats:
+                chunk.stats[node] = reduce_whole(chunk.inline[node],
+                                                 [values[a] for a in tensor_args(node)],
+                                                 chunk.at(node))
+            return prim.fn(*args, chunk=chunk.at(node))
         if op == "copy_agreeing":
             for other in args[1:]:
                 if not torch.equal(args[0], other):
@@ -303,9 +311,10 @@ class _ChunkContext:
     """Makes the `Chunk` each primitive call sees for the current rows."""
 
     def __init__(self, k: Kernel, rows: tuple[int, int], stats: dict, states: dict,
-                 randoms: dict):
+                 randoms: dict, inline: dict | None = None):
         self.kernel, self.rows = k, rows
         self.stats, self.states, self.randoms = stats, states, randoms
+        self.inline = inline or {}  # reductions to run at their call (one-chunk tensors)
 
     def at(self, node: Node) -> Chunk:
         state = self.states.setdefault(node, {})

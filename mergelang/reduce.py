@@ -20,30 +20,40 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 RANDOM_PAGE = 1 << 18  # elements drawn from one generator
 
 
 class RandomStream:
-    """Uniform [0, 1) draws for the elements of one tensor at one call site."""
+    """Uniform [0, 1) draws for the elements of one tensor at one call site.
+
+    Drawn on the CPU with numpy's SFC64 generator (about twice as fast as torch's
+    Mersenne Twister here), one generator per page of RANDOM_PAGE elements."""
 
     def __init__(self, seed: int, tensor_name: str, site: str):
         self.key = f"{seed}\0{tensor_name}\0{site}"
 
-    def _generator(self, page: int) -> torch.Generator:
+    def _generator(self, page: int) -> np.random.Generator:
         digest = hashlib.blake2b(f"{self.key}\0{page}".encode(), digest_size=8).digest()
-        return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest, "little") >> 1)
+        return np.random.Generator(np.random.SFC64(int.from_bytes(digest, "little")))
 
     def uniform(self, offset: int, count: int, numel: int) -> torch.Tensor:
         """Draws for elements [offset, offset + count) of a tensor of `numel` elements,
         made on the CPU (every device gets the same numbers)."""
-        first, last = offset // RANDOM_PAGE, (offset + count - 1) // RANDOM_PAGE
-        pages = [torch.rand(min(RANDOM_PAGE, numel - p * RANDOM_PAGE),
-                            generator=self._generator(p)) for p in range(first, last + 1)]
-        drawn = pages[0] if len(pages) == 1 else torch.cat(pages)
-        start = offset - first * RANDOM_PAGE
-        return drawn[start:start + count]
+        out = np.empty(count, dtype=np.float32)
+        for page in range(offset // RANDOM_PAGE, (offset + count - 1) // RANDOM_PAGE + 1):
+            begin = page * RANDOM_PAGE
+            size = min(RANDOM_PAGE, numel - begin)
+            lo, hi = max(begin, offset), min(begin + size, offset + count)
+            generator = self._generator(page)
+            if (lo, hi) == (begin, begin + size):  # the whole page: draw in place
+                generator.random(size, dtype=np.float32, out=out[lo - offset:hi - offset])
+            else:
+                drawn = generator.random(size, dtype=np.float32)
+                out[lo - offset:hi - offset] = drawn[lo - begin:hi - begin]
+        return torch.from_numpy(out)
 
 
 @dataclass
@@ -85,13 +95,20 @@ class Reduction:
         raise NotImplementedError
 
 
-class KthMagnitude(Reduction):
-    """The k-th largest |x|, and how many entries are strictly larger, exactly.
+def reduce_whole(reduction: Reduction, tensors: list[torch.Tensor], chunk: Chunk):
+    """Run a reduction on tensors held whole (one chunk) and return its result."""
+    while True:
+        reduction.add(*tensors, chunk)
+        if reduction.finish_sweep():
+            return reduction.result()
 
-    One chunk holding the whole tensor: torch.kthvalue, one sweep. Several chunks: a
-    two-sweep radix selection on float32 bit patterns (non-negative floats order like
-    their bits): the first sweep counts the high 16 bits, the second the low 16 bits
-    inside the bin where the k-th value lies. Both give the same number.
+
+class KthMagnitude(Reduction):
+    """The k-th largest |x|, how many entries are strictly larger, and how many equal it:
+    exactly, by a two-sweep radix selection on float32 bit patterns (non-negative floats
+    order like their bits). The first sweep counts the high 16 bits, the second the low
+    16 bits inside the bin where the k-th value lies. It works the same on a whole
+    tensor or chunk by chunk, and is about six times cheaper than torch.kthvalue.
     """
 
     def __init__(self, k: int, numel: int):
@@ -100,24 +117,19 @@ class KthMagnitude(Reduction):
         self.high = self.low = None  # histograms, made by the first chunk that needs them
         self.bin = -1
         self.above_bin = 0
-        self.found: tuple[float, int] | None = None
+        self.found: tuple[float, int, int] | None = None  # threshold, above, equal
         if k >= numel:
-            self.found = (-1.0, 0)  # everything is kept
+            self.found = (-1.0, numel, 0)  # everything is kept
         elif k <= 0:
-            self.found = (math.inf, 0)  # nothing is kept
+            self.found = (math.inf, 0, 0)  # nothing is kept
 
     def sweeps(self, chunks: int) -> int:
-        return 0 if self.found is not None else 1 if chunks == 1 else 2
+        return 0 if self.found is not None else 2
 
     def add(self, x: torch.Tensor, chunk: Chunk) -> None:
         if self.found is not None:
             return
-        magnitude = x.detach().abs().float().reshape(-1)
-        if self.sweep == 0 and magnitude.numel() == self.numel:
-            threshold = torch.kthvalue(magnitude, self.numel - self.k + 1).values
-            self.found = (float(threshold), int((magnitude > threshold).sum()))
-            return
-        bits = magnitude.view(torch.int32)
+        bits = x.detach().abs().float().reshape(-1).view(torch.int32)
         if self.sweep == 0:
             self.high = _count(self.high, bits >> 16)
         else:
@@ -138,14 +150,15 @@ class KthMagnitude(Reduction):
             self.sweep = 1
             return False
         bits = torch.tensor([(self.bin << 16) | value], dtype=torch.int32)
-        self.found = (float(bits.view(torch.float32)), above)
+        self.found = (float(bits.view(torch.float32)), above, int(counts[value]))
         return True
 
-    def result(self) -> tuple[float, int]:
-        """(threshold, room): keep |x| > threshold, and the first `room` entries equal to it."""
+    def result(self) -> tuple[float, int, int]:
+        """(threshold, room, ties): keep |x| > threshold, and the first `room` of the
+        `ties` entries equal to it."""
         assert self.found is not None
-        threshold, above = self.found
-        return threshold, self.k - above if self.k < self.numel else 0
+        threshold, above, equal = self.found
+        return threshold, max(0, self.k - above), equal
 
 
 class ModelKthMagnitude(KthMagnitude):
@@ -184,14 +197,14 @@ class ModelKthMagnitude(KthMagnitude):
             room = self.k - self.found[1]
             for name, histogram in self.per_tensor.items():
                 ties = int(histogram[low]) if histogram is not None else 0
-                self.rooms[name] = min(ties, max(room, 0))
-                room -= self.rooms[name]
+                self.rooms[name] = (min(ties, max(room, 0)), ties)
+                room -= self.rooms[name][0]
         return done
 
-    def result_for(self, tensor: str) -> tuple[float, int]:
-        """(threshold, room) for one tensor: its share of the entries at the threshold."""
-        threshold, _ = self.found
-        return threshold, self.rooms.get(tensor, 0)
+    def result_for(self, tensor: str) -> tuple[float, int, int]:
+        """(threshold, room, ties) for one tensor: its share of the entries at the
+        threshold."""
+        return (self.found[0], *self.rooms.get(tensor, (0, 0)))
 
 
 def _count(histogram: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
@@ -207,8 +220,8 @@ def _count(histogram: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
 
 
 class L1Ratio(Reduction):
-    """sum |x| / sum |x * keep|, one sweep, summed exactly (math.fsum of per-row sums)
-    so the ratio does not depend on how the rows were chunked."""
+    """sum |x| / sum |x * keep|, one sweep: float32 sums per row, added exactly
+    (math.fsum), so the ratio does not depend on how the rows were chunked."""
 
     def __init__(self, keep):
         self.keep = keep  # (x, chunk) -> the 0/1 mask for this chunk
@@ -216,10 +229,10 @@ class L1Ratio(Reduction):
         self.after: list[float] = []
 
     def add(self, x: torch.Tensor, chunk: Chunk) -> None:
-        rows = x.reshape(x.shape[0], -1) if x.dim() > 0 else x.reshape(1, 1)
-        kept = rows * self.keep(x, chunk).reshape(rows.shape)
-        self.before += rows.abs().double().sum(1).tolist()
-        self.after += kept.abs().double().sum(1).tolist()
+        magnitude = (x.reshape(x.shape[0], -1) if x.dim() > 0 else x.reshape(1, 1)).abs()
+        self.before += magnitude.sum(1).tolist()
+        magnitude *= self.keep(x, chunk).reshape(magnitude.shape)  # |x * keep|
+        self.after += magnitude.sum(1).tolist()
 
     def finish_sweep(self) -> bool:
         return True

@@ -68,22 +68,26 @@ output {expression}
 
 
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.1, 0.5, 0.9, 1.0])
-def test_radix_selection_equals_kthvalue(density):
+@pytest.mark.parametrize("chunk_rows", [100, 15, 1])
+def test_radix_selection_equals_kthvalue(density, chunk_rows):
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(5000, generator=g), torch.randint(-3, 4, (5000,),
                                                                  generator=g).float()])
     x = x.reshape(100, 100)
-    k = max(1, int(density * x.numel())) if density > 0 else 0
-    whole = KthMagnitude(k, x.numel())
-    whole.add(x, Chunk.whole(x))
-    assert whole.finish_sweep() or whole.sweeps(1) == 0
-    chunked = KthMagnitude(k, x.numel())
-    for _ in range(chunked.sweeps(7)):
-        for rows in torch.split(x, 15):
-            chunked.add(rows, Chunk.whole(rows))
-        done = chunked.finish_sweep()
-    assert chunked.sweeps(7) == 0 or done
-    assert whole.result() == chunked.result()
+    n = x.numel()
+    k = max(1, int(density * n)) if density > 0 else 0
+    selection = KthMagnitude(k, n)
+    for _ in range(selection.sweeps(n // chunk_rows)):
+        for rows in torch.split(x, chunk_rows):
+            selection.add(rows, Chunk.whole(rows))
+        selection.finish_sweep()
+    threshold, room, ties = selection.result()
+    magnitude = x.abs()
+    if 0 < k < n:
+        assert threshold == torch.kthvalue(magnitude.reshape(-1), n - k + 1).values.item()
+        assert ties == int((magnitude == threshold).sum())
+    assert int((magnitude > threshold).sum()) + room == k
+    assert 0 <= room <= max(ties, 0) or k in (0, n)
 
 
 def test_values_are_released_after_their_last_use(tmp_path):

@@ -16,7 +16,7 @@ def elect_sign(xs: list[torch.Tensor], method: str = "sum") -> torch.Tensor:
     """
     votes = xs if method == "sum" else [x.sign() for x in xs]
     total = _sum(votes)
-    return torch.where(total >= 0, 1.0, -1.0).to(total.dtype)
+    return (total >= 0).to(total.dtype).mul_(2).sub_(1)
 
 
 @primitive("agrees_with", Param("x", "tensor"), Param("sign", "tensor"))

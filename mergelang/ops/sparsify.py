@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reduce import Chunk, KthMagnitude, L1Ratio, ModelKthMagnitude, Reduction
+from ..reduce import Chunk, KthMagnitude, L1Ratio, ModelKthMagnitude, reduce_whole
 from . import Param, primitive
 
 DENSITY = Param("density", "number", range=(0.0, 1.0))
@@ -33,9 +33,11 @@ def trim(x: torch.Tensor, density: float, scope: str = "tensor", *,
     """
     if chunk is None:
         chunk = Chunk.whole(x)
-        chunk.stats = _reduce_whole(_top_k(x.numel(), density), x, chunk)
-    threshold, room = chunk.stats
+        chunk.stats = reduce_whole(_top_k(x.numel(), density), [x], chunk)
+    threshold, room, ties = chunk.stats
     magnitude = x.abs()
+    if room >= ties:  # every entry at the threshold is kept
+        return x * (magnitude >= threshold)
     keep = magnitude > threshold
     if room > 0:
         at = (magnitude == threshold).reshape(-1).nonzero().squeeze(1)
@@ -47,8 +49,13 @@ def trim(x: torch.Tensor, density: float, scope: str = "tensor", *,
 
 def _keep_mask(density: float):
     def keep(x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        cached = chunk.state.get("keep")
+        if cached is not None and cached[0] == chunk.offset:  # drawn by the L1 reduction
+            return cached[1]
         drawn = chunk.random.uniform(chunk.offset, x.numel(), chunk.numel)
-        return (drawn < density).reshape(x.shape).to(x.device)
+        mask = (drawn < density).reshape(x.shape).to(x.device)
+        chunk.state["keep"] = (chunk.offset, mask)
+        return mask
     return keep
 
 
@@ -71,17 +78,11 @@ def drop(x: torch.Tensor, density: float, rescale: str = "density", *,
         return x
     kept = x * _keep_mask(density)(x, chunk)
     if rescale == "density":
-        return kept / density if density > 0 else kept
+        return kept.div_(density) if density > 0 else kept
     if rescale == "l1":
         if chunk.stats is None:
-            chunk.stats = _reduce_whole(L1Ratio(_keep_mask(density)), x, chunk)
-        return kept * chunk.stats
+            chunk.stats = reduce_whole(L1Ratio(_keep_mask(density)), [x], chunk)
+        return kept.mul_(chunk.stats)
     return kept
 
 
-def _reduce_whole(reduction: Reduction, x: torch.Tensor, chunk: Chunk):
-    """A reduction over a tensor held whole (one chunk)."""
-    while True:
-        reduction.add(x, chunk)
-        if reduction.finish_sweep():
-            return reduction.result()
