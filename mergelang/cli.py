@@ -1,4 +1,4 @@
-"""The `mergelang` command: run, check, graph, repl (LANGUAGE.md §6).
+"""The `mergelang` command: run, check, graph, repl, convert (LANGUAGE.md §6).
 
 Every script or input error is printed as a diagnostic and exits with status 2; no
 traceback reaches the user and nothing is written to the output folder.
@@ -55,8 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dtype", choices=DTYPES, help="overrides `set out_dtype`")
     run.add_argument("--shard-size", default=api.DEFAULT_SHARD_SIZE,
                      help="largest output shard, e.g. 5GB (default) or 500MB")
-    run.add_argument("--max-memory", default="512MB",
-                     help="tensor data held at once (default 512MB); large tensors are "
+    run.add_argument("--max-memory", default="256MB",
+                     help="tensor data held at once (default 256MB); large tensors are "
                           "computed in row blocks to stay under it")
     run.add_argument("--force", action="store_true", help="replace an existing output folder")
     run.add_argument("--strict", action="store_true",
@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     repl = sub.add_parser("repl", help="explore a script interactively")
     repl.add_argument("script", type=Path, nargs="?")
     repl.set_defaults(handler=_repl)
+
+    convert = sub.add_parser("convert", help="turn a mergekit YAML config into a .merge script")
+    convert.add_argument("config", type=Path, help="the mergekit YAML config")
+    convert.add_argument("-o", "--output", type=Path,
+                         help="the script to write (default: print it)")
+    convert.add_argument("--force", action="store_true", help="replace an existing script")
+    convert.set_defaults(handler=_convert)
     return parser
 
 
@@ -197,6 +204,17 @@ def _dot(graph: nx.DiGraph) -> str:
 def _repl(args: argparse.Namespace, console: Console) -> int:
     from .repl import Repl
     return Repl(args.script, console).loop()
+
+
+def _convert(args: argparse.Namespace, console: Console) -> int:
+    from .convert import convert_file
+    result = convert_file(args.config, args.output, force=args.force)
+    _report(console, result.warnings)
+    if args.output is None:
+        sys.stdout.write(result.script)
+    else:
+        console.print(f"wrote {args.output}")
+    return 0
 
 
 def _bytes(n: int) -> str:
