@@ -28,7 +28,7 @@ from .ir import TENSOR, Node
 from .lower import Lowered, ModelRef, lower
 from .plan import Plan, TensorPlan, plan
 from .resolve import resolve
-from .schedule import DEFAULT_BUDGET
+from .schedule import DEFAULT_BUDGET, schedule
 from .syntax import parse, parse_expression
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -213,7 +213,8 @@ def summarize(p: Plan) -> Summary:
         donor=donor.display if donor else None,
         input_bytes=p.input_bytes,
         output_bytes=p.output_bytes,
-        peak_bytes=p.peak_bytes(),
+        peak_bytes=max((k.working_set(p.compute_dtype.itemsize) for k in schedule(p)),
+                       default=0),
         copied=sum(t.copy_only for t in p.tensors),
     )
 

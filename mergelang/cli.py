@@ -143,7 +143,8 @@ def _check(args: argparse.Namespace, console: Console) -> int:
               + (f" ({summary.copied} non-float copied)" if summary.copied else ""))
     out.print(f"  graph:         {summary.tensors} operations")
     out.print(f"  inputs read:   {_bytes(summary.input_bytes)}")
-    out.print(f"  peak memory:   about {_bytes(summary.peak_bytes)} of tensors at once")
+    out.print(f"  working set:   about {_bytes(summary.peak_bytes)} of tensor data at once "
+              "(bounded by --max-memory)")
     return 0
 
 

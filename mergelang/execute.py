@@ -250,12 +250,12 @@ class _Run:
         if op == "prim":
             prim = PRIMITIVES[node.attr[0]]
             if not prim.takes_chunk:
-                return prim.fn(*args)
+                return _own(prim.fn(*args), args)
             if node in chunk.inline and node not in chunk.stats:
                 chunk.stats[node] = reduce_whole(chunk.inline[node],
                                                  [values[a] for a in tensor_args(node)],
                                                  chunk.at(node))
-            return prim.fn(*args, chunk=chunk.at(node))
+            return _own(prim.fn(*args, chunk=chunk.at(node)), args)
         if op == "copy_agreeing":
             for other in args[1:]:
                 if not torch.equal(args[0], other):
@@ -293,6 +293,15 @@ class _Run:
         """Wait until at most `keep` writes are outstanding (raising their errors)."""
         while len(self.pending) > keep:
             self.pending.popleft().result()
+
+
+def _own(result: Any, args: list) -> Any:
+    """A primitive's result as a value of its own: one that returns an argument as it is
+    (e.g. drop with density 1) must not let a later in-place step change both."""
+    if any(result is a for a in args) or any(
+            isinstance(a, list) and any(result is x for x in a) for a in args):
+        return result.clone()
+    return result
 
 
 def _fits(out: torch.Tensor, a: Any, b: Any) -> bool:

@@ -68,11 +68,6 @@ class Plan:
         return sum(self.bound.models[n.attr[0]].source.tensors[n.attr[1]].nbytes
                    for t in self.tensors for n in ir.walk(t.root) if n.op == "load")
 
-    def peak_bytes(self) -> int:
-        """The largest working set of one output tensor: live values at once, in the
-        order `execute` computes them, in the compute dtype."""
-        return max((_working_set(t, self.compute_dtype) for t in self.tensors), default=0)
-
 
 def plan(bound: Bound) -> Plan:
     """Specialise per tensor, check names and shapes, build the graph. Raises MergeError."""
@@ -421,23 +416,3 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
-
-
-def _working_set(t: TensorPlan, compute: torch.dtype) -> int:
-    """Peak bytes of live values while computing one tensor (see execute.run_tensor)."""
-    size = _numel(t.shape) * _itemsize(compute)
-    uses: dict[Node, int] = defaultdict(int)
-    order = [n for n in ir.walk(t.root) if n.op != "const"]
-    for node in order:
-        for arg in node.args:
-            uses[arg] += 1
-    live = peak = 0
-    for node in order:
-        if node.op != "list":
-            live += size
-        peak = max(peak, live)
-        for arg in node.args:
-            uses[arg] -= 1
-            if uses[arg] == 0 and arg.op not in ("const", "list"):
-                live -= size
-    return peak + t.nbytes

@@ -53,6 +53,11 @@ class Kernel:
     rows: int                     # extent of the first dimension (1 for a scalar)
     row_numel: int
     chunk_rows: int
+    alive: int                    # values of one chunk held at once, at most
+
+    def working_set(self, itemsize: int) -> int:
+        """Bytes of tensor data this kernel holds at once, by the schedule's count."""
+        return self.chunk_rows * self.row_numel * itemsize * self.alive
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
@@ -98,7 +103,7 @@ def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
     per_row = max(1, row_numel * itemsize * alive)
     whole = t.copy_only or any(n.op == "prim" and PRIMITIVES[n.attr[0]].whole for n in steps)
     chunk_rows = rows if whole else max(1, min(rows, budget // per_row))
-    return Kernel(t, tuple(passes), model_pass, rows, row_numel, chunk_rows)
+    return Kernel(t, tuple(passes), model_pass, rows, row_numel, chunk_rows, alive)
 
 
 def _reduction(node: Node, numel: int) -> Reduction | None:

@@ -1,9 +1,10 @@
 """Parse: source text -> `ast.Module`, or a `MergeError` that points at the mistake.
 
-The grammar lives in `grammar/mergelang.lark`. Two rules of the surface syntax are not
-context free and are handled by `_Continuations`, a post-lexer: newlines inside ( and [
-do not end a statement, and a line starting with `then` or `else` continues the one
-before it (so a long `if` can be laid out over several lines).
+The grammar lives in `grammar/mergelang.lark`. Where a newline ends a statement is not
+context free and is decided by `_Continuations`, a post-lexer: newlines inside ( and [
+do not end a statement, a line starting with `then` or `else` continues the one before
+it, and so does a line ending with `=` or an operator (so a long `if` or `fn f(x) =`
+can be laid out over several lines).
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from .resources import GRAMMAR_FILE
 
 _OPENERS = {"LPAR": ")", "LSQB": "]"}
 _CLOSERS = {"RPAR", "RSQB"}
-_CONTINUES_LINE = {"THEN", "ELSE"}
+_CONTINUES_LINE = {"THEN", "ELSE"}  # a line starting with these continues the one before
+# a line ending with these continues on the next
+_OPEN_ENDED = {"EQUAL", "PLUS", "MINUS", "STAR", "SLASH", "VBAR", "CMP_OP", "AND", "OR", "NOT",
+               "IF", "THEN", "ELSE"}
 
 _TERMINAL_WORDS = {
     "NAME": "a name", "NUMBER": "a number", "STRING": "a string", "_NL": "end of line",
@@ -45,7 +49,8 @@ class _Continuations:
         pending_newline = None
         for tok in stream:
             if tok.type == "_NL":
-                if not self.open_brackets and pending_newline is None:
+                ended = self.current is not None and self.current.type in _OPEN_ENDED
+                if not self.open_brackets and pending_newline is None and not ended:
                     pending_newline = tok
                 continue
             if pending_newline is not None:

@@ -90,7 +90,7 @@ def test_check_and_graph_load_nothing(tmp_path, capsys):
     script = str(EXAMPLES / "quickstart.merge")
     assert main(["check", script]) == 0
     text = capsys.readouterr().out
-    assert "39 tensors" in text and "peak memory" in text
+    assert "39 tensors" in text and "working set" in text
     assert main(["graph", script, "--tensor", "layers.0.mlp.up_proj"]) == 0
     text = capsys.readouterr().out
     assert "trim(" in text and "elect_sign(" in text and "write %" in text

@@ -11,12 +11,15 @@
 The methods themselves are in `stdlib/magmax.merge`, `tsv.merge`, `iso_c.merge`,
 `cart.merge` and `tall.merge`; docs/methods-subspace.md has the formulas.
 
-Decompositions run in float32 (float64 when the compute dtype is float64; float16 and
-bfloat16 inputs are lifted to float32, which torch.linalg needs) and the result is cast
-back to the input's dtype. A float32 SVD is backward stable: its error is about 1e-6 of
-the largest singular value, far below what a bfloat16 or float16 output keeps, so float64
-would double the cost for nothing that survives the cast. On the CPU the result is the
-same on every run for a given torch build and thread count.
+Decompositions run in float64, whatever the compute dtype, and the result is cast back
+to it. Not for accuracy (a float32 SVD is backward stable, its error far below what a
+bfloat16 output keeps) but to tell zero from small: in float32 the singular values of an
+exactly low-rank matrix come out near 1e-7 of the largest, as large as the genuine tail
+of a fine-tune's spectrum (which Iso-C raises to the mean); in float64 they are near
+1e-16. So merges of identical deltas, deltas in disjoint subspaces or exactly low-rank
+deltas are handled by a rule (zero directions are left out, see `_rank`) instead of by
+whatever basis LAPACK picks for a null space. On CPUs the cost is about 1.2-2x a float32
+SVD. Results are the same on every run for a given torch build and thread count.
 
 None of these primitives returns one of its inputs: the executor may update a result in
 place when it is the last user, which must never reach an input still in use.
@@ -86,9 +89,9 @@ def matrix_or(matrix: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
            whole=True)
 def low_rank(x: torch.Tensor, rank: float) -> torch.Tensor:
     """The best approximation of the matrix `x` of rank k = keep(rank, min(m, n)) (its
-    top k singular triplets; CART). Returns `x` itself (a copy) when k is the full rank,
-    zeros when k is 0, and a copy of any tensor that is not 2-D."""
-    if x.dim() != 2:
+    top k singular triplets; CART). A copy of `x` when k is the full rank, zeros when k
+    is 0, and a copy of any tensor that is not a matrix."""
+    if not _is_matrix(x):
         return x.clone()
     k = keep(rank, min(x.shape))
     if k >= min(x.shape):
@@ -103,70 +106,82 @@ def low_rank(x: torch.Tensor, rank: float) -> torch.Tensor:
 
 @primitive("isotropic", Param("x", "tensor"), whole=True)
 def isotropic(x: torch.Tensor) -> torch.Tensor:
-    """The matrix `x` with every singular value replaced by their mean (Iso-C):
-    mean(s) * U V^T from x = U diag(s) V^T, over all min(m, n) singular values. A copy of
-    any tensor that is not 2-D."""
-    if x.dim() != 2:
+    """The matrix `x` with its singular values replaced by their mean (Iso-C):
+    mean(s) * U V^T from x = U diag(s) V^T. Singular values that are zero (numerically:
+    see `_rank`) stay zero and do not count in the mean, so the nuclear norm is kept;
+    for a matrix of full rank this is the mean of all min(m, n). A copy of any tensor that
+    is not a matrix."""
+    if not _is_matrix(x):
         return x.clone()
     u, s, vh = _svd(x)
     if u is None:
         return _nan_like(x)
-    return (s.mean() * (u @ vh)).to(x.dtype)
+    r = _rank(s, x.shape)
+    if r == 0:
+        return torch.zeros_like(x)
+    return (s[:r].mean() * (u[:, :r] @ vh[:r])).to(x.dtype)
 
 
 @primitive("tsv_merge", Param("xs", "tensors"), Param("rank", "number", range=FRACTION),
            maps=False, whole=True)
 def tsv_merge(xs: list[torch.Tensor], rank: float) -> torch.Tensor:
     """TSV-M (Gargiulo et al. 2025) on the list of matrices `xs`: keep the top
-    k = keep(rank, min(m, n)) singular triplets of each, stack their left and right
-    singular vectors, replace each stack by its nearest matrix with orthonormal columns
-    (orthogonal Procrustes: P Q^T from P D Q^T), and rebuild with the kept singular
-    values. For tensors that are not 2-D: the sum of `xs`."""
-    if xs[0].dim() != 2:
+    k = keep(rank, min(m, n)) singular triplets of each (those with a nonzero singular
+    value), stack their left and right singular vectors, replace each stack by its
+    orthonormal polar factor (orthogonal Procrustes: P Q^T from P D Q^T), and rebuild
+    with the kept singular values. For tensors that are not matrices: the sum of `xs`."""
+    if not _is_matrix(xs[0]):
         return _sum(xs)
     k = keep(rank, min(xs[0].shape))
-    if k == 0:
-        return torch.zeros_like(xs[0])
     us, ss, vs = [], [], []
     for x in xs:
         u, s, vh = _svd(x)
         if u is None:
             return _nan_like(x)
-        us.append(u[:, :k])
-        ss.append(s[:k])
-        vs.append(vh[:k].mT)
-    return _rebuild(torch.cat(us, 1), torch.cat(ss), torch.cat(vs, 1)).to(xs[0].dtype)
+        kept = min(k, _rank(s, x.shape))
+        us.append(u[:, :kept])
+        ss.append(s[:kept])
+        vs.append(vh[:kept].mT)
+    s = torch.cat(ss)
+    if not len(s):
+        return torch.zeros_like(xs[0])
+    return ((_polar(torch.cat(us, 1)) * s) @ _polar(torch.cat(vs, 1)).mT).to(xs[0].dtype)
 
 
 @primitive("iso_cts_merge", Param("xs", "tensors"),
            Param("common", "number", range=FRACTION), maps=False, whole=True)
 def iso_cts_merge(xs: list[torch.Tensor], common: float) -> torch.Tensor:
-    """Iso-CTS (Marczak et al. 2025) on the list of matrices `xs`, r = min(m, n):
-
+    """Iso-CTS (Marczak et al. 2025) on the list of T matrices `xs`, r = min(m, n):
     the top k singular triplets of sum(xs) (the common subspace) and, for each x, the top
     s of x with the common left subspace projected out (x - U_k U_k^T x), where
-    s = min(round((r - floor(common * r)) / T), r // T) and k = r - T s; stack, make the
-    stacks orthonormal (Procrustes, as TSV-M) and give every direction the mean of the
-    kept singular values. common=1 is Iso-C. For tensors that are not 2-D: the sum."""
+    s = min(round((r - floor(common * r)) / T), r // T) and k = r - T s (round: half to
+    even); both stacks made orthonormal (Procrustes, as in TSV-M), every direction given
+    the mean of the kept singular values. Directions with a zero singular value are left
+    out. common=1 is Iso-C. For tensors that are not matrices: the sum of `xs`."""
     total = _sum(xs)
-    if total.dim() != 2:
+    if not _is_matrix(total):
         return total
     r, tasks = min(total.shape), len(xs)
     specific = min(round((r - keep(common, r, at_least_one=False)) / tasks), r // tasks)
-    k = r - tasks * specific
     u, s, vh = _svd(total)
     if u is None:
         return _nan_like(total)
+    k = min(r - tasks * specific, _rank(s, total.shape))
     us, ss, vs = [u[:, :k]], [s[:k]], [vh[:k].mT]
-    if specific:
-        for x in xs:
-            x = x.to(u.dtype)
-            pu, ps, pvh = _svd(x - us[0] @ (us[0].mT @ x))
-            us.append(pu[:, :specific])
-            ss.append(ps[:specific])
-            vs.append(pvh[:specific].mT)
-    sigma = torch.cat(ss).mean()
-    return (sigma * (_polar(torch.cat(us, 1)) @ _polar(torch.cat(vs, 1)).mT)).to(total.dtype)
+    for x in xs if specific else ():
+        x = x.to(u.dtype)
+        pu, ps, pvh = _svd(x - us[0] @ (us[0].mT @ x))
+        # what the projection leaves of a direction inside the common subspace is
+        # rounding noise on the scale of x, not of the (maybe much smaller) remainder
+        kept = min(specific, _rank(ps, x.shape, scale=torch.linalg.matrix_norm(x)))
+        us.append(pu[:, :kept])
+        ss.append(ps[:kept])
+        vs.append(pvh[:kept].mT)
+    s = torch.cat(ss)
+    if not len(s):
+        return torch.zeros_like(total)
+    isotropic_ = s.mean() * (_polar(torch.cat(us, 1)) @ _polar(torch.cat(vs, 1)).mT)
+    return isotropic_.to(total.dtype)
 
 
 def keep(fraction: float, full: int, at_least_one: bool = True) -> int:
@@ -179,31 +194,41 @@ def keep(fraction: float, full: int, at_least_one: bool = True) -> int:
     return max(1, k) if at_least_one else k
 
 
-def _rebuild(u: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """U⊥ diag(s) V⊥^T, with U⊥ and V⊥ the orthonormal (Procrustes) versions of u and v."""
-    return (_polar(u) * s) @ _polar(v).mT
-
-
-def _polar(a: torch.Tensor) -> torch.Tensor:
-    """The nearest matrix to `a` (Frobenius norm) with orthonormal columns (rows, when
-    `a` is wider than tall): P Q^T from the SVD a = P D Q^T. Sign and rotation choices
-    of the SVD cancel in the product."""
-    p, _, qh = torch.linalg.svd(a, full_matrices=False)
-    return p @ qh
+def _is_matrix(x: torch.Tensor) -> bool:
+    return x.dim() == 2 and x.numel() > 0
 
 
 def _svd(x: torch.Tensor):
-    """The thin SVD in float32 (float64 for float64 inputs): (U, s, V^T), or three Nones
-    when `x` holds NaN or infinite values (the caller then returns NaNs, which the run
-    reports for the tensor). If LAPACK does not converge, one retry in float64."""
-    work = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    """The thin SVD in float64: (U, s, V^T), or three Nones when `x` holds NaN or
+    infinite values (the caller then returns NaNs, which the run reports)."""
+    work = x.to(torch.float64)
     if not bool(torch.isfinite(work).all()):
         return None, None, None
-    try:
-        return torch.linalg.svd(work, full_matrices=False)
-    except torch.linalg.LinAlgError:
-        u, s, vh = torch.linalg.svd(work.double(), full_matrices=False)
-        return u.to(work.dtype), s.to(work.dtype), vh.to(work.dtype)
+    return torch.linalg.svd(work, full_matrices=False)
+
+
+def _rank(s: torch.Tensor, shape, scale: torch.Tensor | None = None) -> int:
+    """How many of the singular values `s` (descending) are nonzero: above
+    max(m, n) * eps(float64) * s_1, the usual numerical-rank tolerance (numpy's and
+    torch's matrix_rank), or that times `scale` / s_1 for a matrix computed from one of
+    norm `scale`. Below it a singular value is rounding noise and its singular vectors
+    are an arbitrary basis of a null space, which must not reach the result."""
+    if not len(s) or s[0] == 0:
+        return 0
+    tolerance = max(shape) * torch.finfo(torch.float64).eps * (s[0] if scale is None else scale)
+    return int((s > tolerance).sum())
+
+
+def _polar(a: torch.Tensor) -> torch.Tensor:
+    """The orthonormal polar factor of `a`: P Q^T from the SVD a = P D Q^T, over the
+    nonzero singular values. For a stack of full column rank this is the nearest matrix
+    with orthonormal columns (the orthogonal Procrustes solution); otherwise it is the
+    partial isometry of the polar decomposition, which, unlike the full P Q^T, is unique:
+    two copies of one direction become two halves of it rather than one of them turning
+    into an arbitrary new direction. The SVD's sign and rotation choices cancel in P Q^T."""
+    p, d, qh = torch.linalg.svd(a, full_matrices=False)
+    r = _rank(d, a.shape)
+    return p[:, :r] @ qh[:r]
 
 
 def _nan_like(x: torch.Tensor) -> torch.Tensor:
