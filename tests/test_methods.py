@@ -194,3 +194,18 @@ def test_dare_is_reproducible_and_seeded():
     first = mergelang.evaluate(expr, base=base, a=a, b=b, seed=7)
     assert torch.equal(first, mergelang.evaluate(expr, base=base, a=a, b=b, seed=7))
     assert not torch.equal(first, mergelang.evaluate(expr, base=base, a=a, b=b, seed=8))
+
+
+def test_ties_paper_scope_trims_over_the_whole_model():
+    g = torch.Generator().manual_seed(4)
+    base = {"a.w": torch.zeros(6, 5), "b.w": torch.zeros(40)}
+    ft = {"a.w": torch.randn(6, 5, generator=g) * 5, "b.w": torch.randn(40, generator=g)}
+    out = mergelang.evaluate('ties(m - base, density=0.25, scope="model")', base=base, m=ft)
+    flat = torch.cat([ft["a.w"].reshape(-1), ft["b.w"]])
+    k = int(0.25 * flat.numel())
+    threshold = flat.abs().sort(descending=True).values[k - 1]
+    for name in ft:  # one delta, so the consensus keeps every trimmed entry as it is
+        expected = ft[name] * (ft[name].abs() >= threshold)
+        torch.testing.assert_close(out[name], expected)
+    # most of the top quarter lies in the larger-valued tensor
+    assert (out["a.w"] != 0).sum() > 0.25 * 30

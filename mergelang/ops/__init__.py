@@ -58,6 +58,8 @@ PRIMITIVES: dict[str, Primitive] = {}
 def primitive(name: str, *params: Param, random: bool = False, maps: bool = True,
               reduction: Callable | None = None, whole: bool = False):
     def register(fn: Callable) -> Callable:
+        if name in PRIMITIVES:
+            raise ValueError(f"primitive {name!r} is registered twice")
         PRIMITIVES[name] = Primitive(name, params, fn, (fn.__doc__ or "").strip(),
                                      random=random, reduction=reduction, maps=maps, whole=whole)
         return fn
