@@ -4,21 +4,24 @@
 and dtypes before any weight is read, and every problem with the files (missing shards,
 truncated downloads, pickled checkpoints) is reported up front as a ModelFileError.
 
-Tensors are loaded one at a time through the safetensors library. Each load opens the file
-afresh and copies the tensor out of the memory map: a handle kept open keeps its whole file
-mapped, and every page ever read from it then counts towards the process's resident memory,
-so a merge of four models would look as large as the four models together.
+Tensors are loaded one at a time, or a block of rows at a time, straight from a memory
+map of their file at the offsets the (validated) header gives: a view of the mapped bytes
+is converted or copied into memory of its own, and the pages just read are then released
+from the process (madvise DONTNEED; they stay in the page cache). Without that, every page
+ever read would count towards the process's resident memory, and a merge of four models
+would look as large as the four models together. Opening the file with the safetensors
+library for every load gave the same bytes at about 1.7x the CPU time.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .errors import ModelFileError
 from .header import Header, read_header
@@ -62,6 +65,7 @@ class SafetensorsModel:
         self.config = config
         self._closed = False
         self._lock = threading.Lock()
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
              dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -72,33 +76,58 @@ class SafetensorsModel:
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
-        try:
-            with safe_open(str(info.file), framework="pt") as f:
-                if rows is None:
-                    mapped = f.get_tensor(name)
-                    shape = tuple(mapped.shape)
-                else:
-                    part = f.get_slice(name)
-                    shape = tuple(part.get_shape())
-                    mapped = part[rows[0]:rows[1]]
-                if mapped.dtype != info.dtype or shape != info.shape:
+        shape = info.shape
+        start, stop = (0, shape[0] if shape else 1) if rows is None else rows
+        row_bytes = info.nbytes // shape[0] if shape and shape[0] else info.nbytes
+        first = info.offset + start * row_bytes
+        length = (stop - start) * row_bytes
+        mapped = self._map(info.file)
+        view = torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=first) \
+            if length else torch.empty(0, dtype=torch.uint8)
+        part = view.view(info.dtype).reshape((stop - start, *shape[1:]) if rows or shape
+                                             else shape)
+        out = part.to(dtype) if dtype is not None and dtype != info.dtype else part.clone()
+        _release(mapped, first, length)
+        return out
+
+    def _map(self, file: Path) -> mmap.mmap:
+        with self._lock:
+            mapped = self._maps.get(file)
+            if mapped is None:
+                try:
+                    with open(file, "rb") as f:
+                        # a private (copy-on-write) map: writable for torch.frombuffer,
+                        # never written
+                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                except (OSError, ValueError) as e:
                     raise ModelFileError(
-                        f"tensor {name!r} in {info.file} changed since the model was opened",
-                        hint="do not modify input models while a merge runs",
-                    )
-                if dtype is not None and dtype != mapped.dtype:
-                    return mapped.to(dtype)
-                return mapped.clone(memory_format=torch.contiguous_format)
-        except (OSError, SafetensorError) as e:
-            raise ModelFileError(
-                f"cannot read tensor {name!r} from {info.file}: {e}",
-                hint="the file may have been changed or removed since the model was opened",
-            ) from e
+                        f"cannot read {file}: {e}",
+                        hint="the file may have been changed or removed since the model "
+                             "was opened",
+                    ) from e
+                if not self._unchanged(file):
+                    mapped.close()
+                    raise ModelFileError(f"{file} changed since the model was opened",
+                                         hint="do not modify input models while a merge runs")
+                self._maps[file] = mapped
+            return mapped
+
+    def _unchanged(self, file: Path) -> bool:
+        """Whether the file's header still describes the tensors read from it at open."""
+        header = read_header(file)
+        mine = {n: t for n, t in self.tensors.items() if t.file == file}
+        return set(header.entries) >= set(mine) and all(
+            (e.dtype, e.shape, header.data_start + e.begin, e.end - e.begin)
+            == (t.dtype, t.shape, t.offset, t.nbytes)
+            for n, t in mine.items() for e in [header.entries[n]])
 
     def close(self) -> None:
-        """Mark the model closed; loads after this are errors."""
+        """Unmap the files; loads after this are errors."""
         with self._lock:
             self._closed = True
+            for mapped in self._maps.values():
+                mapped.close()
+            self._maps.clear()
 
     def __enter__(self) -> SafetensorsModel:
         return self
@@ -254,3 +283,12 @@ def _read_config(path: Path) -> dict | None:
     if not isinstance(config, dict):
         raise ModelFileError(f"{path} is not a JSON object", hint=_REDOWNLOAD)
     return config
+
+
+def _release(mapped: mmap.mmap, first: int, length: int) -> None:
+    """Drop the pages of [first, first + length) from this process (not from the cache)."""
+    if not length or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    begin = first - first % mmap.PAGESIZE
+    end = min(first + length, len(mapped))
+    mapped.madvise(mmap.MADV_DONTNEED, begin, end - begin)
