@@ -183,3 +183,23 @@ def test_whole_model_trim_keeps_the_top_k_of_all_tensors_together(tmp_path):
     per_tensor = mergelang.evaluate(f"trim(a, {density})", a=state)
     assert not all(torch.equal(per_tensor[n], got[n]) for n in state)
     p.bound.close()
+
+
+def test_l1_rescale_does_not_depend_on_chunks_or_threads_for_long_rows(tmp_path):
+    g = torch.Generator().manual_seed(9)
+    state = {"w": torch.randn(48, 4096, generator=g)}
+    base = {"w": torch.randn(48, 4096, generator=g)}
+    program = compile_in(tmp_path, 'base = model("base")\na = model("a")\n'
+                         'output dare_linear(a - base, density=0.3, rescale="l1")',
+                         base=base, a=state)
+    p = program.plan()
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n_threads, budget in ((2, 10**9), (1, 10**9), (2, 1), (2, 300_000)):
+            torch.set_num_threads(n_threads)
+            results.append(run_all(p, budget)["w"])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(results[0], r) for r in results[1:])
+    p.bound.close()
