@@ -26,7 +26,7 @@ from .ops import PRIMITIVES
 from .plan import Plan, TensorPlan
 from .reduce import Reduction
 
-DEFAULT_BUDGET = 256 * 10**6  # bytes of tensor data alive at once, prefetched inputs included
+DEFAULT_BUDGET = 192 * 10**6  # bytes of tensor data alive at once, prefetched inputs included
 _SCRATCH = 2
 _WRITE_QUEUE = 2
 
