@@ -35,6 +35,7 @@ from safetensors import safe_open
 
 HERE = Path(__file__).resolve().parent
 METHODS = ("ties", "dare_ties", "linear")
+MEASURE = Path(__file__).resolve().parent / "measure.py"
 GB = 1e9
 
 # The issue's targets (issue 3): mergelang / mergekit, medians of the same run.
@@ -109,19 +110,18 @@ def write_scripts(method: str, models: dict[str, Path], folder: Path,
 
 def run_child(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> dict:
     """Run `cmd` in the log's folder (so that `python -m` does not pick up a package from
-    the caller's folder); its wall time and its own peak RSS (wait4 rusage of that child)."""
+    the caller's folder); its wall time and its own peak RSS and CPU time, measured by
+    measure.py (a small process in between, so the peak is not the benchmark's own)."""
     log.parent.mkdir(parents=True, exist_ok=True)
+    usage_file = log.with_suffix(".usage.json")
     with open(log, "wb") as f:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                cwd=log.parent)
-        _, status, ru = os.wait4(proc.pid, 0)
+        rc = subprocess.run([sys.executable, str(MEASURE), str(usage_file), *cmd], stdout=f,
+                            stderr=subprocess.STDOUT, env=env, cwd=log.parent).returncode
         wall = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    proc.returncode = rc  # reaped by wait4: keep Popen from waiting again
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return {"wall_s": round(wall, 3), "peak_rss_gb": round(ru.ru_maxrss * scale / GB, 4),
-            "user_s": round(ru.ru_utime, 2), "sys_s": round(ru.ru_stime, 2), "rc": rc,
+    usage = json.loads(usage_file.read_text())
+    return {"wall_s": round(wall, 3), "peak_rss_gb": round(usage["maxrss_bytes"] / GB, 4),
+            "user_s": round(usage["user_s"], 2), "sys_s": round(usage["sys_s"], 2), "rc": rc,
             "log": str(log)}
 
 
