@@ -85,3 +85,22 @@ def test_stacking_errors(expression, words):
         mergelang.evaluate(expression, a=layered_state(0), b=layered_state(1))
     assert words in caught.value.render()
     assert caught.value.diagnostics[0].span is not None
+
+
+@pytest.mark.parametrize("prefix", ["model.layers", "transformer.h", "bert.encoder.layer",
+                                    "model.decoder.layers", "blocks"])
+def test_layers_are_found_in_every_naming_family(prefix):
+    state = {f"{prefix}.{i}.attn.weight": torch.full((2,), float(i)) for i in range(3)}
+    state["wte.weight" if prefix == "transformer.h" else "embeddings.weight"] = torch.ones(2)
+    out = mergelang.evaluate("a * depth", a=state)
+    for i in range(3):
+        name = f"{prefix}.{i}.attn.weight"
+        torch.testing.assert_close(out[name], state[name] * i / 2)
+    swapped = mergelang.evaluate("stack(a.layers[2], a.layers[0:2])", a=state)
+    assert torch.equal(swapped[f"{prefix}.0.attn.weight"], state[f"{prefix}.2.attn.weight"])
+
+
+def test_a_model_without_layers_cannot_be_sliced():
+    with pytest.raises(mergelang.MergeError) as caught:
+        mergelang.evaluate("stack(a.layers[0:1])", a={"w": torch.ones(2)})
+    assert "has no layers that mergelang can find" in caught.value.render()
