@@ -45,7 +45,8 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
     devices = parse_devices(device)
     kernels = schedule(plan, budget)
     non_finite: Counter[str] = Counter()
-    model_wide = _run_kernels(plan, devices[0], kernels, sink, non_finite, None, {}, sweep=True)
+    with _Run(plan, devices[0], sink, non_finite) as run:
+        model_wide = run.sweep_model(kernels)
     if len(devices) == 1:
         _run_kernels(plan, devices[0], kernels, sink, non_finite, progress, model_wide)
     else:
@@ -59,21 +60,13 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
 
 
 def _run_kernels(plan: Plan, device: torch.device, kernels: list[Kernel], sink: Sink,
-                 non_finite: Counter, progress, model_wide: dict, sweep: bool = False
-                 ) -> dict[str, Reduction]:
-    """Run kernels on one device; with sweep=True, only the model-wide reductions' sweeps
-    (all kernels, in order), returning those reductions by call site."""
-    with ThreadPoolExecutor(1, thread_name_prefix="mergelang-read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="mergelang-write") as writer:
-        run = _Run(plan, device, reader, writer, sink, non_finite)
-        if sweep:
-            return run.sweep_model(kernels)
+                 non_finite: Counter, progress, model_wide: dict[str, Reduction]) -> None:
+    with _Run(plan, device, sink, non_finite) as run:
         for kernel in kernels:
             run.kernel(kernel, model_wide)
             if progress is not None:
                 progress(kernel.tensor)
         run.drain(0)
-    return model_wide
 
 
 def _split(kernels: list[Kernel], parts: int) -> list[list[Kernel]]:
@@ -111,13 +104,20 @@ class Collector:
 class _Run:
     """The state of one execution: the device, the two helper threads, the results."""
 
-    def __init__(self, plan: Plan, device: torch.device, reader: ThreadPoolExecutor,
-                 writer: ThreadPoolExecutor, sink: Sink, non_finite: Counter):
+    def __init__(self, plan: Plan, device: torch.device, sink: Sink, non_finite: Counter):
         self.plan, self.device = plan, device
-        self.reader, self.writer = reader, writer
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="mergelang-read")
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="mergelang-write")
         self.sink, self.non_finite = sink, non_finite
         self.pending: deque[Future] = deque()
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.reader.shutdown()
+        self.writer.shutdown()
 
     def sweep_model(self, kernels: list[Kernel]) -> dict[str, Reduction]:
         """Feed every kernel's model-wide reductions, in order, for as many sweeps as
