@@ -139,7 +139,8 @@ class _Run:
                     values = self._compute(k.model_pass, self._load(k, k.model_pass, rows),
                                            chunk)
                     for node in k.model_pass.reductions:
-                        made[node.attr[1]].add(*(values[a] for a in tensor_args(node)),
+                        made[node.attr[1]].add(*(self._widen(values[a])
+                                                 for a in tensor_args(node)),
                                                chunk.at(node))
             for reduction in made.values():
                 reduction.finish_sweep()
@@ -180,7 +181,8 @@ class _Run:
                 continue
             open_ = [r for r in p.reductions if r not in stats]
             for r in open_:
-                reductions[r].add(*(values[a] for a in tensor_args(r)), chunk.at(r))
+                reductions[r].add(*(self._widen(values[a]) for a in tensor_args(r)),
+                                  chunk.at(r))
             if rows[1] == k.rows:
                 for r in open_:
                     if reductions[r].finish_sweep():
@@ -201,8 +203,7 @@ class _Run:
         for node in p.loads:
             key, name = node.attr
             source = self.plan.bound.models[key].source
-            dtype = None if k.tensor.copy_only else self.plan.compute_dtype
-            tensor = source.load(name, None if whole else rows, dtype)
+            tensor = source.load(name, None if whole else rows, self._load_dtype(k, node))
             if self.copy_stream is not None:
                 with torch.cuda.stream(self.copy_stream):
                     tensor = tensor.pin_memory().to(self.device, non_blocking=True)
@@ -210,6 +211,25 @@ class _Run:
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         return loaded
+
+    def _load_dtype(self, k: Kernel, node: Node) -> torch.dtype | None:
+        """Inputs stay in their stored dtype when it widens exactly to the compute dtype
+        (bfloat16 -> float32): the first operation that uses them converts them, and an
+        operation with one operand already in the compute dtype promotes the other as
+        it goes, which saves a pass and a buffer per input."""
+        stored = self.plan.bound.models[node.attr[0]].source.tensors[node.attr[1]].dtype
+        compute = self.plan.compute_dtype
+        if k.tensor.copy_only or torch.promote_types(stored, compute) == compute:
+            return None
+        return compute
+
+    def _widen(self, value: Any) -> Any:
+        """A tensor (or the tensors of a list) in the compute dtype."""
+        if isinstance(value, list):
+            return [self._widen(v) for v in value]
+        if isinstance(value, torch.Tensor) and value.dtype != self.plan.compute_dtype:
+            return value.to(self.plan.compute_dtype)
+        return value
 
     def _compute(self, p: Pass, loads: dict, chunk: _ChunkContext) -> dict[Node, Any]:
         values: dict[Node, Any] = dict(loads)
@@ -236,11 +256,22 @@ class _Run:
         args = [a.attr if a.op == "const" else values[a] for a in node.args]
         if op == "list":
             return args
+        compute = self.plan.compute_dtype
         if op == "neg":
-            return args[0].neg_() if self._reusable(node.args[0], args[0], uses, in_lists) \
-                else -args[0]
+            x = args[0]
+            if x.dtype != compute:
+                return x.to(compute).neg_()
+            return x.neg_() if self._reusable(node.args[0], x, uses, in_lists) else -x
         if op in _IN_PLACE:
             a, b = args
+            if not any(isinstance(x, torch.Tensor) and x.dtype == compute for x in (a, b)):
+                # neither is in the compute dtype yet: widen one (a fresh buffer) and let
+                # the operation promote the other
+                if isinstance(a, torch.Tensor):
+                    a = a.to(compute)
+                    return _IN_PLACE[op](a, b, out=a) if _fits(a, a, b) else BINARY[op](a, b)
+                b = b.to(compute)
+                return BINARY[op](a, b)
             if self._reusable(node.args[0], a, uses, in_lists) and _fits(a, a, b):
                 return _IN_PLACE[op](a, b, out=a)
             if isinstance(a, torch.Tensor) and self._reusable(node.args[1], b, uses, in_lists) \
@@ -249,11 +280,12 @@ class _Run:
             return BINARY[op](a, b)
         if op == "prim":
             prim = PRIMITIVES[node.attr[0]]
+            args = [self._widen(a) for a in args]
             if not prim.takes_chunk:
                 return _own(prim.fn(*args), args)
             if node in chunk.inline and node not in chunk.stats:
                 chunk.stats[node] = reduce_whole(chunk.inline[node],
-                                                 [values[a] for a in tensor_args(node)],
+                                                 [a for a in args if not _is_static(a)],
                                                  chunk.at(node))
             return _own(prim.fn(*args, chunk=chunk.at(node)), args)
         if op == "copy_agreeing":
@@ -305,10 +337,17 @@ def _own(result: Any, args: list) -> Any:
 
 
 def _fits(out: torch.Tensor, a: Any, b: Any) -> bool:
-    """Whether `out` can hold a op b: same shape and dtype as the result."""
-    shapes = [x.shape for x in (a, b) if isinstance(x, torch.Tensor)]
-    return all(s == out.shape for s in shapes) and all(
-        x.dtype == out.dtype for x in (a, b) if isinstance(x, torch.Tensor))
+    """Whether `out` can hold a op b: the result's shape and dtype."""
+    if not out.is_floating_point():
+        return False
+    tensors = [x for x in (a, b) if isinstance(x, torch.Tensor)]
+    return all(x.shape == out.shape for x in tensors) and \
+        torch.result_type(a, b) == out.dtype
+
+
+def _is_static(value: Any) -> bool:
+    """A primitive's number or string argument (not a tensor or a list of them)."""
+    return not isinstance(value, (torch.Tensor, list))
 
 
 def reduction_of(node: Node, numel: int) -> Reduction:
