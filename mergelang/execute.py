@@ -314,7 +314,9 @@ class _Run:
 
     def _cast_and_sink(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
         out = part.to(t.out_dtype).cpu()
-        if out.is_floating_point():
+        # one reduction finds out whether any value is NaN or infinite (the sum would
+        # be); only then are they counted
+        if out.is_floating_point() and out.numel() and not torch.isfinite(out.sum()):
             bad = int((~torch.isfinite(out)).sum())
             if bad:
                 with _COUNTING:
