@@ -35,7 +35,9 @@ class ModelSource(Protocol):
     folder: Path | None
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
-             dtype: torch.dtype | None = None) -> torch.Tensor: ...
+             dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor: ...
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None: ...
 
     def close(self) -> None: ...
 
@@ -54,11 +56,17 @@ class InMemoryModel:
         }
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
-        """A copy (the caller's tensors are never written to), converted to `dtype`."""
+             dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
+        """Rows of a tensor converted to `dtype`, or as they are with view=True (the
+        executor never writes to a view), else a copy."""
         tensor = self.state[name]
         part = tensor[rows[0]:rows[1]] if rows is not None else tensor
-        return part.to(dtype) if dtype is not None and dtype != part.dtype else part.clone()
+        if dtype is not None and dtype != part.dtype:
+            return part.to(dtype)
+        return part if view else part.clone()
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        pass
 
     def close(self) -> None:
         pass

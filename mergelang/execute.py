@@ -136,12 +136,13 @@ class _Run:
                 randoms = self._randoms(k, [k.model_pass])
                 for rows in k.chunks:
                     chunk = _ChunkContext(k, rows, {}, {}, randoms)
-                    values = self._compute(k.model_pass, self._load(k, k.model_pass, rows),
-                                           chunk)
+                    loads = self._load(k, k.model_pass, rows)
+                    values = self._compute(k.model_pass, loads, chunk)
                     for node in k.model_pass.reductions:
                         made[node.attr[1]].add(*(self._widen(values[a])
                                                  for a in tensor_args(node)),
                                                chunk.at(node))
+                    loads.done()
             for reduction in made.values():
                 reduction.finish_sweep()
         return made
@@ -177,12 +178,17 @@ class _Run:
             chunk = _ChunkContext(k, rows, stats, states, randoms, inline)
             values = self._compute(p, loads, chunk)
             if not p.reductions:
-                self._write(t, rows[0], values[t.root])
+                result = values[t.root]
+                if id(result) in loads.views:  # the output is an input as it is
+                    result = result.clone()
+                loads.done()
+                self._write(t, rows[0], result)
                 continue
             open_ = [r for r in p.reductions if r not in stats]
             for r in open_:
                 reductions[r].add(*(self._widen(values[a]) for a in tensor_args(r)),
                                   chunk.at(r))
+            loads.done()
             if rows[1] == k.rows:
                 for r in open_:
                     if reductions[r].finish_sweep():
@@ -197,17 +203,25 @@ class _Run:
             return done
         return self.reader.submit(self._load, k, p, rows)
 
-    def _load(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> dict[Node, torch.Tensor]:
+    def _load(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> _Loaded:
+        """A task's inputs. On the CPU an input needing no conversion is a view of the
+        file's bytes, released once the task is done (see _Loaded)."""
         whole = rows == (0, k.rows) or not k.tensor.shape
-        loaded = {}
+        loaded = _Loaded()
         for node in p.loads:
             key, name = node.attr
             source = self.plan.bound.models[key].source
-            tensor = source.load(name, None if whole else rows, self._load_dtype(k, node))
+            part = None if whole else rows
+            dtype = self._load_dtype(k, node)
+            view = dtype is None and self.copy_stream is None
+            tensor = source.load(name, part, dtype, view=view)
+            if view:
+                loaded.views.add(id(tensor))
+                loaded.release.append((source, name, part))
             if self.copy_stream is not None:
                 with torch.cuda.stream(self.copy_stream):
                     tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-            loaded[node] = tensor
+            loaded.tensors[node] = tensor
         if self.copy_stream is not None:
             self.copy_stream.synchronize()
         return loaded
@@ -231,10 +245,11 @@ class _Run:
             return value.to(self.plan.compute_dtype)
         return value
 
-    def _compute(self, p: Pass, loads: dict, chunk: _ChunkContext) -> dict[Node, Any]:
-        values: dict[Node, Any] = dict(loads)
+    def _compute(self, p: Pass, loads: _Loaded, chunk: _ChunkContext) -> dict[Node, Any]:
+        values: dict[Node, Any] = dict(loads.tensors)
         uses = dict(p.uses)
-        in_lists: Counter[int] = Counter()  # tensors a live list refers to: not overwritten
+        # tensors not to overwrite: views of the files, and those a live list refers to
+        in_lists: Counter[int] = Counter(loads.views)
         for node in p.steps:
             if node.op != "load":
                 values[node] = self._step(node, values, uses, in_lists, chunk)
@@ -355,6 +370,20 @@ def _is_static(value: Any) -> bool:
 def reduction_of(node: Node, numel: int) -> Reduction:
     """A fresh reduction for one primitive call on a tensor of `numel` elements."""
     return PRIMITIVES[node.attr[0]].reduction(numel, *static_args(node))
+
+
+class _Loaded:
+    """A task's inputs, and the file views among them to release when it is done."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[Node, torch.Tensor] = {}
+        self.views: set[int] = set()
+        self.release: list[tuple[Any, str, tuple[int, int] | None]] = []
+
+    def done(self) -> None:
+        for source, name, rows in self.release:
+            source.release(name, rows)
+        self.release.clear()
 
 
 class _ChunkContext:

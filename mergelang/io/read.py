@@ -68,27 +68,49 @@ class SafetensorsModel:
         self._maps: dict[Path, mmap.mmap] = {}
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
+             dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
         """Read one tensor, or rows [start, stop) of its first dimension, into memory of
-        its own (never aliasing the file's memory map), converted to `dtype` if given."""
+        its own, converted to `dtype` if given.
+
+        view=True (and no conversion) returns the mapped bytes themselves, without a
+        copy: the caller must not write to it, and must call release(name, rows) when it
+        is done with it."""
         if self._closed:
             raise ValueError(f"model {self.path} is closed")
         info = self.tensors.get(name)
         if info is None:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         shape = info.shape
-        start, stop = (0, shape[0] if shape else 1) if rows is None else rows
-        row_bytes = info.nbytes // shape[0] if shape and shape[0] else info.nbytes
-        first = info.offset + start * row_bytes
-        length = (stop - start) * row_bytes
+        first, length = self._span(info, rows)
         mapped = self._map(info.file)
-        view = torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=first) \
+        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=first) \
             if length else torch.empty(0, dtype=torch.uint8)
-        part = view.view(info.dtype).reshape((stop - start, *shape[1:]) if rows or shape
-                                             else shape)
-        out = part.to(dtype) if dtype is not None and dtype != info.dtype else part.clone()
+        part = raw.view(info.dtype).reshape((rows[1] - rows[0], *shape[1:]) if rows
+                                            else shape)
+        if dtype is not None and dtype != info.dtype:
+            out = part.to(dtype)
+        elif view:
+            return part
+        else:
+            out = part.clone()
         _release(mapped, first, length)
         return out
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Drop the pages a view from load(view=True) held from this process."""
+        info = self.tensors[name]
+        with self._lock:
+            mapped = self._maps.get(info.file)
+        if mapped is not None and not self._closed:
+            _release(mapped, *self._span(info, rows))
+
+    @staticmethod
+    def _span(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """(first byte, length) of a tensor's rows in its file."""
+        shape = info.shape
+        start, stop = (0, shape[0] if shape else 1) if rows is None else rows
+        row_bytes = info.nbytes // shape[0] if shape and shape[0] else info.nbytes
+        return info.offset + start * row_bytes, (stop - start) * row_bytes
 
     def _map(self, file: Path) -> mmap.mmap:
         with self._lock:
