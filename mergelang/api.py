@@ -11,8 +11,8 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch
 
 from . import ir
@@ -30,6 +30,9 @@ from .plan import Plan, TensorPlan, plan
 from .resolve import resolve
 from .schedule import DEFAULT_BUDGET, schedule
 from .syntax import parse, parse_expression
+
+if TYPE_CHECKING:
+    import networkx
 
 DEFAULT_SHARD_SIZE = "5GB"
 
@@ -97,7 +100,7 @@ class Program:
         finally:
             p.bound.close()
 
-    def graph(self) -> nx.DiGraph:
+    def graph(self) -> networkx.DiGraph:
         """The plan as one networkx.DiGraph (see plan.build_graph)."""
         p = self.plan()
         p.bound.close()
@@ -207,7 +210,7 @@ def _main_dtype(tensors: list[TensorPlan]) -> str:
 def summarize(p: Plan) -> Summary:
     donor = p.bound.donor
     return Summary(
-        tensors=sum(1 for n in p.graph.nodes if p.graph.nodes[n]["op"] != "output"),
+        tensors=sum(1 for t in p.tensors for n in ir.walk(t.root) if n.op != "const"),
         outputs=len(p.tensors),
         models=[m.display for m in p.bound.models.values()],
         donor=donor.display if donor else None,

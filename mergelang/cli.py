@@ -13,7 +13,6 @@ import re
 import sys
 from pathlib import Path
 
-import networkx as nx
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -212,7 +211,9 @@ def _text(t) -> str:
     return "\n".join(lines)
 
 
-def _dot(graph: nx.DiGraph) -> str:
+def _dot(graph) -> str:
+    import networkx as nx
+
     labelled = nx.DiGraph()
     ids = {node: f"n{i}" for i, node in enumerate(graph.nodes)}
     for node, data in graph.nodes(data=True):

@@ -84,7 +84,7 @@ def run_tensor(plan: Plan, t: TensorPlan, device: str = "cpu",
                budget: int = DEFAULT_BUDGET) -> torch.Tensor:
     """One output tensor, computed alone; on the CPU in its output dtype."""
     results = Collector([t])
-    execute(Plan(plan.bound, [t], plan.graph, plan.compute_dtype, plan.seed), results.sink,
+    execute(Plan(plan.bound, [t], plan.compute_dtype, plan.seed, plan.num_layers), results.sink,
             device, budget=budget)
     return results.tensors[t.name]
 

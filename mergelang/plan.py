@@ -15,15 +15,18 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import torch
 
 from . import ir
 from .bind import Bound, TensorContext, is_before_layers, layer_of, with_layer
 from .diagnostics import Diagnostic, MergeError, Span, error
 from .ir import SCALAR, TENSOR, Node
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
@@ -53,11 +56,15 @@ class TensorPlan:
 class Plan:
     bound: Bound
     tensors: list[TensorPlan]
-    graph: nx.DiGraph
     compute_dtype: torch.dtype
     seed: int
     num_layers: int = 0  # of the output model (a stack changes it)
     warnings: list[Diagnostic] = field(default_factory=list)
+
+    @cached_property
+    def graph(self) -> nx.DiGraph:
+        """The plan as one networkx.DiGraph (made when first asked for)."""
+        return build_graph(self.tensors)
 
     @property
     def output_bytes(self) -> int:
@@ -86,11 +93,15 @@ def plan(bound: Bound) -> Plan:
     if not tensors:
         raise error("the output has no tensors: no tensor name is in every model it uses",
                     lowered.output.span if lowered.output is not None else None)
-    return Plan(bound, tensors, build_graph(tensors), compute, lowered.seed, num_layers)
+    return Plan(bound, tensors, compute, lowered.seed, num_layers)
 
 
 def build_graph(tensors: list[TensorPlan]) -> nx.DiGraph:
-    """One DiGraph for the whole merge. Constants are attributes of their users, not nodes."""
+    """One DiGraph for the whole merge. Constants are attributes of their users, not nodes.
+    (networkx is imported here: a merge itself runs from the kernels, and the import
+    costs 0.1 s of every run's start-up.)"""
+    import networkx as nx
+
     graph = nx.DiGraph()
     for t in tensors:
         for node in ir.walk(t.root):

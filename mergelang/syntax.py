@@ -79,7 +79,7 @@ def _grammar() -> str:
 def _parser() -> tuple[lark.Lark, _Continuations]:
     postlex = _Continuations()
     parser = lark.Lark(_grammar(), parser="lalr", lexer="basic", postlex=postlex,
-                       start=["start", "expr"],
+                       start=["start", "expr"], cache=True,
                        propagate_positions=True, maybe_placeholders=True)
     return parser, postlex
 
