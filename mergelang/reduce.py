@@ -132,8 +132,15 @@ class KthMagnitude(Reduction):
         bits = x.detach().abs().float().reshape(-1).view(torch.int32)
         if self.sweep == 0:
             self.high = _count(self.high, bits >> 16)
+            self._saw(chunk, None)
         else:
-            self.low = _count(self.low, bits[(bits >> 16) == self.bin] & 0xFFFF)
+            inside = bits[(bits >> 16) == self.bin] & 0xFFFF
+            self.low = _count(self.low, inside)
+            self._saw(chunk, inside)
+
+    def _saw(self, chunk: Chunk, inside: torch.Tensor | None) -> None:
+        """Called for each chunk with the low bits of its entries in the threshold's bin
+        (None in the first sweep); the model-wide selection keeps them per tensor."""
 
     def finish_sweep(self) -> bool:
         if self.found is not None:
@@ -175,19 +182,10 @@ class ModelKthMagnitude(KthMagnitude):
         self.per_tensor: dict[str, torch.Tensor] = {}  # in the order tensors are seen
         self.rooms: dict[str, int] = {}
 
-    def sweeps(self, chunks: int) -> int:
-        return 0 if self.found is not None else 2
-
-    def add(self, x: torch.Tensor, chunk: Chunk) -> None:
-        if self.found is not None:
-            return
-        bits = x.detach().abs().float().reshape(-1).view(torch.int32)
-        if self.sweep == 0:
+    def _saw(self, chunk: Chunk, inside: torch.Tensor | None) -> None:
+        if inside is None:
             self.per_tensor.setdefault(chunk.tensor, None)
-            self.high = _count(self.high, bits >> 16)
         else:
-            inside = bits[(bits >> 16) == self.bin] & 0xFFFF
-            self.low = _count(self.low, inside)
             self.per_tensor[chunk.tensor] = _count(self.per_tensor[chunk.tensor], inside)
 
     def finish_sweep(self) -> bool:
