@@ -44,26 +44,37 @@ def run_all(p: Plan, budget: int) -> dict[str, torch.Tensor]:
     return results.tensors
 
 
-@pytest.mark.parametrize("expression", METHODS)
-def test_chunked_execution_gives_the_same_bytes(tmp_path, expression):
-    program = compile_in(tmp_path, f"""
-set seed = 5
+def four_models(tmp_path, expression: str, state=None, seed: int | None = None) -> Plan:
+    """The plan of `output <expression>` over models base, a, b, c (seeded 0..3)."""
+    state = state or quantised_state
+    program = compile_in(tmp_path, (f"set seed = {seed}\n" if seed is not None else "") + f"""
 base = model("base")
 a = model("a")
 b = model("b")
 c = model("c")
 output {expression}
-""", base=quantised_state(0), a=quantised_state(1), b=quantised_state(2),
-        c=quantised_state(3))
-    p = program.plan()
+""", base=state(0), a=state(1), b=state(2), c=state(3))
+    return program.plan()
+
+
+def same_bytes_in_chunks(p: Plan, some_budget: int = 20_000) -> dict[str, torch.Tensor]:
+    """Runs the plan whole, one row per chunk and in a few chunks; asserts the same bytes
+    and returns the whole run's results."""
     whole = run_all(p, budget=10**9)
     assert all(len(k.chunks) == 1 for k in schedule(p, 10**9))
     tiny = run_all(p, budget=1)  # one row per chunk
     assert max(len(k.chunks) for k in schedule(p, 1)) == 41
-    some = run_all(p, budget=20_000)
+    some = run_all(p, budget=some_budget)
     for name in whole:
         assert torch.equal(whole[name], tiny[name]), name
         assert torch.equal(whole[name], some[name]), name
+    return whole
+
+
+@pytest.mark.parametrize("expression", METHODS)
+def test_chunked_execution_gives_the_same_bytes(tmp_path, expression):
+    p = four_models(tmp_path, expression, seed=5)
+    same_bytes_in_chunks(p)
     p.bound.close()
 
 

@@ -16,8 +16,7 @@ import torch
 import mergelang
 from mergelang.ops import geometry
 from mergelang.schedule import schedule
-from tests.test_compiler import compile_in
-from tests.test_engine import quantised_state, run_all
+from tests.test_engine import four_models, same_bytes_in_chunks
 
 
 def ev(expression: str, **inputs):
@@ -392,24 +391,9 @@ CHUNKED = [
 
 
 def _same_bytes_chunked(tmp_path, expression):
-    program = compile_in(tmp_path, f"""
-base = model("base")
-a = model("a")
-b = model("b")
-c = model("c")
-output {expression}
-""", base=quantised_state(0), a=quantised_state(1), b=quantised_state(2),
-        c=quantised_state(3))
-    p = program.plan()
-    whole = run_all(p, budget=10**9)
-    assert all(len(k.chunks) == 1 for k in schedule(p, 10**9))
-    tiny = run_all(p, budget=1)  # one row per chunk
-    assert max(len(k.chunks) for k in schedule(p, 1)) == 41
-    some = run_all(p, budget=2_000)
+    p = four_models(tmp_path, expression)
     assert max(len(k.chunks) for k in schedule(p, 2_000)) > 1
-    for name in whole:
-        assert torch.equal(whole[name], tiny[name]), name
-        assert torch.equal(whole[name], some[name]), name
+    whole = same_bytes_in_chunks(p, 2_000)
     p.bound.close()
     return whole
 

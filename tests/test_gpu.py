@@ -6,23 +6,13 @@ import pytest
 import torch
 
 from mergelang.execute import Collector, execute
-from tests.test_compiler import compile_in
-from tests.test_engine import METHODS, quantised_state
+from tests.test_engine import METHODS, four_models
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
 
 def merge(tmp_path, expression: str, device: str, budget: int) -> dict[str, torch.Tensor]:
-    program = compile_in(tmp_path / device.replace(":", "_").replace(",", "_"), f"""
-set seed = 3
-base = model("base")
-a = model("a")
-b = model("b")
-c = model("c")
-output {expression}
-""", base=quantised_state(0), a=quantised_state(1), b=quantised_state(2),
-        c=quantised_state(3))
-    p = program.plan()
+    p = four_models(tmp_path / device.replace(":", "_").replace(",", "_"), expression, seed=3)
     results = Collector(p.tensors)
     execute(p, results.sink, device, budget=budget)
     p.bound.close()

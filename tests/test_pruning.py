@@ -14,12 +14,10 @@ import pytest
 import torch
 
 import mergelang
-from mergelang.execute import Collector, execute
 from mergelang.ops import PRIMITIVES
 from mergelang.ops.pruning import _OrderStatistics, magprune, top_variance, trim_outliers
 from mergelang.reduce import Chunk, RandomStream
-from mergelang.schedule import schedule
-from tests.test_compiler import compile_in
+from tests.test_engine import four_models, same_bytes_in_chunks
 
 
 def family(shape=(8, 16), n=3, seed=0, sparse=0.0):
@@ -465,31 +463,11 @@ CHUNKED = [
 ]
 
 
-def run_all(p, budget):
-    results = Collector(p.tensors)
-    execute(p, results.sink, budget=budget)
-    return results.tensors
-
-
 @pytest.mark.parametrize("expression", CHUNKED)
 def test_chunked_execution_gives_the_same_bytes(tmp_path, expression):
-    program = compile_in(tmp_path, f"""
-set seed = 3
-base = model("base")
-a = model("a")
-b = model("b")
-c = model("c")
-output {expression}
-""", base=quantised(0), a=quantised(1), b=quantised(2), c=quantised(3))
-    p = program.plan()
-    whole = run_all(p, budget=10**9)
-    assert all(len(k.chunks) == 1 for k in schedule(p, 10**9))
-    tiny = run_all(p, budget=1)  # one row per chunk
-    assert max(len(k.chunks) for k in schedule(p, 1)) == 41
-    some = run_all(p, budget=20_000)
+    p = four_models(tmp_path, expression, quantised, seed=3)
+    whole = same_bytes_in_chunks(p)
     for name in whole:
-        assert torch.equal(whole[name], tiny[name]), name
-        assert torch.equal(whole[name], some[name]), name
         assert whole[name].isfinite().all()
     p.bound.close()
 
