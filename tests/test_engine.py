@@ -14,7 +14,7 @@ from mergelang.execute import Collector, execute
 from mergelang.plan import Plan
 from mergelang.reduce import Chunk, KthMagnitude
 from mergelang.schedule import _peak_alive, schedule
-from tests.test_compiler import compile_in
+from tests.test_compiler import compile_in, write_model
 
 METHODS = [
     "base + ties(a - base, b - base, c - base, weights=[1, 0.7, 0.4], density=0.3)",
@@ -214,3 +214,18 @@ def test_l1_rescale_does_not_depend_on_chunks_or_threads_for_long_rows(tmp_path)
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
     p.bound.close()
+
+
+def test_a_whole_model_trim_of_a_trim_is_a_diagnostic(tmp_path, capsys):
+    from mergelang.cli import main
+
+    for name, seed in (("a", 1), ("base", 0)):
+        write_model(tmp_path / name, quantised_state(seed))
+    script = tmp_path / "w.merge"
+    script.write_text('a = model("a")\nbase = model("base")\n'
+                      'output base + trim(trim(a - base, 0.5), 0.2, "model")\n')
+    out = tmp_path / "out"
+    assert main(["run", str(script), "-o", str(out), "--quiet"]) == 2
+    text = capsys.readouterr().err
+    assert f"{script}:3:15" in text and "whole-model reduction" in text
+    assert "Traceback" not in text and not out.exists()
