@@ -107,7 +107,8 @@ def _keep_freed_memory() -> None:
     """Let glibc reuse freed blocks instead of returning them to the kernel and faulting
     fresh zeroed pages in for the next tensor, in at most two arenas (the reader and
     writer threads would otherwise each keep their own). Measured on the 270M-parameter
-    DARE-TIES merge (benchmarks/): system CPU time 3.8 s -> 1.7 s, peak memory 0.78 ->
+    DARE-TIES merge (a one-off timing on the benchmarks/ family, not a benchmark):
+    system CPU time 3.8 s -> 1.7 s, peak memory 0.78 ->
     0.82 GB. Only the command does this; a program embedding mergelang keeps its own
     allocator settings."""
     try:

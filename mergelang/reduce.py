@@ -108,7 +108,8 @@ class KthMagnitude(Reduction):
     exactly, by a two-sweep radix selection on float32 bit patterns (non-negative floats
     order like their bits). The first sweep counts the high 16 bits, the second the low
     16 bits inside the bin where the k-th value lies. It works the same on a whole
-    tensor or chunk by chunk, and is about six times cheaper than torch.kthvalue.
+    tensor or chunk by chunk (a one-off timing on a 2.9M-entry tensor, one thread: 5 ms
+    against 30 ms for torch.kthvalue).
     """
 
     def __init__(self, k: int, numel: int):
