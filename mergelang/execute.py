@@ -369,7 +369,7 @@ def _is_static(value: Any) -> bool:
 
 def reduction_of(node: Node, numel: int) -> Reduction:
     """A fresh reduction for one primitive call on a tensor of `numel` elements."""
-    return PRIMITIVES[node.attr[0]].reduction(numel, *static_args(node))
+    return PRIMITIVES[node.attr[0]].make_reduction(numel, static_args(node))
 
 
 class _Loaded:

@@ -108,8 +108,7 @@ def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
 
 def _reduction(node: Node, numel: int) -> Reduction | None:
     """The reduction this primitive call needs with these arguments, if any."""
-    factory = PRIMITIVES[node.attr[0]].reduction
-    return factory(numel, *static_args(node)) if factory is not None else None
+    return PRIMITIVES[node.attr[0]].make_reduction(numel, static_args(node))
 
 
 def tensor_args(node: Node) -> tuple[Node, ...]:

@@ -51,6 +51,11 @@ class Primitive:
     def takes_chunk(self) -> bool:
         return self.random or self.reduction is not None
 
+    def make_reduction(self, numel: int, statics: tuple):
+        """The reduction one call needs on a tensor of `numel` elements, given the call's
+        number and string arguments in declaration order (None: not needed)."""
+        return self.reduction(numel, *statics) if self.reduction is not None else None
+
 
 PRIMITIVES: dict[str, Primitive] = {}
 
