@@ -11,25 +11,25 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import ir
-from .bind import NUM_LAYERS_KEYS, InMemoryModel, bind
+from .bind import NUM_LAYERS_KEYS, bind
 from .builtins import DTYPES
+from .compiled import Expression
 from .devices import parse_devices
-from .diagnostics import Diagnostic, MergeError, Source, Span, error
-from .execute import Collector, execute
+from .diagnostics import Diagnostic, MergeError, Source, Span, error, move_to_script
+from .execute import execute
 from .io.errors import ModelFileError
 from .io.hf import OutputFolder, check_target, write_donor_files, write_model_card
 from .io.write import OutputTensor, ShardedWriter, parse_size
-from .ir import TENSOR, Node
-from .lower import Lowered, ModelRef, lower
+from .ir import walk
+from .lower import Lowered, lower
 from .plan import Plan, TensorPlan, plan
 from .resolve import resolve
-from .schedule import DEFAULT_BUDGET, schedule
-from .syntax import parse, parse_expression
+from .schedule import DEFAULT_BUDGET, Order, schedule
+from .syntax import parse
 
 if TYPE_CHECKING:
     import networkx
@@ -77,7 +77,8 @@ class Program:
 
     def plan(self, seed: int | None = None, dtype: str | None = None,
              out_dtype: str | None = None) -> Plan:
-        """Bind the models (headers only) and plan every output tensor."""
+        """Bind the models (headers only) and plan every output tensor. The plan holds
+        the model files open: use it in a `with` block, or close() it."""
         bound = bind(self._lowered(seed, dtype, out_dtype))
         try:
             return plan(bound)
@@ -89,29 +90,25 @@ class Program:
             raise
 
     def _in_script(self, diagnostics: list[Diagnostic]) -> list[Diagnostic]:
-        output = self.resolved.output
-        return in_script(diagnostics, output.value.span if output is not None else None)
+        return move_to_script(diagnostics, self.lowered.output_span)
 
     def check(self) -> Summary:
         """Everything short of loading a tensor. Raises MergeError."""
-        p = self.plan()
-        try:
+        with self.plan() as p:
             return summarize(p)
-        finally:
-            p.bound.close()
 
     def graph(self) -> networkx.DiGraph:
         """The plan as one networkx.DiGraph (see plan.build_graph)."""
-        p = self.plan()
-        p.bound.close()
-        return p.graph
+        with self.plan() as p:
+            return p.graph
 
     def run(self, out: str | Path, device: str = "cpu", *, force: bool = False,
             shard_size: int | str = DEFAULT_SHARD_SIZE, strict: bool = False,
             seed: int | None = None, dtype: str | None = None, out_dtype: str | None = None,
             max_memory: int | str = DEFAULT_BUDGET,
             progress: Callable[[TensorPlan], None] | None = None,
-            on_plan: Callable[[Plan], None] | None = None) -> list[Diagnostic]:
+            on_plan: Callable[[Plan], None] | None = None,
+            order: Order | None = None) -> list[Diagnostic]:
         """Merge into the Hugging Face folder `out`. Returns warnings; raises MergeError.
 
         `max_memory` bounds the tensor data held at once (large tensors are computed in
@@ -121,17 +118,19 @@ class Program:
         shard_bytes = _size(shard_size, "--shard-size 5GB")
         budget = _size(max_memory, "--max-memory 2GB")
         parse_devices(device)
-        _check_target(out, force)
-        p = self.plan(seed, dtype, out_dtype)
-        try:
+        reads = [*self.lowered.models, *([self.path] if self.path else [])]
+        _check_target(out, force, reads)
+        with self.plan(seed, dtype, out_dtype) as p:
             if on_plan is not None:
                 on_plan(p)
-            with OutputFolder(out, force) as folder:
-                return _write(self, p, folder, device, shard_bytes, strict, progress, budget)
-        except ModelFileError as exc:
-            raise error(exc.message, None, hint=exc.hint) from None
-        finally:
-            p.bound.close()
+            try:
+                output = OutputFolder(out, force, protect=[*reads, *p.bound.input_paths()])
+                with output as folder:
+                    warnings = _write(self, p, folder, device, shard_bytes, strict, progress,
+                                      budget, order)
+                return [Diagnostic(n, severity="warning") for n in output.notes] + warnings
+            except ModelFileError as exc:
+                raise error(exc.message, None, hint=exc.hint) from None
 
 
 def _size(value: int | str, example: str) -> int:
@@ -139,23 +138,6 @@ def _size(value: int | str, example: str) -> int:
         return value if isinstance(value, int) else parse_size(value)
     except ValueError as exc:
         raise error(str(exc), None, hint=f"e.g. {example}") from None
-
-
-def in_script(diagnostics: list[Diagnostic], output: Span | None) -> list[Diagnostic]:
-    """Diagnostics the back end found inside the standard library, or at no place, are
-    shown at the script's `output`, with a note saying where in the library; repeats
-    that this makes are dropped."""
-    shown: dict[tuple, Diagnostic] = {}
-    for d in diagnostics:
-        if output is not None and (d.span is None or _in_stdlib(d.span)):
-            notes = d.notes + ((f"found at {d.span}",) if d.span is not None else ())
-            d = dataclasses.replace(d, span=output, notes=notes)
-        shown.setdefault((d.message, d.span), d)
-    return list(shown.values())
-
-
-def _in_stdlib(span: Span) -> bool:
-    return span.file.startswith("stdlib/")  # as resolve names the library's files
 
 
 def _end_of(source: Source) -> Span:
@@ -171,22 +153,22 @@ def _check_dtype(key: str, value: str | None) -> None:
         raise error(f'unknown {key} "{value}"', None, hint=f"use one of {', '.join(DTYPES)}")
 
 
-def _check_target(out: Path, force: bool) -> None:
+def _check_target(out: Path, force: bool, reads: list) -> None:
     try:
-        check_target(out, force)
+        check_target(out, force, reads)
     except ModelFileError as exc:
         raise error(exc.message, None, hint=exc.hint) from None
 
 
 def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: int,
-           strict: bool, progress, budget: int) -> list[Diagnostic]:
+           strict: bool, progress, budget: int, order: Order | None) -> list[Diagnostic]:
     layout = [OutputTensor(t.name, t.shape, t.out_dtype) for t in p.tensors]
     script_name = program.path.name if program.path else "merge.merge"
     writer = ShardedWriter(folder, layout, shard_bytes,
                            {"mergelang_script": program.source_text})
     try:
         warnings = program._in_script(execute(p, writer.write_rows, device, strict, progress,
-                                              budget))
+                                              budget, order))
     except MergeError as exc:
         raise MergeError(program._in_script(exc.diagnostics)) from None
     writer.close()
@@ -210,7 +192,7 @@ def _main_dtype(tensors: list[TensorPlan]) -> str:
 def summarize(p: Plan) -> Summary:
     donor = p.bound.donor
     return Summary(
-        tensors=sum(1 for t in p.tensors for n in ir.walk(t.root) if n.op != "const"),
+        tensors=sum(1 for t in p.tensors for n in walk(t.root) if not n.is_const),
         outputs=len(p.tensors),
         models=[m.display for m in p.bound.models.values()],
         donor=donor.display if donor else None,
@@ -241,37 +223,26 @@ def load(path: str | Path) -> Program:
     return Program(text, path)
 
 
-def evaluate(expression: str, /, *, seed: int = 0, device: str = "cpu",
-             dtype: str = "float32", **inputs: torch.Tensor | dict[str, torch.Tensor]
-             ) -> torch.Tensor | dict[str, torch.Tensor]:
-    """Evaluate an expression on tensors or state dicts held in memory; no files.
+def expression(text: str, /) -> Expression:
+    """Compile an expression once, to call on tensors or state dicts many times:
 
-    Each keyword names an input: a tensor, or a state dict (name -> tensor). Tensors
-    give a tensor back; state dicts give a state dict with every name the expression
-    defines. `seed`, `device` and `dtype` are reserved keywords."""
-    bare = {k for k, v in inputs.items() if isinstance(v, torch.Tensor)}
-    if bare and len(bare) != len(inputs):
-        raise TypeError("evaluate(): give all inputs as tensors or all as state dicts")
-    states = {k: {"tensor": v} if k in bare else dict(v) for k, v in inputs.items()}
-    keys = {k: f"<memory>/{k}" for k in inputs}
-    parse_devices(device)
-    _check_dtype("dtype", dtype)
-    module = parse_expression(expression)
-    resolved = resolve(module, externals=frozenset(inputs))
-    lowered = lower(resolved, {k: Node.make("model", (), key, TENSOR) for k, key in keys.items()})
-    used = {n.attr for n in ir.walk(lowered.output) if n.op == "model"}
-    span = module.statements[0].span
-    models = {key: ModelRef(k, span) for k, key in keys.items() if key in used}
-    lowered = dataclasses.replace(lowered, seed=seed, dtype=dtype,
-                                  models=models | lowered.models)
-    bound = bind(lowered, {keys[k]: InMemoryModel(s) for k, s in states.items()})
-    try:
-        p = plan(bound)
-        results = Collector(p.tensors)
-        execute(p, results.sink, device)
-    except MergeError as exc:
-        raise MergeError(in_script(exc.diagnostics, span)) from None
-    return results.tensors["tensor"] if bare else results.tensors
+        merge = mergelang.expression("base + ties(a - base, b - base, density=d)")
+        merge(base=..., a=..., b=..., d=0.3)
+
+    Its free names are its inputs: tensors or state dicts (models), or numbers and
+    strings (values known at each call). Raises MergeError."""
+    return Expression(text)
 
 
-__all__ = ["Program", "Summary", "compile", "load", "evaluate", "MergeError"]
+def evaluate(text: str, /, *, seed: int = 0, device: str = "cpu",
+             dtype: str = "float32", **inputs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Evaluate an expression once on tensors or state dicts held in memory; no files.
+
+    Each keyword names an input: a tensor, or a state dict (name -> tensor), or a
+    number or string. Tensors give a tensor back; state dicts give a state dict with
+    every name the expression defines. `seed`, `device` and `dtype` are reserved
+    keywords. See `expression` to compile once and call many times."""
+    return Expression(text)(seed=seed, device=device, dtype=dtype, **inputs)
+
+
+__all__ = ["Program", "Summary", "compile", "load", "evaluate", "expression", "MergeError"]

@@ -25,6 +25,7 @@ from .lower import Lowered, ModelRef
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
 _BEFORE_BLOCKS = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|token_type")
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+_IN_MEMORY = Path("<memory>")  # the file of every tensor an embedding program holds
 
 
 class ModelSource(Protocol):
@@ -50,7 +51,7 @@ class InMemoryModel:
         self.config = None
         self.folder = None
         self.tensors = {
-            name: TensorInfo(name, tuple(t.shape), t.dtype, Path("<memory>"), i,
+            name: TensorInfo(name, tuple(t.shape), t.dtype, _IN_MEMORY, i,
                              t.numel() * t.element_size())
             for i, (name, t) in enumerate(state.items())
         }
@@ -104,6 +105,24 @@ class Bound:
     def close(self) -> None:
         for model in self.models.values():
             model.source.close()
+
+    def __enter__(self) -> Bound:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def input_paths(self) -> list[Path]:
+        """Every file and folder this merge reads: what an output must never replace."""
+        paths: set[Path] = set()
+        for key, model in self.models.items():
+            if isinstance(model.source, InMemoryModel):
+                continue
+            paths.add(Path(key))
+            if model.source.folder is not None:
+                paths.add(Path(model.source.folder))
+            paths.update(t.file for t in model.source.tensors.values())
+        return sorted(paths)
 
     def names(self, num_layers: int | None = None) -> list[str]:
         """Every tensor name of the output's candidates, the donor's first, each in file

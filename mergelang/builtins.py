@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from . import ast
 from .ops import REQUIRED, Primitive
 
@@ -82,4 +84,8 @@ SETTINGS: dict[str, str] = {
              "(default: the first model in `output`)",
 }
 
-DTYPES = ("float32", "float64", "float16", "bfloat16")
+COMPUTE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+DTYPES = tuple(COMPUTE_DTYPES)  # the names `set dtype`, `set out_dtype` and the flags accept

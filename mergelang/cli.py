@@ -22,10 +22,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from . import api, ir
+from . import api
 from .builtins import DTYPES
 from .diagnostics import Diagnostic, MergeError
+from .ir import Op, walk
 from .plan import Plan
+from .schedule import DEFAULT_BUDGET_TEXT
 
 EXIT_INPUT_ERROR = 2
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt (malloc.h)
@@ -57,9 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dtype", choices=DTYPES, help="overrides `set out_dtype`")
     run.add_argument("--shard-size", default=api.DEFAULT_SHARD_SIZE,
                      help="largest output shard, e.g. 5GB (default) or 500MB")
-    run.add_argument("--max-memory", default="192MB",
-                     help="tensor data held at once (default 192MB); large tensors are "
-                          "computed in row blocks to stay under it")
+    run.add_argument("--max-memory", default=DEFAULT_BUDGET_TEXT,
+                     help=f"tensor data held at once (default {DEFAULT_BUDGET_TEXT}); large "
+                          "tensors are computed in row blocks to stay under it")
     run.add_argument("--force", action="store_true", help="replace an existing output folder")
     run.add_argument("--strict", action="store_true",
                      help="a NaN or infinite value in the result is an error, not a warning")
@@ -175,16 +177,15 @@ def _graph(args: argparse.Namespace, console: Console) -> int:
         bad = Diagnostic(f'bad --tensor pattern "{args.tensor}": {exc}',
                          hint="it is a regular expression, e.g. 'layers\\.3\\.'")
         raise MergeError(bad) from None
-    p = api.load(args.script).plan()
-    p.bound.close()
+    with api.load(args.script).plan() as p:
+        graph = p.graph
     tensors = [t for t in p.tensors if pattern is None or pattern.search(t.name)]
     if not tensors:
         raise MergeError(Diagnostic(f'no output tensor matches "{args.tensor}"',
                                     hint="see `mergelang check` for the tensors"))
     if args.format == "dot":
-        keep = {n for n in p.graph.nodes if p.graph.nodes[n]["tensor"] in
-                {t.name for t in tensors}}
-        sys.stdout.write(_dot(p.graph.subgraph(keep)))
+        keep = {n for n in graph.nodes if graph.nodes[n]["tensor"] in {t.name for t in tensors}}
+        sys.stdout.write(_dot(graph.subgraph(keep)))
         return 0
     for t in tensors:
         print(_text(t))
@@ -196,20 +197,28 @@ def _text(t) -> str:
     dtype = str(t.out_dtype).removeprefix("torch.")
     lines = [f"{t.name}  {list(t.shape)} {dtype}"]
     ids: dict = {}
-    for node in ir.walk(t.root):
-        if node.op == "const":
+    for node in walk(t.root):
+        if node.is_const:
             continue
         ids[node] = f"%{len(ids) + 1}"
         args = " ".join(ids.get(a, repr(a.attr)) for a in node.args)
-        if node.op == "load":
-            text = f"load {Path(node.attr[0]).name}"
-        elif node.op == "prim":
-            text = f"{node.attr[0]}({args})"
-        else:
-            text = f"{node.op} {args}"
-        lines.append(f"  {ids[node]} = {text}")
+        lines.append(f"  {ids[node]} = {TEXT[node.op](node, args)}")
     lines.append(f"  write {ids[t.root]}")
     return "\n".join(lines)
+
+
+def _operation(node, args: str) -> str:
+    return f"{node.op.value} {args}"
+
+
+# how the text graph writes each operation a plan can hold
+TEXT = {
+    Op.CONST: lambda node, args: repr(node.attr),
+    Op.LOAD: lambda node, args: f"load {Path(node.attr[0]).name}",
+    Op.PRIM: lambda node, args: f"{node.attr[0]}({args})",
+    **{op: _operation for op in (Op.LIST, Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.NEG,
+                                 Op.COPY_AGREEING)},
+}
 
 
 def _dot(graph) -> str:

@@ -14,6 +14,7 @@ kept so the offending line can be shown with a caret). `MergeError` carries one 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -102,3 +103,25 @@ def did_you_mean(word: str, candidates: Iterable[str]) -> str | None:
     """A 'did you mean ...?' hint for a misspelled name, or None."""
     close = difflib.get_close_matches(word, sorted(set(candidates)), n=1, cutoff=0.6)
     return f'did you mean "{close[0]}"?' if close else None
+
+
+STDLIB_PREFIX = "stdlib/"  # how resolve names the standard library's files
+
+
+def in_stdlib(span: Span) -> bool:
+    return span.file.startswith(STDLIB_PREFIX)
+
+
+def move_to_script(diagnostics: Iterable[Diagnostic], span: Span | None,
+                   where: str = "found") -> list[Diagnostic]:
+    """Diagnostics found inside the standard library, or at no place, shown at `span` in
+    the user's script (the call that led there, or the `output`) with a note saying
+    where in the library; the repeats this makes are dropped. The one place that
+    decides how a library error reaches the user."""
+    shown: dict[tuple, Diagnostic] = {}
+    for d in diagnostics:
+        if span is not None and (d.span is None or in_stdlib(d.span)):
+            notes = d.notes + ((f"{where} at {d.span}",) if d.span is not None else ())
+            d = dataclasses.replace(d, span=span, notes=notes)
+        shown.setdefault((d.message, d.span), d)
+    return list(shown.values())

@@ -11,39 +11,38 @@ in place rather than copied.
 
 from __future__ import annotations
 
-import threading
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 
 from .devices import parse_devices
 from .diagnostics import Diagnostic, MergeError, error
-from .ir import Node
+from .ir import Node, Op, static_args, tensor_args
 from .ops import BINARY, PRIMITIVES
 from .plan import Plan, TensorPlan
 from .reduce import Chunk, RandomStream, Reduction, reduce_whole
-from .schedule import DEFAULT_BUDGET, Kernel, Pass, schedule, static_args, tensor_args
+from .schedule import DEFAULT_BUDGET, Kernel, Order, Pass, schedule
+from .staging import Loaded, Sink, Stager, Writer
 
-# sink(name, first row, rows of the result in the output dtype, on the CPU)
-Sink = Callable[[str, int, torch.Tensor], None]
-_COUNTING = threading.Lock()
-_SMALL_LOAD = 1 << 18  # elements: read or written on the spot, not by a helper thread
-_IN_PLACE = {"+": torch.add, "-": torch.sub, "*": torch.mul, "/": torch.div}
+_IN_PLACE = {Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.DIV: torch.div}
+_BINARY = {Op.ADD: BINARY["+"], Op.SUB: BINARY["-"], Op.MUL: BINARY["*"],
+           Op.DIV: BINARY["/"]}
 
 
 def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
             progress: Callable[[TensorPlan], None] | None = None,
-            budget: int = DEFAULT_BUDGET) -> list[Diagnostic]:
+            budget: int = DEFAULT_BUDGET, order: Order | None = None) -> list[Diagnostic]:
     """Compute every output tensor into `sink`. Returns warnings (NaN/Inf); with
     strict=True a non-finite result is an error instead.
 
     `device` is one device or several GPUs ("cuda:0,cuda:1", "cuda:all"), which split
-    the tensors between them; the results are the same bytes either way."""
+    the tensors between them; the results are the same bytes either way, and whatever
+    `order` (see schedule) the tensors are computed in."""
     devices = parse_devices(device)
-    kernels = schedule(plan, budget)
+    kernels = schedule(plan, budget, order)
     non_finite: Counter[str] = Counter()
     with _Run(plan, devices[0], sink, non_finite) as run:
         model_wide = run.sweep_model(kernels)
@@ -66,7 +65,7 @@ def _run_kernels(plan: Plan, device: torch.device, kernels: list[Kernel], sink: 
             run.kernel(kernel, model_wide)
             if progress is not None:
                 progress(kernel.tensor)
-        run.drain(0)
+        run.writer.drain(0)
 
 
 def _split(kernels: list[Kernel], parts: int) -> list[list[Kernel]]:
@@ -84,8 +83,7 @@ def run_tensor(plan: Plan, t: TensorPlan, device: str = "cpu",
                budget: int = DEFAULT_BUDGET) -> torch.Tensor:
     """One output tensor, computed alone; on the CPU in its output dtype."""
     results = Collector([t])
-    execute(Plan(plan.bound, [t], plan.compute_dtype, plan.seed, plan.num_layers), results.sink,
-            device, budget=budget)
+    execute(plan.only([t.name]), results.sink, device, budget=budget)
     return results.tensors[t.name]
 
 
@@ -102,22 +100,21 @@ class Collector:
 
 
 class _Run:
-    """The state of one execution: the device, the two helper threads, the results."""
+    """The interpreter for one device: walks each kernel's passes over its chunks,
+    computing the steps and feeding reductions; inputs and results go through the
+    Stager and the Writer."""
 
     def __init__(self, plan: Plan, device: torch.device, sink: Sink, non_finite: Counter):
         self.plan, self.device = plan, device
-        self.reader = ThreadPoolExecutor(1, thread_name_prefix="mergelang-read")
-        self.writer = ThreadPoolExecutor(1, thread_name_prefix="mergelang-write")
-        self.sink, self.non_finite = sink, non_finite
-        self.pending: deque[Future] = deque()
-        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stager = Stager(plan, device)
+        self.writer = Writer(sink, non_finite)
 
     def __enter__(self) -> _Run:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.reader.shutdown()
-        self.writer.shutdown()
+        self.stager.close()
+        self.writer.close()
 
     def sweep_model(self, kernels: list[Kernel]) -> dict[str, Reduction]:
         """Feed every kernel's model-wide reductions, in order, for as many sweeps as
@@ -136,10 +133,10 @@ class _Run:
                 randoms = self._randoms(k, [k.model_pass])
                 for rows in k.chunks:
                     chunk = _ChunkContext(k, rows, {}, {}, randoms)
-                    loads = self._load(k, k.model_pass, rows)
+                    loads = self.stager.load(k, k.model_pass, rows)
                     values = self._compute(k.model_pass, loads, chunk)
                     for node in k.model_pass.reductions:
-                        made[node.attr[1]].add(*(self._widen(values[a])
+                        made[node.attr[1]].add(*(self.stager.widen(values[a])
                                                  for a in tensor_args(node)),
                                                chunk.at(node))
                     loads.done()
@@ -149,7 +146,7 @@ class _Run:
 
     def _randoms(self, k: Kernel, passes) -> dict[Node, RandomStream]:
         return {n: RandomStream(self.plan.seed, k.tensor.name, n.attr[1]) for p in passes
-                for n in p.steps if n.op == "prim" and PRIMITIVES[n.attr[0]].random}
+                for n in p.steps if n.op is Op.PRIM and PRIMITIVES[n.attr[0]].random}
 
     def kernel(self, k: Kernel, model_wide: dict[str, Reduction]) -> None:
         t = k.tensor
@@ -167,12 +164,12 @@ class _Run:
                  for _ in range(max(reductions[r].sweeps(len(chunks)) for r in p.reductions))
                  for rows in chunks]
         tasks += [(k.passes[-1], rows) for rows in chunks]
-        loading = self._prefetch(k, *tasks[0])
+        loading = self.stager.prefetch(k, *tasks[0])
         states: dict[Node, dict] = {}
         for i, (p, rows) in enumerate(tasks):
             loads = loading.result()
             if i + 1 < len(tasks):
-                loading = self._prefetch(k, *tasks[i + 1])
+                loading = self.stager.prefetch(k, *tasks[i + 1])
             if rows[0] == 0:  # a new sweep: primitives start their chunk state afresh
                 states = {}
             chunk = _ChunkContext(k, rows, stats, states, randoms, inline)
@@ -182,11 +179,11 @@ class _Run:
                 if id(result) in loads.views:  # the output is an input as it is
                     result = result.clone()
                 loads.done()
-                self._write(t, rows[0], result)
+                self.writer.write(t, rows[0], result)
                 continue
             open_ = [r for r in p.reductions if r not in stats]
             for r in open_:
-                reductions[r].add(*(self._widen(values[a]) for a in tensor_args(r)),
+                reductions[r].add(*(self.stager.widen(values[a]) for a in tensor_args(r)),
                                   chunk.at(r))
             loads.done()
             if rows[1] == k.rows:
@@ -194,154 +191,105 @@ class _Run:
                     if reductions[r].finish_sweep():
                         stats[r] = reductions[r].result()
 
-    def _prefetch(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> Future:
-        """Start loading a task's inputs on the reader thread; small ones are loaded
-        right away, where a thread hand-off would cost more than the read."""
-        if len(p.loads) * (rows[1] - rows[0]) * k.row_numel < _SMALL_LOAD:
-            done: Future = Future()
-            done.set_result(self._load(k, p, rows))
-            return done
-        return self.reader.submit(self._load, k, p, rows)
-
-    def _load(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> _Loaded:
-        """A task's inputs. On the CPU an input needing no conversion is a view of the
-        file's bytes, released once the task is done (see _Loaded)."""
-        whole = rows == (0, k.rows) or not k.tensor.shape
-        loaded = _Loaded()
-        for node in p.loads:
-            key, name = node.attr
-            source = self.plan.bound.models[key].source
-            part = None if whole else rows
-            dtype = self._load_dtype(k, node)
-            view = dtype is None and self.copy_stream is None
-            tensor = source.load(name, part, dtype, view=view)
-            if view:
-                loaded.views.add(id(tensor))
-                loaded.release.append((source, name, part))
-            if self.copy_stream is not None:
-                with torch.cuda.stream(self.copy_stream):
-                    tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-            loaded.tensors[node] = tensor
-        if self.copy_stream is not None:
-            self.copy_stream.synchronize()
-        return loaded
-
-    def _load_dtype(self, k: Kernel, node: Node) -> torch.dtype | None:
-        """Inputs stay in their stored dtype when it widens exactly to the compute dtype
-        (bfloat16 -> float32): the first operation that uses them converts them, and an
-        operation with one operand already in the compute dtype promotes the other as
-        it goes, which saves a pass and a buffer per input."""
-        stored = self.plan.bound.models[node.attr[0]].source.tensors[node.attr[1]].dtype
-        compute = self.plan.compute_dtype
-        if k.tensor.copy_only or torch.promote_types(stored, compute) == compute:
-            return None
-        return compute
-
-    def _widen(self, value: Any) -> Any:
-        """A tensor (or the tensors of a list) in the compute dtype."""
-        if isinstance(value, list):
-            return [self._widen(v) for v in value]
-        if isinstance(value, torch.Tensor) and value.dtype != self.plan.compute_dtype:
-            return value.to(self.plan.compute_dtype)
-        return value
-
-    def _compute(self, p: Pass, loads: _Loaded, chunk: _ChunkContext) -> dict[Node, Any]:
+    def _compute(self, p: Pass, loads: Loaded, chunk: _ChunkContext) -> dict[Node, Any]:
         values: dict[Node, Any] = dict(loads.tensors)
-        uses = dict(p.uses)
-        # tensors not to overwrite: views of the files, and those a live list refers to
-        in_lists: Counter[int] = Counter(loads.views)
+        step = _Step(self, values, dict(p.uses), Counter(loads.views), chunk)
         for node in p.steps:
-            if node.op != "load":
-                values[node] = self._step(node, values, uses, in_lists, chunk)
-                if node.op == "list":
-                    in_lists.update(id(v) for v in values[node])
-            for arg in node.args:
-                if arg.op == "const":
-                    continue
-                uses[arg] -= 1
-                if uses[arg] == 0:
+            if node.op is not Op.LOAD:
+                values[node] = STEPS[node.op](step, node)
+                if node.op is Op.LIST:
+                    step.in_lists.update(id(v) for v in values[node])
+            for arg in tensor_args(node):
+                step.uses[arg] -= 1
+                if step.uses[arg] == 0:
                     dead = values.pop(arg)
-                    if arg.op == "list":
-                        in_lists.subtract(id(v) for v in dead)
+                    if arg.op is Op.LIST:
+                        step.in_lists.subtract(id(v) for v in dead)
         return values
 
-    def _step(self, node: Node, values: dict, uses: dict, in_lists: Counter,
-              chunk: _ChunkContext) -> Any:
-        op = node.op
-        args = [a.attr if a.op == "const" else values[a] for a in node.args]
-        if op == "list":
-            return args
-        compute = self.plan.compute_dtype
-        if op == "neg":
-            x = args[0]
-            if x.dtype != compute:
-                return x.to(compute).neg_()
-            return x.neg_() if self._reusable(node.args[0], x, uses, in_lists) else -x
-        if op in _IN_PLACE:
-            a, b = args
-            if not any(isinstance(x, torch.Tensor) and x.dtype == compute for x in (a, b)):
-                # neither is in the compute dtype yet: widen one (a fresh buffer) and let
-                # the operation promote the other
-                if isinstance(a, torch.Tensor):
-                    a = a.to(compute)
-                    return _IN_PLACE[op](a, b, out=a) if _fits(a, a, b) else BINARY[op](a, b)
-                b = b.to(compute)
-                return BINARY[op](a, b)
-            if self._reusable(node.args[0], a, uses, in_lists) and _fits(a, a, b):
-                return _IN_PLACE[op](a, b, out=a)
-            if isinstance(a, torch.Tensor) and self._reusable(node.args[1], b, uses, in_lists) \
-                    and _fits(b, a, b):
-                return _IN_PLACE[op](a, b, out=b)
-            return BINARY[op](a, b)
-        if op == "prim":
-            prim = PRIMITIVES[node.attr[0]]
-            args = [self._widen(a) for a in args]
-            if not prim.takes_chunk:
-                return _own(prim.fn(*args), args)
-            if node in chunk.inline and node not in chunk.stats:
-                chunk.stats[node] = reduce_whole(chunk.inline[node],
-                                                 [a for a in args if not _is_static(a)],
-                                                 chunk.at(node))
-            return _own(prim.fn(*args, chunk=chunk.at(node)), args)
-        if op == "copy_agreeing":
-            for other in args[1:]:
-                if not torch.equal(args[0], other):
-                    name = chunk.kernel.tensor.name
-                    raise error(f'tensor "{name}" ({args[0].dtype}) is not a float tensor and '
-                                "differs between the models; it cannot be merged", node.span,
-                                hint="take it from one model with `a | b` or a condition on "
-                                     "`name`")
-            return args[0]
-        raise AssertionError(f"no executor for {op}")
 
-    @staticmethod
-    def _reusable(arg: Node, value: Any, uses: dict, in_lists: Counter) -> bool:
+class _Step:
+    """What one step of a pass sees: the values so far, the remaining uses of each, and
+    which tensors must not be overwritten (views of the files, and those a live list
+    refers to)."""
+
+    def __init__(self, run: _Run, values: dict, uses: dict, in_lists: Counter,
+                 chunk: _ChunkContext):
+        self.run, self.values, self.uses, self.in_lists = run, values, uses, in_lists
+        self.chunk = chunk
+        self.compute = run.plan.compute_dtype
+
+    def args(self, node: Node) -> list:
+        return [a.attr if a.is_const else self.values[a] for a in node.args]
+
+    def reusable(self, arg: Node, value: Any) -> bool:
         """A tensor this step is the last user of, and nothing else refers to."""
-        return (arg.op != "const" and uses.get(arg) == 1 and isinstance(value, torch.Tensor)
-                and value.is_floating_point() and not in_lists[id(value)])
+        return (not arg.is_const and self.uses.get(arg) == 1
+                and isinstance(value, torch.Tensor) and value.is_floating_point()
+                and not self.in_lists[id(value)])
 
-    def _write(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
-        if part.numel() < _SMALL_LOAD:
-            self._cast_and_sink(t, row0, part)
-            return
-        self.drain(1)
-        self.pending.append(self.writer.submit(self._cast_and_sink, t, row0, part))
 
-    def _cast_and_sink(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
-        out = part.to(t.out_dtype).cpu()
-        # one reduction finds out whether any value is NaN or infinite (the sum would
-        # be); only then are they counted
-        if out.is_floating_point() and out.numel() and not torch.isfinite(out.sum()):
-            bad = int((~torch.isfinite(out)).sum())
-            if bad:
-                with _COUNTING:
-                    self.non_finite[t.name] += bad
-        self.sink(t.name, row0, out.reshape(-1) if not t.shape else out)
+def _list(step: _Step, node: Node) -> list:
+    return step.args(node)
 
-    def drain(self, keep: int) -> None:
-        """Wait until at most `keep` writes are outstanding (raising their errors)."""
-        while len(self.pending) > keep:
-            self.pending.popleft().result()
+
+def _neg(step: _Step, node: Node) -> torch.Tensor:
+    x = step.args(node)[0]
+    if x.dtype != step.compute:
+        return x.to(step.compute).neg_()
+    return x.neg_() if step.reusable(node.args[0], x) else -x
+
+
+def _arithmetic(step: _Step, node: Node) -> Any:
+    """a op b, into the buffer of an operand this is the last use of where possible."""
+    op, (a, b) = node.op, step.args(node)
+    if not any(isinstance(x, torch.Tensor) and x.dtype == step.compute for x in (a, b)):
+        # neither is in the compute dtype yet: widen one (a fresh buffer) and let the
+        # operation promote the other
+        if isinstance(a, torch.Tensor):
+            a = a.to(step.compute)
+            return _IN_PLACE[op](a, b, out=a) if _fits(a, a, b) else _BINARY[op](a, b)
+        return _BINARY[op](a, b.to(step.compute))
+    if step.reusable(node.args[0], a) and _fits(a, a, b):
+        return _IN_PLACE[op](a, b, out=a)
+    if isinstance(a, torch.Tensor) and step.reusable(node.args[1], b) and _fits(b, a, b):
+        return _IN_PLACE[op](a, b, out=b)
+    return _BINARY[op](a, b)
+
+
+def _primitive(step: _Step, node: Node) -> Any:
+    prim = PRIMITIVES[node.attr[0]]
+    args = [step.run.stager.widen(a) for a in step.args(node)]
+    if not prim.takes_chunk:
+        return _own(prim.fn(*args), args)
+    chunk = step.chunk
+    if node in chunk.inline and node not in chunk.stats:
+        chunk.stats[node] = reduce_whole(chunk.inline[node],
+                                         [a for a in args if not _is_static(a)], chunk.at(node))
+    return _own(prim.fn(*args, chunk=chunk.at(node)), args)
+
+
+def _copy_agreeing(step: _Step, node: Node) -> torch.Tensor:
+    args = step.args(node)
+    for other in args[1:]:
+        if not torch.equal(args[0], other):
+            name = step.chunk.kernel.tensor.name
+            raise error(f'tensor "{name}" ({args[0].dtype}) is not a float tensor and '
+                        "differs between the models; it cannot be merged", node.span,
+                        hint="take it from one model with `a | b` or a condition on `name`")
+    return args[0]
+
+
+def _loaded(step: _Step, node: Node) -> Any:
+    raise AssertionError("loads are the Stager's: a pass starts with them")
+
+
+# one entry per tensor operation that can reach execution
+STEPS: dict[Op, Callable[[_Step, Node], Any]] = {
+    Op.LOAD: _loaded, Op.LIST: _list, Op.NEG: _neg, Op.ADD: _arithmetic, Op.SUB: _arithmetic,
+    Op.MUL: _arithmetic, Op.DIV: _arithmetic, Op.PRIM: _primitive,
+    Op.COPY_AGREEING: _copy_agreeing,
+}
 
 
 def _own(result: Any, args: list) -> Any:
@@ -370,20 +318,6 @@ def _is_static(value: Any) -> bool:
 def reduction_of(node: Node, numel: int) -> Reduction:
     """A fresh reduction for one primitive call on a tensor of `numel` elements."""
     return PRIMITIVES[node.attr[0]].make_reduction(numel, static_args(node))
-
-
-class _Loaded:
-    """A task's inputs, and the file views among them to release when it is done."""
-
-    def __init__(self) -> None:
-        self.tensors: dict[Node, torch.Tensor] = {}
-        self.views: set[int] = set()
-        self.release: list[tuple[Any, str, tuple[int, int] | None]] = []
-
-    def done(self) -> None:
-        for source, name, rows in self.release:
-            source.release(name, rows)
-        self.release.clear()
 
 
 class _ChunkContext:

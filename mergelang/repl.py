@@ -6,9 +6,10 @@
     mean 1.2e-05  std 0.0021  min -0.031  max 0.029  nonzero 21.9%
 
 The session is a script that grows: each accepted statement is appended to it, and
-each expression is compiled against it as `output <expression>` (or, for a number or
-a per-tensor value like `depth`, evaluated for the current tensor). Errors print as
-diagnostics and leave the session unchanged.
+each expression is compiled against it as `output <expression>` through the same
+pipeline as a script (so `set seed`, `set dtype`, `set out_dtype` and `set donor` hold
+here too); a number is shown as it is, a per-tensor value like `depth` for the current
+tensor. Errors print as diagnostics and leave the session unchanged.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from . import ast
 from .bind import bind
 from .diagnostics import MergeError, error
 from .execute import run_tensor
-from .ir import SCALAR, TENSOR, Node, walk
-from .lower import Lowered, lower_session
-from .plan import _Planner, plan
+from .ir import SCALAR, Node
+from .lower import Lowered, lower
+from .plan import plan, scalar_for
 from .resolve import resolve
 from .syntax import parse
 
@@ -118,39 +119,44 @@ class Repl:
         resolve(parse("\n".join(candidate), "<repl>", self.path))
         self.statements = candidate
 
-    def _show(self, expression: str) -> None:
+    def _lower(self, expression: str | None) -> Lowered:
         text = "\n".join(self.statements)
-        resolved = resolve(parse(f"{text}\noutput {expression}", "<repl>", self.path))
-        value, models = lower_session(resolved, resolved.output.value)
+        if expression is not None:
+            text += f"\noutput {expression}"
+        return lower(resolve(parse(text or "\n", "<repl>", self.path)), session=True)
+
+    def _show(self, expression: str) -> None:
+        lowered = self._lower(expression)
+        value = lowered.value
         if not isinstance(value, Node):
             self.console.print(repr(value), markup=False, highlight=False)
             return
-        bound = bind(Lowered(value if value.kind == TENSOR else None, models,
-                             _first_model(value, models)))
-        try:
-            if value.kind == SCALAR:
+        bound = bind(lowered)
+        if value.kind == SCALAR:
+            with bound:
                 name = self._current(bound.names())
-                scalar = _Planner(bound).value_for(value, bound.context(name))
-                self.console.print(f"{scalar!r}   (for {name})", markup=False, highlight=False)
-                return
-            p = plan(bound)
+                scalar = scalar_for(bound, value, name)
+            self.console.print(f"{scalar!r}   (for {name})", markup=False, highlight=False)
+            return
+        names = bound.names()
+        only = [self.tensor] if self.tensor in names else None
+        try:
+            p = plan(bound, names=only)
+        except BaseException:
+            bound.close()
+            raise
+        with p:
             name = self._current([t.name for t in p.tensors])
             t = next(t for t in p.tensors if t.name == name)
             result = run_tensor(p, t).float()
-        finally:
-            bound.close()
         self.console.print(_describe(name, result, t.out_dtype), markup=False, highlight=False)
 
     def _names(self) -> list[str]:
-        module = parse("\n".join(self.statements) or "\n", "<repl>", self.path)
-        _, models = lower_session(resolve(module), None)
-        if not models:
+        lowered = self._lower(None)
+        if not lowered.models:
             raise error("no models yet", None, hint='bind one: base = model("path")')
-        bound = bind(Lowered(None, models, next(iter(models))))
-        try:
+        with bind(lowered) as bound:
             return bound.names()
-        finally:
-            bound.close()
 
     def _current(self, names: list[str]) -> str:
         if self.tensor in names:
@@ -159,11 +165,6 @@ class Repl:
             raise error("no tensors to show", None)
         self.tensor = names[0]
         return self.tensor
-
-
-def _first_model(value: Node, models: dict) -> str | None:
-    used = [n.attr for n in walk(value) if n.op == "model"]
-    return used[0] if used else next(iter(models), None)
 
 
 def _describe(name: str, x: torch.Tensor, dtype: torch.dtype) -> str:

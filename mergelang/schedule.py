@@ -16,17 +16,16 @@ each input file is read front to back.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
-from .diagnostics import error
-from .ir import Node, walk
+from .ir import Node, Op, nodes_of, static_args, tensor_args, walk
 from .ops import PRIMITIVES
 from .plan import Plan, TensorPlan
 from .reduce import Reduction
 
 DEFAULT_BUDGET = 192 * 10**6  # bytes of tensor data alive at once, prefetched inputs included
+DEFAULT_BUDGET_TEXT = "192MB"  # the same, as the command line writes it
 _SCRATCH = 2
 _WRITE_QUEUE = 2
 
@@ -42,7 +41,7 @@ class Pass:
 
     @property
     def loads(self) -> tuple[Node, ...]:
-        return tuple(n for n in self.steps if n.op == "load")
+        return tuple(n for n in self.steps if n.op is Op.LOAD)
 
 
 @dataclass(frozen=True)
@@ -69,25 +68,26 @@ class Kernel:
         return self.rows * self.row_numel
 
 
-def schedule(plan: Plan, budget: int = DEFAULT_BUDGET) -> list[Kernel]:
-    """A kernel per output tensor, in the order their inputs lie in the files."""
-    itemsize = torch.empty((), dtype=plan.compute_dtype).element_size()
-    kernels = [kernel(plan, t, budget, itemsize) for t in plan.tensors]
-    return sorted(kernels, key=lambda k: _file_position(plan, k.tensor))
+Order = Callable[[list["Kernel"]], list["Kernel"]]
 
 
-def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
-    steps = tuple(n for n in walk(t.root) if n.op != "const")
-    made = {n: _reduction(n, _numel(t.shape)) for n in steps if n.op == "prim"}
+def schedule(plan: Plan, budget: int = DEFAULT_BUDGET, order: Order | None = None
+             ) -> list[Kernel]:
+    """A kernel per output tensor, in the order their inputs lie in the files.
+
+    `order` rearranges that order (tests reverse and shuffle it to show that the bytes
+    written do not depend on it)."""
+    itemsize = plan.compute_dtype.itemsize
+    kernels = [kernel(t, budget, itemsize) for t in plan.tensors]
+    kernels.sort(key=lambda k: _file_position(plan, k.tensor))
+    return order(kernels) if order is not None else kernels
+
+
+def kernel(t: TensorPlan, budget: int, itemsize: int) -> Kernel:
+    steps = tuple(n for n in walk(t.root) if not n.is_const)
+    made = {n: _reduction(n, _numel(t.shape)) for n in steps if n.op is Op.PRIM}
     model_wide = [n for n, r in made.items() if r is not None and r.model_wide]
     reductions = [n for n, r in made.items() if r is not None and not r.model_wide]
-    for node in model_wide:
-        inner = [n for a in tensor_args(node) for n in walk(a) if n in made and made[n]]
-        if inner:
-            raise error("a whole-model reduction cannot take the result of another "
-                        "reduction (e.g. a trim of a trim)", node.span,
-                        hint="compute the inner step per tensor, or apply the whole-model "
-                             "step to plain deltas")
     passes = [_pass(steps, level, tuple(a for r in level for a in tensor_args(r)))
               for level in _levels(reductions)]
     passes.append(_pass(steps, (), (t.root,)))
@@ -99,9 +99,9 @@ def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
     # + the next chunk's inputs (prefetched), the temporaries inside one primitive,
     # and the results waiting for the writer
     every = passes + ([model_pass] if model_pass else [])
-    alive = max(_peak_alive(p) + len(p.loads) for p in every) + _SCRATCH + _WRITE_QUEUE
+    alive = max(peak_alive(p) + len(p.loads) for p in every) + _SCRATCH + _WRITE_QUEUE
     per_row = max(1, row_numel * itemsize * alive)
-    whole = t.copy_only or any(n.op == "prim" and PRIMITIVES[n.attr[0]].whole for n in steps)
+    whole = t.copy_only or any(PRIMITIVES[n.attr[0]].whole for n in steps if n.op is Op.PRIM)
     chunk_rows = rows if whole else max(1, min(rows, budget // per_row))
     return Kernel(t, tuple(passes), model_pass, rows, row_numel, chunk_rows, alive)
 
@@ -109,16 +109,6 @@ def kernel(plan: Plan, t: TensorPlan, budget: int, itemsize: int) -> Kernel:
 def _reduction(node: Node, numel: int) -> Reduction | None:
     """The reduction this primitive call needs with these arguments, if any."""
     return PRIMITIVES[node.attr[0]].make_reduction(numel, static_args(node))
-
-
-def tensor_args(node: Node) -> tuple[Node, ...]:
-    """A primitive call's tensor arguments (a list counts as one)."""
-    return tuple(a for a in node.args if a.op != "const")
-
-
-def static_args(node: Node) -> tuple:
-    """A primitive call's other arguments: numbers and strings, known per tensor."""
-    return tuple(a.attr for a in node.args if a.op == "const")
 
 
 def _levels(reductions: list[Node]) -> list[tuple[Node, ...]]:
@@ -141,34 +131,31 @@ def _pass(steps: tuple[Node, ...], reductions: tuple[Node, ...],
     order = tuple(n for n in steps if n in needed)
     uses: dict[Node, int] = defaultdict(int)
     for node in order:
-        for arg in node.args:
-            if arg.op != "const":
-                uses[arg] += 1
+        for arg in tensor_args(node):
+            uses[arg] += 1
     for target in targets:
         uses[target] += 1
     return Pass(order, dict(uses), targets, reductions)
 
 
-def _peak_alive(p: Pass) -> int:
+def peak_alive(p: Pass) -> int:
     """The most values alive at once while the pass runs its steps in order, its inputs
     (loaded before it starts) included."""
     uses = dict(p.uses)
     alive = peak = len(p.loads)
     for node in p.steps:
-        if node.op not in ("list", "load"):
+        if node.op not in (Op.LIST, Op.LOAD):
             alive += 1
         peak = max(peak, alive)
-        for arg in node.args:
-            if arg.op == "const":
-                continue
+        for arg in tensor_args(node):
             uses[arg] -= 1
-            if uses[arg] == 0 and arg.op != "list":
+            if uses[arg] == 0 and arg.op is not Op.LIST:
                 alive -= 1
     return peak
 
 
 def _file_position(plan: Plan, t: TensorPlan) -> tuple[str, int]:
-    load = next((n for n in walk(t.root) if n.op == "load"), None)
+    load = next(nodes_of(t.root, Op.LOAD), None)
     if load is None:
         return ("", 0)
     info = plan.bound.models[load.attr[0]].source.tensors[load.attr[1]]

@@ -7,38 +7,11 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 import mergelang
 from mergelang import ir
 from mergelang.execute import run_tensor
-
-LAYERS = 4
-
-
-def layered_state(seed: int, layers: int = LAYERS) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    state = {"model.embed_tokens.weight": torch.randn(10, 4, generator=g)}
-    for i in range(layers):
-        state[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(6, 4, generator=g)
-        state[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.randn(4, 4, generator=g)
-    state["model.norm.weight"] = torch.randn(4, generator=g)
-    state["lm_head.weight"] = torch.randn(10, 4, generator=g)
-    return state
-
-
-def write_model(folder: Path, state: dict[str, torch.Tensor]) -> Path:
-    folder.mkdir(parents=True)
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    return folder
-
-
-def compile_in(tmp_path: Path, script: str, **models: dict) -> mergelang.Program:
-    for name, state in models.items():
-        write_model(tmp_path / name, state)
-    path = tmp_path / "script.merge"
-    path.write_text(script)
-    return mergelang.load(path)
+from tests.helpers import LAYERS, compile_in, layered_state
 
 
 def test_a_shared_subexpression_is_one_graph_node(tmp_path):
@@ -56,10 +29,12 @@ output base + 0.5 * (a - base) + 0.25 * (a - base) + ties(a - base, density=1)
 
 
 def test_lowering_hash_conses_equal_expressions():
-    a = ir.Node.make("model", (), "/a")
-    b = ir.Node.make("model", (), "/b")
-    assert ir.Node.make("-", (a, b)) is ir.Node.make("-", (a, b))
-    assert ir.const(1) is not ir.const(1.0) and ir.const(1) is not ir.const(True)
+    b = ir.Builder()
+    x = b.make(ir.Op.MODEL, (), "/a")
+    y = b.make(ir.Op.MODEL, (), "/b")
+    assert b.make(ir.Op.SUB, (x, y)) is b.make(ir.Op.SUB, (x, y))
+    assert b.const(1) is not b.const(1.0) and b.const(1) is not b.const(True)
+    assert ir.Builder().make(ir.Op.MODEL, (), "/a") is not x  # a builder per program
 
 
 def test_a_branch_not_taken_loads_nothing(tmp_path):
@@ -70,7 +45,7 @@ output if name ~ "mlp" then a else b
 """, a=layered_state(0), b=layered_state(1))
     p = program.plan()
     for t in p.tensors:
-        loaded = {Path(n.attr[0]).name for n in ir.walk(t.root) if n.op == "load"}
+        loaded = {Path(n.attr[0]).name for n in ir.nodes_of(t.root, ir.Op.LOAD)}
         assert loaded == ({"a"} if "mlp" in t.name else {"b"})
     p.bound.close()
 

@@ -4,71 +4,23 @@ not depend on threads or tensor order; inputs held in memory are never written t
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
 import mergelang
-from mergelang.execute import Collector, execute
-from mergelang.plan import Plan
 from mergelang.reduce import Chunk, KthMagnitude
-from mergelang.schedule import _peak_alive, schedule
-from tests.test_compiler import compile_in, write_model
-
-METHODS = [
-    "base + ties(a - base, b - base, c - base, weights=[1, 0.7, 0.4], density=0.3)",
-    'base + ties(a - base, b - base, density=0.5, method="count", normalize=false)',
-    "base + dare_ties(a - base, b - base, c - base, density=0.3)",
-    'base + dare_linear(a - base, b - base, density=0.4, rescale="l1")',
-    "linear(a, b, c, weights=[1, 2, 3])",
-    "base + task_arithmetic(a - base, b - base, weights=[0.5, -1])",
-    "base + trim(trim(a - base, 0.5) + b - base, 0.25)",  # a reduction inside a reduction
-]
-
-
-def quantised_state(seed: int) -> dict[str, torch.Tensor]:
-    """Values on a coarse grid, so magnitudes tie often (the hard case for top-k)."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "embed.weight": torch.randint(-6, 7, (29, 8), generator=g).float() / 4,
-        "layers.0.w": torch.randint(-6, 7, (33, 5), generator=g).float() / 4,
-        "layers.0.norm": torch.randint(-6, 7, (41,), generator=g).float() / 4,
-        "scale": torch.tensor(0.5 + seed),
-    }
-
-
-def run_all(p: Plan, budget: int) -> dict[str, torch.Tensor]:
-    results = Collector(p.tensors)
-    execute(p, results.sink, budget=budget)
-    return results.tensors
-
-
-def four_models(tmp_path, expression: str, state=None, seed: int | None = None) -> Plan:
-    """The plan of `output <expression>` over models base, a, b, c (seeded 0..3)."""
-    state = state or quantised_state
-    program = compile_in(tmp_path, (f"set seed = {seed}\n" if seed is not None else "") + f"""
-base = model("base")
-a = model("a")
-b = model("b")
-c = model("c")
-output {expression}
-""", base=state(0), a=state(1), b=state(2), c=state(3))
-    return program.plan()
-
-
-def same_bytes_in_chunks(p: Plan, some_budget: int = 20_000) -> dict[str, torch.Tensor]:
-    """Runs the plan whole, one row per chunk and in a few chunks; asserts the same bytes
-    and returns the whole run's results."""
-    whole = run_all(p, budget=10**9)
-    assert all(len(k.chunks) == 1 for k in schedule(p, 10**9))
-    tiny = run_all(p, budget=1)  # one row per chunk
-    assert max(len(k.chunks) for k in schedule(p, 1)) == 41
-    some = run_all(p, budget=some_budget)
-    for name in whole:
-        assert torch.equal(whole[name], tiny[name]), name
-        assert torch.equal(whole[name], some[name]), name
-    return whole
+from mergelang.schedule import peak_alive, schedule
+from tests.helpers import (
+    METHODS,
+    compile_in,
+    four_models,
+    quantised_state,
+    reversed_order,
+    run_all,
+    same_bytes_in_chunks,
+    shuffled_order,
+    write_model,
+)
 
 
 @pytest.mark.parametrize("expression", METHODS)
@@ -111,7 +63,7 @@ output (a - b) * 2 + c
     p = program.plan()
     (final,) = schedule(p)[0].passes
     # three inputs, then a - b (4 alive), a and b die, * 2, then + c
-    assert _peak_alive(final) == 4
+    assert peak_alive(final) == 4
     assert all(count == 1 for count in final.uses.values())
     p.bound.close()
 
@@ -142,11 +94,13 @@ output base + dare_ties(a - base, b - base, density=0.5)
         two = run_all(p, budget=10**9)
     finally:
         torch.set_num_threads(threads)
-    shuffled = list(p.tensors)
-    random.Random(1).shuffle(shuffled)
-    reordered = run_all(Plan(p.bound, shuffled, p.compute_dtype, p.seed), 10**9)
-    for name in one:
-        assert torch.equal(one[name], two[name]) and torch.equal(one[name], reordered[name])
+    orders = [reversed_order, shuffled_order(1), shuffled_order(2)]
+    files = [k.tensor.name for k in schedule(p)]
+    for order in orders:
+        assert [k.tensor.name for k in schedule(p, order=order)] != files  # really reordered
+        reordered = run_all(p, 10**9, order)
+        for name in one:
+            assert torch.equal(one[name], two[name]) and torch.equal(one[name], reordered[name])
     p.bound.close()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mergelang.execute import Collector, execute
-from tests.test_engine import METHODS, four_models
+from tests.helpers import METHODS, four_models
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 

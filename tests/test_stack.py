@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import mergelang
 from mergelang.cli import main
-from tests.test_compiler import layered_state
+from tests.helpers import layered_state
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "models"
 transformers = pytest.importorskip("transformers")

@@ -1,0 +1,129 @@
+"""A merge expression compiled once and evaluated many times, on tensors in memory.
+
+This is what a training loop, an online-merging optimizer or a search embeds: the text
+is parsed and resolved once; it is lowered once per way of calling it (which inputs are
+models, which are values) and planned once per set of input shapes and values. A call
+that matches an earlier one binds the new tensors to the cached plan and executes it:
+nothing is parsed, lowered or specialised again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from . import ast
+from .bind import InMemoryModel, bind
+from .builtins import CONTEXT_NAMES, DTYPES
+from .devices import parse_devices
+from .diagnostics import MergeError, error, move_to_script
+from .execute import Collector, execute
+from .lower import Lowered, lower
+from .plan import Plan, plan
+from .resolve import resolve
+from .syntax import parse_expression
+
+_BARE = "tensor"  # the one name of a model given as a bare tensor
+_RESERVED = ("seed", "device", "dtype")
+
+
+class Expression:
+    """`expression(text)`: call it with one keyword per free name of the text (others
+    are ignored, so one set of inputs can serve several expressions)."""
+
+    def __init__(self, text: str):
+        self.module = parse_expression(text)
+        self.span = self.module.statements[0].span
+        self.names = frozenset(_free_names(self.module.statements[0].value))
+        reserved = self.names & set(_RESERVED)
+        if reserved:
+            raise error(f"`{sorted(reserved)[0]}` is a reserved keyword of evaluate(); "
+                        "rename it in the expression", self.span)
+        self.resolved = resolve(self.module, externals=self.names)
+        self._lowered: dict[frozenset[str], Lowered] = {}
+        self._plans: dict[tuple, Plan] = {}
+
+    def __call__(self, *, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+                 **inputs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        missing = sorted(self.names - inputs.keys())
+        if missing:
+            raise TypeError(f"this expression takes {', '.join(sorted(self.names))}; "
+                            f"missing {', '.join(missing)}")
+        inputs = {k: v for k, v in inputs.items() if k in self.names}
+        models = {k: v for k, v in inputs.items() if isinstance(v, (torch.Tensor, dict))}
+        values = {k: v for k, v in inputs.items() if k not in models}
+        bare = {k for k, v in models.items() if isinstance(v, torch.Tensor)}
+        if bare and len(bare) != len(models):
+            raise TypeError("give all model inputs as tensors or all as state dicts")
+        states = {k: {_BARE: v} if k in bare else dict(v) for k, v in models.items()}
+        parse_devices(device)
+        if dtype not in DTYPES:
+            raise error(f'unknown dtype "{dtype}"', None, hint=f"use one of {', '.join(DTYPES)}")
+        try:
+            with self._plan(states, values, seed, dtype) as p:
+                results = Collector(p.tensors)
+                execute(p, results.sink, device)
+        except MergeError as exc:
+            raise MergeError(move_to_script(exc.diagnostics, self.span)) from None
+        return results.tensors[_BARE] if bare else results.tensors
+
+    def _plan(self, states: dict[str, dict], values: dict[str, Any], seed: int,
+              dtype: str) -> Plan:
+        """The plan for these inputs, bound to their tensors: made on the first call
+        with inputs of these names, shapes, dtypes and values; reused after."""
+        lowered = self._lower(frozenset(states), frozenset(values))
+        lowered = dataclasses.replace(lowered, seed=seed, dtype=dtype)
+        bound = bind(lowered, {_key(k): InMemoryModel(s) for k, s in states.items()
+                               if _key(k) in lowered.models})
+        signature = (seed, dtype, tuple(sorted((k, _value_key(v)) for k, v in values.items())),
+                     tuple((k, tuple(_headers(s))) for k, s in sorted(states.items())))
+        cached = self._plans.get(signature)
+        if cached is None:
+            cached = plan(bound, values)
+            self._plans[signature] = cached
+        return dataclasses.replace(cached, bound=bound)
+
+    def _lower(self, models: frozenset[str], values: frozenset[str]) -> Lowered:
+        key = models
+        if key not in self._lowered:
+            self._lowered[key] = lower(self.resolved, {k: _key(k) for k in models}, values)
+        return self._lowered[key]
+
+    @property
+    def cached_plans(self) -> int:
+        """How many plans this expression has made (one per distinct way of calling it)."""
+        return len(self._plans)
+
+
+def _key(name: str) -> str:
+    return f"<memory>/{name}"
+
+
+def _value_key(value: Any) -> tuple:
+    return (type(value).__name__, value)
+
+
+def _headers(state: dict[str, torch.Tensor]) -> Iterator[tuple]:
+    for name, tensor in state.items():
+        yield name, tuple(tensor.shape), tensor.dtype
+
+
+def _free_names(expr: ast.Expr) -> Iterator[str]:
+    """The names an expression uses that nothing defines: its inputs. (An expression
+    defines no names, and the standard library defines only functions.)"""
+    if isinstance(expr, ast.Name):
+        if expr.id not in CONTEXT_NAMES:
+            yield expr.id
+        return
+    for field in dataclasses.fields(expr):
+        if field.name in ("span", "func"):
+            continue
+        value = getattr(expr, field.name)
+        for item in value if isinstance(value, tuple) else (value,):
+            if isinstance(item, ast.Keyword):
+                item = item.value
+            if isinstance(item, ast.Expr):
+                yield from _free_names(item)

@@ -1,0 +1,100 @@
+"""Lower: the resolved program -> one IR expression for the output.
+
+Lowering is evaluation at compile time. Numbers, strings, booleans and lists are
+ordinary Python values and fold as they meet; functions are inlined by evaluating
+their bodies with the arguments bound; whatever depends on tensors (or on the
+per-tensor names `name`, `layer`, `depth`, ...) becomes an interned `ir.Node`.
+
+Lists exist only here: `[1.0, 0.7] * [d1, d2]` becomes two products, `sum(...)` a
+chain of additions, and a primitive given a list where it takes one tensor is applied
+to each element. The IR that leaves this stage has tensors and per-tensor scalars only.
+
+`lower` is the one way into the back end: scripts, the REPL, `evaluate` and
+`expression` all call it and get the same complete `Lowered`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from .. import ast
+from ..builtins import DTYPES
+from ..diagnostics import Span, error
+from ..ir import TENSOR, Builder, Node, Op, nodes_of
+from ..resolve import Resolved
+from .evaluate import Frame, Lowerer
+from .values import ModelRef, Value, describe
+
+__all__ = ["Lowered", "ModelRef", "Value", "lower"]
+
+
+@dataclass
+class Lowered:
+    """What the back end needs: the output expression and the facts around it."""
+
+    output: Node | None                 # the output when it is a model expression
+    models: dict[str, ModelRef]         # model key (resolved path) -> how it was first named
+    donor: str | None                   # model key whose config/tokenizer are copied
+    builder: Builder                    # the program's nodes: plan makes its own with it
+    seed: int = 0
+    dtype: str = "float32"
+    out_dtype: str | None = None
+    value: Value = None                 # the output expression's value, whatever its kind
+    output_span: Span | None = None
+    params: frozenset[str] = frozenset()  # names given a value at each evaluation
+    setting_spans: dict[str, Span] = field(default_factory=dict)
+
+
+def lower(resolved: Resolved, inputs: Mapping[str, str] | None = None,
+          params: Iterable[str] = (), *, session: bool = False) -> Lowered:
+    """Evaluate the script at compile time. Raises MergeError.
+
+    `inputs` names models the embedding program holds (name -> model key); `params`
+    names numbers or strings it gives at each evaluation (they stay `param` nodes
+    until plan). A REPL `session` lowers every binding (so every model it names is
+    known) and its output may be any value (the REPL shows numbers and per-tensor
+    values too); a script's output must be a model expression."""
+    lowerer = Lowerer(resolved, Builder())
+    span = resolved.output.value.span if resolved.output is not None else None
+    for name, key in (inputs or {}).items():
+        lowerer.globals[name] = lowerer.model_node(key, name, span)
+    params = frozenset(params)
+    for name in params:
+        lowerer.globals[name] = lowerer.b.make(Op.PARAM, (), name, span=span)
+    top = Frame(resolved.scope, {})
+    for name, stmt in resolved.scope.bindings.items() if session else ():
+        lowerer.eval(ast.Name(stmt.span, name), top)
+    value = lowerer.eval(resolved.output.value, top) if resolved.output is not None else None
+    is_model = isinstance(value, Node) and value.kind == TENSOR
+    if resolved.output is not None and not (is_model or session):
+        raise error(f"`output` must be a model expression, not {describe(value)}",
+                    span, hint="e.g. `output base + ties(a - base, b - base)`")
+    lowered = Lowered(value if is_model else None, lowerer.models, None, lowerer.b,
+                      value=value, output_span=span, params=params)
+    for key, stmt in resolved.settings.items():
+        _setting(lowered, key, stmt, lowerer.eval(stmt.value, top))
+    if lowered.donor is None and isinstance(value, Node):
+        lowered.donor = next((n.attr for n in nodes_of(value, Op.MODEL)), None)
+    if lowered.donor is None and lowerer.models:
+        lowered.donor = next(iter(lowerer.models))
+    return lowered
+
+
+def _setting(lowered: Lowered, key: str, stmt: ast.Set, value: Value) -> None:
+    lowered.setting_spans[key] = stmt.value.span
+    if key in ("dtype", "out_dtype"):
+        if value not in DTYPES:
+            raise error(f"{key} must be one of {', '.join(DTYPES)}, not {describe(value)}",
+                        stmt.value.span, hint=f'e.g. set {key} = "bfloat16"')
+        setattr(lowered, key, value)
+    elif key == "seed":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise error(f"seed must be a non-negative integer, not {describe(value)}",
+                        stmt.value.span, hint="e.g. set seed = 42")
+        lowered.seed = value
+    elif key == "donor":
+        if not (isinstance(value, Node) and value.op is Op.MODEL):
+            raise error(f"donor must name a model, not {describe(value)}", stmt.value.span,
+                        hint='e.g. base = model("models/base") then set donor = base')
+        lowered.donor = value.attr

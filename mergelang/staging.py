@@ -1,0 +1,140 @@
+"""Staging: getting a task's inputs in and its results out, off the main thread.
+
+A reader thread loads the next chunk's inputs (converting them to the compute dtype
+where that is needed, and copying them to the GPU) while the main thread computes the
+current one; a writer thread casts finished chunks to the output dtype and hands them
+to the sink. The interpreter (execute.py) sees only `Stager.prefetch`, `Stager.widen`
+and `Writer.write`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from .ir import Node
+from .plan import Plan, TensorPlan
+from .schedule import Kernel, Pass
+
+# sink(name, first row, rows of the result in the output dtype, on the CPU)
+Sink = Callable[[str, int, torch.Tensor], None]
+SMALL = 1 << 18  # elements: read or written on the spot, not by a helper thread
+_COUNTING = threading.Lock()
+
+
+class Loaded:
+    """A task's inputs, and the file views among them to release when it is done."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[Node, torch.Tensor] = {}
+        self.views: set[int] = set()
+        self.release: list[tuple[Any, str, tuple[int, int] | None]] = []
+
+    def done(self) -> None:
+        for source, name, rows in self.release:
+            source.release(name, rows)
+        self.release.clear()
+
+
+class Stager:
+    """Loads inputs for one device, on a reader thread."""
+
+    def __init__(self, plan: Plan, device: torch.device):
+        self.plan, self.device = plan, device
+        self.reader = ThreadPoolExecutor(1, thread_name_prefix="mergelang-read")
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def close(self) -> None:
+        self.reader.shutdown()
+
+    def prefetch(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> Future:
+        """Start loading a task's inputs on the reader thread; small ones are loaded
+        right away, where a thread hand-off would cost more than the read."""
+        if len(p.loads) * (rows[1] - rows[0]) * k.row_numel < SMALL:
+            done: Future = Future()
+            done.set_result(self.load(k, p, rows))
+            return done
+        return self.reader.submit(self.load, k, p, rows)
+
+    def load(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> Loaded:
+        """A task's inputs. On the CPU an input needing no conversion is a view of the
+        file's bytes, released once the task is done (see Loaded)."""
+        whole = rows == (0, k.rows) or not k.tensor.shape
+        loaded = Loaded()
+        for node in p.loads:
+            key, name = node.attr
+            source = self.plan.bound.models[key].source
+            part = None if whole else rows
+            dtype = self._load_dtype(k, node)
+            view = dtype is None and self.copy_stream is None
+            tensor = source.load(name, part, dtype, view=view)
+            if view:
+                loaded.views.add(id(tensor))
+                loaded.release.append((source, name, part))
+            if self.copy_stream is not None:
+                with torch.cuda.stream(self.copy_stream):
+                    tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+            loaded.tensors[node] = tensor
+        if self.copy_stream is not None:
+            self.copy_stream.synchronize()
+        return loaded
+
+    def _load_dtype(self, k: Kernel, node: Node) -> torch.dtype | None:
+        """Inputs stay in their stored dtype when it widens exactly to the compute dtype
+        (bfloat16 -> float32): the first operation that uses them converts them, and an
+        operation with one operand already in the compute dtype promotes the other as
+        it goes, which saves a pass and a buffer per input."""
+        stored = self.plan.bound.models[node.attr[0]].source.tensors[node.attr[1]].dtype
+        compute = self.plan.compute_dtype
+        if k.tensor.copy_only or torch.promote_types(stored, compute) == compute:
+            return None
+        return compute
+
+    def widen(self, value: Any) -> Any:
+        """A tensor (or the tensors of a list) in the compute dtype."""
+        if isinstance(value, list):
+            return [self.widen(v) for v in value]
+        if isinstance(value, torch.Tensor) and value.dtype != self.plan.compute_dtype:
+            return value.to(self.plan.compute_dtype)
+        return value
+
+
+class Writer:
+    """Casts results to their output dtype and hands them to the sink, on a writer
+    thread, counting non-finite values on the way."""
+
+    def __init__(self, sink: Sink, non_finite: Counter):
+        self.sink, self.non_finite = sink, non_finite
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelang-write")
+        self.pending: deque[Future] = deque()
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+    def write(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
+        if part.numel() < SMALL:
+            self._cast_and_sink(t, row0, part)
+            return
+        self.drain(1)
+        self.pending.append(self.pool.submit(self._cast_and_sink, t, row0, part))
+
+    def _cast_and_sink(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
+        out = part.to(t.out_dtype).cpu()
+        # one reduction finds out whether any value is NaN or infinite (the sum would
+        # be); only then are they counted
+        if out.is_floating_point() and out.numel() and not torch.isfinite(out.sum()):
+            bad = int((~torch.isfinite(out)).sum())
+            if bad:
+                with _COUNTING:
+                    self.non_finite[t.name] += bad
+        self.sink(t.name, row0, out.reshape(-1) if not t.shape else out)
+
+    def drain(self, keep: int) -> None:
+        """Wait until at most `keep` writes are outstanding (raising their errors)."""
+        while len(self.pending) > keep:
+            self.pending.popleft().result()
