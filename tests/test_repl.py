@@ -7,6 +7,7 @@ from pathlib import Path
 from rich.console import Console
 
 from mergelang.repl import Repl
+from tests.helpers import small_tensors, write_hf_folder
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -49,3 +50,26 @@ def test_a_session_without_a_script():
     base = EXAMPLES / "models" / "base"
     text = session([f'b = model("{base}")', ":tensors lm_head", "b"], script=None)
     assert "lm_head.weight" in text and "shape [256, 64]" in text
+
+
+def test_set_statements_hold_in_the_session_as_in_a_script():
+    shown = session([":tensor layers.1.mlp.up", 'set out_dtype = "float16"',
+                     "dare_linear(math - base, density=0.5)"])
+    assert "float16" in shown.splitlines()[-2]
+    seeded = [session([":tensor layers.1.mlp.up", f"set seed = {seed}",
+                       "dare_linear(math - base, density=0.5)"]).splitlines()[-1]
+              for seed in (1, 1, 2)]
+    assert seeded[0] == seeded[1] != seeded[2]  # the seed reaches the random draws
+    rounded = [session([":tensor layers.1.mlp.up", f'set dtype = "{dtype}"',
+                        "(math - base) * 3.3 / 7.1"]).splitlines()[-1]
+               for dtype in ("float64", "float16")]
+    assert rounded[0] != rounded[1]  # the compute dtype is the session's
+
+
+def test_set_donor_decides_the_layer_count(tmp_path):
+    small = write_hf_folder(tmp_path / "small", small_tensors(layers=2))
+    base = EXAMPLES / "models" / "base"
+    lines = [f'b = model("{base}")', f's = model("{small}")', "num_layers"]
+    assert session(lines, script=None).splitlines()[-1].startswith("4   (for")
+    donated = session(lines[:2] + ["set donor = s"] + lines[2:], script=None)
+    assert donated.splitlines()[-1].startswith("2   (for")
