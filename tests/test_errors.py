@@ -399,9 +399,15 @@ def test_existing_output_folder_is_refused_without_force(tmp_path, make_model, c
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 
-    result = run(capsys, script, out, "--force")
+    result = run(capsys, script, out, "--force")  # keep.txt is not a merge's: kept
+    assert_error(result, None, None, "holds files mergelang did not write: keep.txt",
+                 hint="choose another output folder")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    (out / "keep.txt").unlink()
+    assert run(capsys, script, out, "--force").code == 0
+    result = run(capsys, script, out, "--force")  # a previous merge is replaced
     assert result.code == 0, result.text
-    assert not (out / "keep.txt").exists()
     assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out.")] == []
 

@@ -598,28 +598,169 @@ def test_output_folder_refuses_existing_target(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
-def test_output_folder_force_replaces(tmp_path: Path) -> None:
-    target = tmp_path / "merged"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+def previous_output(folder: Path) -> Path:
+    """A folder as a mergelang run leaves it: a shard carrying its script, a model card."""
+    folder.mkdir(parents=True)
+    save_file({"w": torch.ones(2)}, str(folder / "model.safetensors"),
+              metadata={"mergelang_script": "output a\n"})
+    write_model_card(folder, "output a\n", "old.merge")
+    (folder / "config.json").write_text("{}\n")
+    return folder
+
+
+def test_output_folder_force_replaces_a_previous_output(tmp_path: Path) -> None:
+    target = previous_output(tmp_path / "merged")
     check_target(target, force=True)
     with OutputFolder(target, force=True) as work:
         (work / "new.txt").write_text("new")
-        assert (target / "old.txt").exists()
+        assert (target / "model.safetensors").exists()
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert leftovers(tmp_path) == []
 
 
 def test_output_folder_failure_with_force_keeps_old(tmp_path: Path) -> None:
-    target = tmp_path / "merged"
-    target.mkdir()
-    (target / "old.txt").write_text("old")
+    target = previous_output(tmp_path / "merged")
     with pytest.raises(KeyError):
         with OutputFolder(target, force=True) as work:
             (work / "new.txt").write_text("new")
             raise KeyError("x")
-    assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json",
+                                                       "model.safetensors"]
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    pytest.param("notes.txt", "holds files mergelang did not write: notes.txt", id="notes"),
+    pytest.param("sub/", "holds files mergelang did not write: sub/", id="subfolder"),
+    pytest.param("no-card", "not written by mergelang", id="card-missing"),
+    pytest.param("no-script", "not written by mergelang", id="shard-without-script"),
+])
+def test_force_refuses_a_folder_that_is_not_a_previous_output(tmp_path: Path, extra: str,
+                                                              words: str) -> None:
+    target = previous_output(tmp_path / "merged")
+    if extra == "notes.txt":
+        (target / "notes.txt").write_text("mine")
+    elif extra == "sub/":
+        (target / "sub").mkdir()
+    elif extra == "no-card":
+        (target / "README.md").write_text("# my model\n")
+    else:
+        save_file({"w": torch.ones(2)}, str(target / "model.safetensors"))
+    before = sorted(p.name for p in target.rglob("*"))
+    with pytest.raises(ModelFileError, match=words) as err:
+        check_target(target, force=True)
+    assert "--force replaces only a previous mergelang output" in err.value.message
+    assert "choose another output folder" in err.value.hint
+    with pytest.raises(ModelFileError, match=words):
+        with OutputFolder(target, force=True):
+            pass
+    assert sorted(p.name for p in target.rglob("*")) == before
+    assert leftovers(tmp_path) == []
+
+
+def test_force_replaces_an_empty_folder(tmp_path: Path) -> None:
+    target = tmp_path / "merged"
+    target.mkdir()
+    with OutputFolder(target, force=True) as work:
+        (work / "model.safetensors").write_bytes(b"x")
+    assert [p.name for p in target.iterdir()] == ["model.safetensors"]
+
+
+@pytest.mark.parametrize("where", ["cwd", "dot", "empty", "parent", "root"])
+def test_output_that_is_or_holds_the_current_folder_is_refused(tmp_path: Path, monkeypatch,
+                                                               where: str) -> None:
+    here = tmp_path / "work" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    target = {"cwd": here, "dot": Path("."), "empty": "", "parent": Path(".."),
+              "root": Path("/")}[where]
+    for force in (False, True):
+        with pytest.raises(ModelFileError, match="current folder") as err:
+            check_target(target, force=force)
+        assert "unset" in err.value.hint
+        with pytest.raises(ModelFileError, match="current folder"):
+            with OutputFolder(Path(target), force=force):
+                pass
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["here", "work"]
+
+
+def test_output_that_is_or_holds_an_input_is_refused(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    base = previous_output(models / "base")  # even a previous output, when it is read
+    script = tmp_path / "merge.merge"
+    script.write_text("output a\n")
+    reads = [base, base / "model.safetensors", script]
+    for target, what in [(base, "is"), (models, "contains"), (tmp_path, "contains")]:
+        with pytest.raises(ModelFileError, match=f"{what} .*which this merge reads") as err:
+            check_target(target, force=True, protect=reads)
+        assert "outside the input models and the script" in err.value.hint
+    link = tmp_path / "link"
+    link.symlink_to(base)
+    with pytest.raises(ModelFileError, match="which this merge reads"):
+        check_target(link, force=True, protect=reads)
+    with pytest.raises(ModelFileError, match="which this merge reads"):
+        with OutputFolder(base, force=True, protect=reads):
+            pass
+    check_target(models / "new", force=True, protect=reads)
+    assert (base / "model.safetensors").is_file()
+
+
+def test_over_long_output_name_is_refused(tmp_path: Path) -> None:
+    for length in (300, 250):
+        target = tmp_path / ("m" * length)
+        with pytest.raises(ModelFileError, match="name is too long") as err:
+            check_target(target, force=False)
+        assert err.value.hint == "choose a shorter name"
+    check_target(tmp_path / ("m" * 200), force=False)
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_runs(tmp_path: Path) -> None:
+    target = tmp_path / "merged"
+    with OutputFolder(target) as work:
+        lock = tmp_path / ".merged.lock"
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(ModelFileError, match=f"another mergelang run \\(process "
+                                                 f"{os.getpid()}\\) is writing"):
+            with OutputFolder(target, force=True):
+                pass
+        (work / "f").write_text("first")
+    assert (target / "f").read_text() == "first"
+    assert leftovers(tmp_path) == []
+
+
+def test_a_stale_temporary_folder_is_removed_and_reported(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    stale = tmp_path / f".merged.tmp-{pid}-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    alive = tmp_path / f".merged.tmp-{os.getppid()}-89abcdef"  # a running process's
+    alive.mkdir()
+    other = tmp_path / f".other.tmp-{pid}-0123abcd"  # another output's
+    other.mkdir()
+    output = OutputFolder(tmp_path / "merged")
+    with output as work:
+        (work / "f").write_text("")
+    assert not stale.exists() and alive.exists() and other.exists()
+    assert output.notes == [f"removed {stale} (1000 bytes), left by an earlier run "
+                            f"(process {pid}) that did not finish"]
+
+
+def test_failed_run_removes_the_parent_folders_it_made(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    target = tmp_path / "a" / "b" / "c" / "merged"
+    with pytest.raises(RuntimeError):
+        with OutputFolder(target):
+            raise RuntimeError("boom")
+    assert [p.name for p in tmp_path.rglob("*")] == ["a"]
+    with pytest.raises(ModelFileError):  # refused on entry: nothing made either
+        with OutputFolder(tmp_path / "a" / "b" / ("m" * 300)):
+            pass
+    assert [p.name for p in tmp_path.rglob("*")] == ["a"]
 
 
 def test_output_target_that_is_a_file(tmp_path: Path) -> None:

@@ -1,0 +1,184 @@
+"""Reliability (issue 11): no flag loses data, no input crashes mergelang, no file runs code.
+
+Every test builds the hostile input for real (a FIFO, a symlink loop, a header nested
+100,000 deep, a planted pickle) and runs the command-line tool or the API on it. A bad
+input must end in a located diagnostic or a clean refusal with exit status 2, nothing
+written at the output, and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import lark
+import pytest
+
+from mergelang.syntax import _Continuations, _grammar
+
+from .test_errors import assert_error, assert_nothing_written, mergelang, run, write
+
+PYTHON = sys.executable
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- the parser's tables: no pickle, no shared folder ----------------------------------------
+
+
+def _parse_in_child(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    code = "from mergelang.syntax import parse; print(len(parse('output a\\n').statements))"
+    return subprocess.run([PYTHON, "-c", code], env={**os.environ, **env}, cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_parser_tables_are_private_json_and_nothing_goes_to_the_shared_temp(tmp_path):
+    shared, home = tmp_path / "tmp", tmp_path / "cache"
+    shared.mkdir()
+    env = {"TMPDIR": str(shared), "XDG_CACHE_HOME": str(home)}
+    for _ in range(2):  # builds the tables, then loads them
+        child = _parse_in_child(env, tmp_path)
+        assert child.returncode == 0 and child.stdout == "1\n", child.stderr
+    assert list(shared.iterdir()) == []
+    folder = home / "mergelang"
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    [tables] = folder.iterdir()
+    assert tables.name.startswith("parser-") and tables.suffix == ".json"
+    assert stat.S_IMODE(tables.stat().st_mode) == 0o600
+    assert json.loads(tables.read_text())["tables"][0] == "T"
+
+
+class _Planted:
+    """Unpickling this creates a file: proof that a planted cache ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_planted_lark_cache_pickle_is_never_loaded(tmp_path, monkeypatch):
+    """The file lark's cache=True would load for mergelang's grammar (as mergelang built
+    its parser before issue 11) is replaced by a pickle that runs a command."""
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    monkeypatch.setenv("TMPDIR", str(shared))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    lark.Lark(_grammar(), parser="lalr", lexer="basic", postlex=_Continuations(),
+              start=["start", "expr"], cache=True, propagate_positions=True,
+              maybe_placeholders=True)
+    [cached] = shared.iterdir()
+    marker = tmp_path / "code-ran"
+    first_line = cached.read_bytes().split(b"\n", 1)[0]
+    cached.write_bytes(first_line + b"\n" + pickle.dumps(_Planted(marker)))
+    child = _parse_in_child({"TMPDIR": str(shared), "XDG_CACHE_HOME": str(tmp_path / "c")},
+                            tmp_path)
+    assert child.returncode == 0, child.stderr
+    assert not marker.exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid") or os.getuid() != 0,
+                    reason="needs root to make a cache folder owned by another user")
+def test_a_cache_folder_owned_by_another_user_is_not_used(tmp_path):
+    folder = tmp_path / "cache" / "mergelang"
+    folder.mkdir(parents=True)
+    os.chown(folder, 12345, 12345)
+    child = _parse_in_child({"XDG_CACHE_HOME": str(tmp_path / "cache")}, tmp_path)
+    assert child.returncode == 0, child.stderr
+    assert list(folder.iterdir()) == []
+
+
+def test_damaged_or_shared_tables_are_rebuilt_not_trusted(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    assert _parse_in_child(env, tmp_path).returncode == 0
+    [tables] = (tmp_path / "cache" / "mergelang").iterdir()
+    tables.write_text('{"key": "x", "tables": [')  # damaged
+    child = _parse_in_child(env, tmp_path)
+    assert child.returncode == 0 and child.stdout == "1\n", child.stderr
+    assert json.loads(tables.read_text())["tables"][0] == "T"  # written again
+    os.chmod(tables, 0o666)  # writable by others: not trusted
+    tables.write_text(json.dumps({"key": "", "tables": None}))
+    assert _parse_in_child(env, tmp_path).returncode == 0
+
+
+# --- the output folder: --force never loses what it should not --------------------------------
+
+
+def _tree(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def workspace(tmp_path, make_model, monkeypatch) -> Path:
+    """tmp_path as the current folder, holding models/a, models/b and merge.merge."""
+    make_model("models/a")
+    make_model("models/b")
+    write(tmp_path, 'a = model("models/a")\nb = model("models/b")\noutput (a + b) / 2\n')
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("out", "words"), [
+    pytest.param(".", "output folder . is the current folder", id="dot"),
+    pytest.param("", "is the current folder", id="empty"),
+    pytest.param("..", "contains the current folder", id="parent"),
+    pytest.param("models", "contains", id="folder-of-inputs"),
+    pytest.param("models/a", "models/a, which this merge reads", id="an-input"),
+    pytest.param("models/a/model.safetensors", "is not a folder", id="an-input-file"),
+])
+@pytest.mark.parametrize("force", [True, False])
+def test_force_never_replaces_inputs_the_script_or_the_current_folder(workspace, capsys, out,
+                                                                      words, force):
+    before = _tree(workspace)
+    result = mergelang(capsys, "run", "merge.merge", "-o", out, "--quiet",
+                       *(["--force"] if force else []))
+    assert_error(result, None, None, words)
+    assert _tree(workspace) == before
+
+
+def test_an_output_holding_the_script_is_refused(workspace, capsys):
+    (workspace / "scripts").mkdir()
+    (workspace / "merge.merge").rename(workspace / "scripts" / "merge.merge")
+    (workspace / "scripts" / "merge.merge").write_text(
+        'a = model("../models/a")\noutput a\n')
+    result = run(capsys, Path("scripts/merge.merge"), Path("scripts"), "--force")
+    assert_error(result, None, None, "contains", "scripts/merge.merge, which this merge reads",
+                 hint="outside the input models and the script")
+
+
+def test_an_input_that_is_a_previous_merge_is_not_replaced_by_its_own_merge(workspace, capsys):
+    assert run(capsys, Path("merge.merge"), Path("merged")).code == 0
+    write(workspace, 'm = model("merged")\noutput m * 2\n', "again.merge")
+    before = (workspace / "merged" / "model.safetensors").read_bytes()
+    result = run(capsys, Path("again.merge"), Path("merged"), "--force")
+    assert_error(result, None, None, "merged, which this merge reads")
+    assert (workspace / "merged" / "model.safetensors").read_bytes() == before
+
+
+def test_force_replaces_a_previous_merge_and_reports_stale_temporary_folders(workspace,
+                                                                             capsys):
+    assert run(capsys, Path("merge.merge"), Path("merged")).code == 0
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    stale = workspace / f".merged.tmp-{int(dead.stdout)}-00ff00ff"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(bytes(4096))
+    result = run(capsys, Path("merge.merge"), Path("merged"), "--force")
+    assert result.code == 0, result.text
+    assert "warning: removed" in result.text and stale.name in result.text
+    assert "left by an earlier run" in result.text and "Traceback" not in result.text
+    assert not stale.exists()
+    assert [p.name for p in workspace.iterdir() if p.name.startswith(".merged")] == []
+
+
+def test_a_failed_run_removes_the_parent_folders_it_made(workspace, capsys):
+    write(workspace, 'a = model("models/a")\noutput a / (a - a)\n', "nan.merge")
+    result = run(capsys, Path("nan.merge"), Path("new/deeper/merged"), "--strict")
+    assert_error(result, None, None, "NaN")
+    assert not (workspace / "new").exists()
