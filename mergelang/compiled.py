@@ -24,6 +24,7 @@ from .execute import Collector, execute
 from .lower import Lowered, lower
 from .plan import Plan, plan
 from .resolve import resolve
+from .schedule import Kernel, schedule
 from .syntax import parse_expression
 
 _BARE = "tensor"  # the one name of a model given as a bare tensor
@@ -44,7 +45,7 @@ class Expression:
                         "rename it in the expression", self.span)
         self.resolved = resolve(self.module, externals=self.names)
         self._lowered: dict[frozenset[str], Lowered] = {}
-        self._plans: dict[tuple, Plan] = {}
+        self._plans: dict[tuple, tuple[Plan, list[Kernel]]] = {}
 
     def __call__(self, *, seed: int = 0, device: str = "cpu", dtype: str = "float32",
                  **inputs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
@@ -63,28 +64,30 @@ class Expression:
         if dtype not in DTYPES:
             raise error(f'unknown dtype "{dtype}"', None, hint=f"use one of {', '.join(DTYPES)}")
         try:
-            with self._plan(states, values, seed, dtype) as p:
+            p, kernels = self._plan(states, values, seed, dtype)
+            with p:
                 results = Collector(p.tensors)
-                execute(p, results.sink, device)
+                execute(p, results.sink, device, kernels=kernels)
         except MergeError as exc:
             raise MergeError(move_to_script(exc.diagnostics, self.span)) from None
         return results.tensors[_BARE] if bare else results.tensors
 
     def _plan(self, states: dict[str, dict], values: dict[str, Any], seed: int,
-              dtype: str) -> Plan:
-        """The plan for these inputs, bound to their tensors: made on the first call
-        with inputs of these names, shapes, dtypes and values; reused after."""
+              dtype: str) -> tuple[Plan, list[Kernel]]:
+        """The plan and its schedule for these inputs, bound to their tensors: made on
+        the first call with inputs of these names, shapes, dtypes and values; reused
+        after."""
         lowered = self._lower(frozenset(states), frozenset(values))
         lowered = dataclasses.replace(lowered, seed=seed, dtype=dtype)
         bound = bind(lowered, {_key(k): InMemoryModel(s) for k, s in states.items()
                                if _key(k) in lowered.models})
         signature = (seed, dtype, tuple(sorted((k, _value_key(v)) for k, v in values.items())),
                      tuple((k, tuple(_headers(s))) for k, s in sorted(states.items())))
-        cached = self._plans.get(signature)
-        if cached is None:
-            cached = plan(bound, values)
-            self._plans[signature] = cached
-        return dataclasses.replace(cached, bound=bound)
+        if signature not in self._plans:
+            made = plan(bound, values)
+            self._plans[signature] = (made, schedule(made))
+        cached, kernels = self._plans[signature]
+        return dataclasses.replace(cached, bound=bound), kernels
 
     def _lower(self, models: frozenset[str], values: frozenset[str]) -> Lowered:
         key = models

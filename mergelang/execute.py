@@ -34,15 +34,18 @@ _BINARY = {Op.ADD: BINARY["+"], Op.SUB: BINARY["-"], Op.MUL: BINARY["*"],
 
 def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
             progress: Callable[[TensorPlan], None] | None = None,
-            budget: int = DEFAULT_BUDGET, order: Order | None = None) -> list[Diagnostic]:
+            budget: int = DEFAULT_BUDGET, order: Order | None = None,
+            kernels: list[Kernel] | None = None) -> list[Diagnostic]:
     """Compute every output tensor into `sink`. Returns warnings (NaN/Inf); with
     strict=True a non-finite result is an error instead.
 
     `device` is one device or several GPUs ("cuda:0,cuda:1", "cuda:all"), which split
     the tensors between them; the results are the same bytes either way, and whatever
-    `order` (see schedule) the tensors are computed in."""
+    `order` (see schedule) the tensors are computed in. `kernels`: the plan's schedule,
+    made earlier (a caller that runs one plan many times schedules it once)."""
     devices = parse_devices(device)
-    kernels = schedule(plan, budget, order)
+    if kernels is None:
+        kernels = schedule(plan, budget, order)
     non_finite: Counter[str] = Counter()
     with _Run(plan, devices[0], sink, non_finite) as run:
         model_wide = run.sweep_model(kernels)

@@ -9,6 +9,7 @@ scalar ones are computed by `SCALAR_EVAL`.
 
 from __future__ import annotations
 
+import operator
 import re
 from collections import defaultdict
 from collections.abc import Callable
@@ -226,14 +227,14 @@ def _truth(value: Any, node: Node, ctx: TensorContext) -> bool:
 
 def _compare(node: Node, args: list, ctx) -> bool:
     """Comparisons; an ordering with `none` (e.g. `layer < 8` on the embeddings) is false."""
-    op, (a, b) = node.attr, args
-    if op == "==":
-        return a == b
-    if op == "!=":
-        return a != b
-    if a is None or b is None:
+    compare, (a, b) = _COMPARISONS[node.attr], args
+    if node.attr not in ("==", "!=") and (a is None or b is None):
         return False
-    return {"<": a < b, "<=": a <= b, ">": a > b, ">=": a >= b}[op]
+    return compare(a, b)
+
+
+_COMPARISONS = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
+                ">": operator.gt, ">=": operator.ge}
 
 
 def interpolate(values: tuple[float, ...], depth: float) -> float:

@@ -47,7 +47,7 @@ output if name ~ "mlp" then a else b
     for t in p.tensors:
         loaded = {Path(n.attr[0]).name for n in ir.nodes_of(t.root, ir.Op.LOAD)}
         assert loaded == ({"a"} if "mlp" in t.name else {"b"})
-    p.bound.close()
+    p.close()
 
 
 def test_conditions_on_layer_and_none():
@@ -105,7 +105,7 @@ output pick(avg(a, b, scale=2), b, first=true) + pick(a, b, first=false)
     got = run_tensor(p, t)
     a, b = layered_state(0)[name], layered_state(1)[name]
     torch.testing.assert_close(got, 2 * (a + b) / 2 + b)
-    p.bound.close()
+    p.close()
 
 
 def test_multiline_statements_and_comments():
@@ -135,7 +135,7 @@ output base + dare_ties(a - base, b - base, density=0.3)
     other = mergelang.evaluate("dare_linear(a, density=0.3) - dare_linear(a, density=0.3)",
                                a=layered_state(1))
     assert any(bool(v.abs().sum() > 0) for v in other.values())
-    p.bound.close()
+    p.close()
 
 
 def test_non_float_tensors_are_copied_when_all_agree():

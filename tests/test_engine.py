@@ -27,7 +27,7 @@ from tests.helpers import (
 def test_chunked_execution_gives_the_same_bytes(tmp_path, expression):
     p = four_models(tmp_path, expression, seed=5)
     same_bytes_in_chunks(p)
-    p.bound.close()
+    p.close()
 
 
 @pytest.mark.parametrize("density", [0.0, 0.001, 0.1, 0.5, 0.9, 1.0])
@@ -65,7 +65,7 @@ output (a - b) * 2 + c
     # three inputs, then a - b (4 alive), a and b die, * 2, then + c
     assert peak_alive(final) == 4
     assert all(count == 1 for count in final.uses.values())
-    p.bound.close()
+    p.close()
 
 
 def test_tensors_are_ordered_by_their_place_in_the_files(tmp_path):
@@ -75,7 +75,7 @@ def test_tensors_are_ordered_by_their_place_in_the_files(tmp_path):
     info = p.bound.models[next(iter(p.bound.models))].source.tensors
     order = [k.tensor.name for k in schedule(p)]
     assert order == sorted(order, key=lambda n: info[n].offset)
-    p.bound.close()
+    p.close()
 
 
 def test_results_do_not_depend_on_threads_or_tensor_order(tmp_path):
@@ -101,7 +101,7 @@ output base + dare_ties(a - base, b - base, density=0.5)
         reordered = run_all(p, 10**9, order)
         for name in one:
             assert torch.equal(one[name], two[name]) and torch.equal(one[name], reordered[name])
-    p.bound.close()
+    p.close()
 
 
 def test_inputs_in_memory_are_never_written_to():
@@ -147,7 +147,7 @@ def test_whole_model_trim_keeps_the_top_k_of_all_tensors_together(tmp_path):
             assert torch.equal(got[name], expected[name].reshape(tensor.shape)), (budget, name)
     per_tensor = mergelang.evaluate(f"trim(a, {density})", a=state)
     assert not all(torch.equal(per_tensor[n], got[n]) for n in state)
-    p.bound.close()
+    p.close()
 
 
 def test_l1_rescale_does_not_depend_on_chunks_or_threads_for_long_rows(tmp_path):
@@ -167,7 +167,7 @@ def test_l1_rescale_does_not_depend_on_chunks_or_threads_for_long_rows(tmp_path)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(results[0], r) for r in results[1:])
-    p.bound.close()
+    p.close()
 
 
 def test_a_whole_model_trim_of_a_trim_is_a_diagnostic(tmp_path, capsys):

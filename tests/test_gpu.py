@@ -15,7 +15,7 @@ def merge(tmp_path, expression: str, device: str, budget: int) -> dict[str, torc
     p = four_models(tmp_path / device.replace(":", "_").replace(",", "_"), expression, seed=3)
     results = Collector(p.tensors)
     execute(p, results.sink, device, budget=budget)
-    p.bound.close()
+    p.close()
     return results.tensors
 
 

@@ -25,6 +25,9 @@ from .values import ModelRef, Value, broadcast2, describe, is_number, is_tensor,
 _MAX_INLINE_DEPTH = 64
 _ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _ARITHMETIC_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV}
+_UNARY = {"-": "_negate", "not": "_not"}
+_LOGICAL = {"and": Op.AND, "or": Op.OR}
+_DECIDES = {"and": False, "or": True}  # a left operand equal to this decides alone
 _COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
             ">": operator.gt, ">=": operator.ge}
 
@@ -104,9 +107,8 @@ class Lowerer:
 
     def _Unary(self, node: ast.Unary, frame: Frame) -> Value:
         value = self.eval(node.operand, frame)
-        if node.op == "-":
-            return map1(value, lambda v: self._negate(v, node))
-        return map1(value, lambda v: self._not(v, node))
+        apply = getattr(self, _UNARY[node.op])
+        return map1(value, lambda v: apply(v, node))
 
     def _negate(self, v: Value, node: ast.Unary) -> Value:
         if is_number(v):
@@ -124,8 +126,8 @@ class Lowerer:
 
     def _Binary(self, node: ast.Binary, frame: Frame) -> Value:
         left = self.eval(node.left, frame)
-        if node.op in ("and", "or") and isinstance(left, bool):
-            if left == (node.op == "or"):
+        if node.op in _LOGICAL and isinstance(left, bool):
+            if left == _DECIDES[node.op]:
                 return left
             right = self.eval(node.right, frame)
             return self._logical(node, left, right)
@@ -134,15 +136,10 @@ class Lowerer:
 
     def _binary(self, node: ast.Binary, a: Value, b: Value) -> Value:
         op = node.op
-        if op in ("and", "or"):
+        if op in _LOGICAL:
             return self._logical(node, a, b)
-        if op == "|":
-            if is_tensor(a) and is_tensor(b):
-                return self.b.make(Op.FALLBACK, (a, b), None, TENSOR, node.span)
-            raise error(f"`|` chooses between models, not {describe(a)} and {describe(b)}",
-                        node.span, hint="`a | b` is a's tensor where a has it, else b's")
-        if op == "~":
-            return self._match(node, a, b)
+        if op in _SPECIAL:
+            return _SPECIAL[op](self, node, a, b)
         if op in _COMPARE:
             if isinstance(a, Node) or isinstance(b, Node):
                 if is_tensor(a) or is_tensor(b):
@@ -156,6 +153,12 @@ class Lowerer:
                 raise error(f"cannot compare {describe(a)} with {describe(b)}",
                             node.span) from None
         return self.arithmetic(op, a, b, node.span)
+
+    def _fallback(self, node: ast.Binary, a: Value, b: Value) -> Value:
+        if is_tensor(a) and is_tensor(b):
+            return self.b.make(Op.FALLBACK, (a, b), None, TENSOR, node.span)
+        raise error(f"`|` chooses between models, not {describe(a)} and {describe(b)}",
+                    node.span, hint="`a | b` is a's tensor where a has it, else b's")
 
     def _match(self, node: ast.Binary, a: Value, b: Value) -> Value:
         if not isinstance(b, str):
@@ -172,28 +175,28 @@ class Lowerer:
         raise error(f"`~` matches a string such as `name`, not {describe(a)}", node.span)
 
     def arithmetic(self, op: str, a: Value, b: Value, span: Span) -> Value:
-        if op == "/" and is_number(b) and b == 0:
+        kind = _ARITHMETIC_OPS[op]
+        if kind is Op.DIV and is_number(b) and b == 0:
             raise error("division by zero", span, hint="weights that sum to zero cannot be "
                         "normalized; pass normalize=false or change the weights")
         if is_number(a) and is_number(b):
             return _ARITHMETIC[op](a, b)
-        if op == "+" and isinstance(a, str) and isinstance(b, str):
+        if kind is Op.ADD and isinstance(a, str) and isinstance(b, str):
             return a + b
         for v in (a, b):
             if not (is_number(v) or isinstance(v, Node)):
                 raise error(f"cannot use {describe(v)} in arithmetic (`{op}`)", span)
-        return self.b.make(_ARITHMETIC_OPS[op], (self.as_node(a), self.as_node(b)), span=span)
+        return self.b.make(kind, (self.as_node(a), self.as_node(b)), span=span)
 
     def _logical(self, node: ast.Binary, a: Value, b: Value) -> Value:
         for v in (a, b):
             if not (isinstance(v, bool) or (isinstance(v, Node) and v.kind == SCALAR)):
                 raise error(f"`{node.op}` needs true or false, not {describe(v)}", node.span)
         if isinstance(a, bool) and isinstance(b, bool):
-            return (a and b) if node.op == "and" else (a or b)
+            return (a and b) if _LOGICAL[node.op] is Op.AND else (a or b)
         if isinstance(a, bool):  # a did not decide it (see _Binary), so b does
             return b
-        op = Op.AND if node.op == "and" else Op.OR
-        return self.b.make(op, (a, self.as_node(b)), None, SCALAR, node.span)
+        return self.b.make(_LOGICAL[node.op], (a, self.as_node(b)), None, SCALAR, node.span)
 
     def _Cond(self, node: ast.Cond, frame: Frame) -> Value:
         test = self.eval(node.test, frame)
@@ -321,6 +324,10 @@ class Lowerer:
                 spans.append(f.call.span)
             f = f.parent
         return ">".join(f"{Path(s.file).name}:{s.line}:{s.col}" for s in reversed(spans))
+
+
+# binary operators that are neither logic, comparison nor arithmetic
+_SPECIAL = {"|": Lowerer._fallback, "~": Lowerer._match}
 
 
 def _after_rest(fn: ast.FnDef, param: ast.Param) -> bool:
