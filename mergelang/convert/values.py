@@ -1,0 +1,126 @@
+"""Per-tensor parameter values as expressions: filters, gradients and slice gradients.
+
+A constant is a literal. Anything more is bound to a name (`weight_math`, `t_2`), with a
+comment saying which mergekit rule it spells out, so the `output` line stays readable:
+
+- a filter chain is `if name ~ "<escaped filter>" then ... else ...` (mergekit's filters
+  are substring tests);
+- a gradient over a whole model is `gradient([...])`, but mergekit gives the tensors
+  outside the layers the first value where mergelang's `gradient` gives the final norm
+  and head the last: `if layer == none then v0 else gradient([...])`;
+- a gradient inside one slice of several runs over that slice's layers only: a
+  piecewise-linear expression in `layer`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .. import ast
+from .emit import Make, Script
+from .methods import MkParam
+from .params import Const, Grad, Value, When
+
+FILTERS = "mergekit's filters are substring matches on the tensor name"
+OUTSIDE = ("mergekit gives tensors outside the layers (embeddings, final norm, lm_head) a "
+           "gradient's first value")
+
+
+@dataclass(frozen=True)
+class Layers:
+    """Where a slice's layers sit in the output: mergekit's gradients run over them."""
+
+    offset: int
+    length: int
+    whole: bool   # the slice is all of the output's layers: `gradient` (over depth) fits
+
+
+class Values:
+    def __init__(self, script: Script):
+        self.script = script
+
+    def expr(self, value: Value, param: MkParam, layers: Layers, hint: str | None,
+             make: Make) -> ast.Expr:
+        """`value` as an expression; anything beyond a literal is bound to a name made
+        from `hint` (which may be None only for a `Const`)."""
+        if isinstance(value, Const):
+            return self._literal(value, param, make)
+        assert hint is not None
+        if isinstance(value, Grad):
+            if not layers.whole:
+                return self._slice_gradient(value, layers, hint, make)
+            v = value.values
+            if v[0] == v[-1]:
+                return self.script.bind(hint, _gradient(v, make))
+            return self.script.bind(hint, self._gradient(value, layers, hint, make), OUTSIDE)
+        branches = []
+        while isinstance(value, When):
+            branches.append((value.filter, self._branch(value.then, param, layers, hint, make)))
+            value = value.orelse
+        out = self._branch(value, param, layers, hint, make)
+        for filt, then in reversed(branches):
+            test = make.op(make.name("name"), "~", make.lit(re.escape(filt)))
+            out = make.cond(test, then, out)
+        return self.script.bind(hint, out, FILTERS)
+
+    def _literal(self, value: Const, param: MkParam, make: Make) -> ast.Expr:
+        return make.lit(param.transform(value.value) if param.transform else value.value)
+
+    def _branch(self, value: Const | Grad, param: MkParam, layers: Layers, hint: str,
+                make: Make) -> ast.Expr:
+        if isinstance(value, Const):
+            return self._literal(value, param, make)
+        return self._gradient(value, layers, hint, make)
+
+    def _gradient(self, value: Grad, layers: Layers, hint: str, make: Make) -> ast.Expr:
+        """A gradient inside a larger expression (no name of its own over a whole model)."""
+        v = value.values
+        if not layers.whole:
+            return self._slice_gradient(value, layers, hint, make)
+        if v[0] == v[-1]:
+            return _gradient(v, make)
+        return make.cond(_outside(make), make.lit(v[0]), _gradient(v, make))
+
+    def _slice_gradient(self, value: Grad, layers: Layers, hint: str, make: Make) -> ast.Expr:
+        """mergekit's gradient over one slice of several: t = (layer - offset) / (n - 1)
+        over the slice's own layers; tensors outside the layers get the first value."""
+        v = value.values
+        first, last = layers.offset, layers.offset + layers.length - 1
+        comment = (f"the gradient {_text(v)} over this slice's layers (output layers "
+                   f"{first}-{last}), as mergekit spreads it; the first value outside the "
+                   f"layers")
+        if layers.length == 1:   # mergekit: t = 1 for a one-layer slice
+            return self.script.bind(hint, make.cond(_outside(make), v[0], v[-1]), comment)
+        k = len(v) - 1
+        pos: ast.Expr = make.name("layer")
+        if first:
+            pos = make.op(pos, "-", first)
+        if layers.length > 2:
+            pos = make.op(pos, "/", layers.length - 1)
+        if k > 1:
+            pos = make.op(pos, "*", k)
+        pos = self.script.bind(f"{hint}_pos", pos,
+                               "the position in the gradient's list: 0 at the slice's first "
+                               "layer")
+        out: ast.Expr | None = None
+        for j in reversed(range(k)):
+            frac = pos if j == 0 else make.op(pos, "-", j)
+            segment = make.op(make.op(make.op(1, "-", frac), "*", v[j]), "+",
+                              make.op(frac, "*", v[j + 1]))
+            out = segment if out is None else make.cond(make.op(pos, "<", j + 1), segment, out)
+        return self.script.bind(hint, make.cond(_outside(make), v[0], out), comment)
+
+
+def _gradient(values: tuple, make: Make) -> ast.Call:
+    return make.call("gradient", (make.lit(list(values)),))
+
+
+def _outside(make: Make) -> ast.Expr:
+    """`layer == none`: a tensor outside the repeated blocks."""
+    return make.op(make.name("layer"), "==", make.lit(None))
+
+
+def _text(values: Any) -> str:
+    return "[" + ", ".join(repr(v) for v in values) + "]"
