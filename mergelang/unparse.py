@@ -11,7 +11,7 @@ line aligned after the opening bracket (lists of plain literals and parameter li
 filled instead: as many items a line as fit), and an `if ... else` is broken before each
 `else`, aligned under its `if`. A statement whose whole value is an `else if` chain is
 always broken so, one branch a line. An operand that does not fit even so starts a new
-line after its operator, under the first operand. These are places where a newline
+line after its operator, under the first operand, if it fits there. These are places where a newline
 continues a statement (syntax.py), so the text parses back. A line can still pass `width`
 where no bracket is left to break (a long name or string).
 
@@ -302,17 +302,20 @@ class _Printer:
 
     def _ops(self, doc: _Ops, col: int, tail: int) -> str:
         """Each operand on the line so far if it fits there (broken inside its brackets if
-        need be), else on a new line under the first operand."""
+        need be), else on a new line under the first operand if it fits there and the line
+        it leaves fits too: breaking a line that is too long anyway only makes a staircase."""
         last = len(doc.ops) - 1
         out = self.render(doc.operands[0], col, len(doc.ops[0]) + 1)
         for i, (op, operand) in enumerate(zip(doc.ops, doc.operands[1:], strict=True)):
             room = tail if i == last else len(doc.ops[i + 1]) + 1
             here = _column(out, col) + len(op) + 2
             text = self.render(operand, here, room)
-            if self._fits(text, here, room):
+            below = self.render(operand, col, room)
+            if (self._fits(text, here, room) or not self._fits(below, col, room)
+                    or here - 1 > self.width):   # the line is too long already
                 out += f" {op} {text}"
             else:
-                out += f" {op}\n{' ' * col}" + self.render(operand, col, room)
+                out += f" {op}\n{' ' * col}{below}"
         return out
 
     def _fits(self, text: str, col: int, tail: int) -> bool:
