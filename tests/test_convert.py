@@ -23,6 +23,8 @@ import mergelang
 from mergelang.cli import main
 from mergelang.convert import METHODS, convert, convert_file
 from mergelang.resolve import stdlib_scope
+from mergelang.syntax import parse
+from mergelang.unparse import unparse
 
 from .conftest import write_hf_folder
 
@@ -279,6 +281,56 @@ def test_dare_ties_example_text():
     assert "set seed = 7" in text
     assert "random masks are drawn by mergelang" in text
     assert text.count(" = model(") == 3    # the base is listed once
+
+
+SLICE_GRADIENTS_EXAMPLE = """\
+slices:
+  - sources:
+      - {model: org/base, layer_range: [0, 1]}
+      - {model: org/a, layer_range: [0, 1], parameters: {weight: [0.2, 1.0]}}
+  - sources:
+      - {model: org/base, layer_range: [1, 4]}
+      - model: org/a
+        layer_range: [1, 4]
+        parameters:
+          weight:
+            - {filter: mlp, value: [1.0, 0.4, 0.1]}
+            - {filter: self_attn, value: [-0.3, 0.3]}
+            - value: 0.2
+merge_method: task_arithmetic
+base_model: org/base
+parameters: {lambda: [1.0, 0.5]}
+"""
+
+
+@pytest.mark.parametrize("config", [TIES_EXAMPLE, GRADIENT_SLERP_EXAMPLE, PASSTHROUGH_EXAMPLE,
+                                    LINEAR_EXAMPLE, DARE_TIES_EXAMPLE, SLICE_GRADIENTS_EXAMPLE])
+def test_scripts_are_laid_out_as_the_unparser_lays_out_code(config):
+    """The script is a syntax tree printed by mergelang.unparse: without its comments and
+    blank lines it is the unparser's text for what it parses to."""
+    script = convert(config, "x.yml").script
+    code = [re.sub(r" +# .*$", "", line) for line in script.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert unparse(parse(script)) == "".join(line + "\n" for line in code)
+
+
+def test_slice_gradients_text():
+    text = convert(SLICE_GRADIENTS_EXAMPLE, "x.yml").script
+    assert "weight_1 = if layer == none then 0.2 else 1.0\n" in text   # one layer: t = 1
+    assert "weight_2_pos = (layer - 1) / 2 * 2\n" in text
+    assert ("weight_2 = if layer == none then 1.0\n"
+            "           else if weight_2_pos < 1 then (1 - weight_2_pos) * 1.0 + "
+            "weight_2_pos * 0.4\n"
+            "           else (1 - (weight_2_pos - 1)) * 0.4 + (weight_2_pos - 1) * 0.1\n"
+            ) in text
+    assert "(1 - weight_2_pos_2) * -0.3 + weight_2_pos_2 * 0.3\n" in text
+    # an else-if chain is aligned under its own `if`
+    assert ('weight_2_3 = if name ~ "mlp" then weight_2\n'
+            '             else if name ~ "self_attn" then weight_2_2\n'
+            "             else 0.2\n") in text
+    # the lambda gradient shares the position binding of the same layers
+    assert "lambda_2 = if layer == none then 1.0 else (1 - weight_2_pos_2) * 1.0 + " in text
+    assert "output stack(slice_1, slice_2)" in text
 
 
 def test_filters_are_escaped_substring_matches():

@@ -9,6 +9,7 @@ with the converter's comments passed to the unparser as statement trivia.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .. import ast
@@ -36,7 +37,7 @@ class Make:
         if isinstance(value, bool):
             return ast.Bool(self.span, value)
         if isinstance(value, int | float):
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value):
                 raise error(f"{value} is not a number mergelang can write")
             if repr(value).startswith("-"):
                 return ast.Unary(self.span, "-", ast.Number(self.span, -value))
@@ -143,9 +144,10 @@ class Script:
                 add(stmt, after=comment)
             gap = ("",) if group else gap
         said: set[str] = set()
-        for stmt, comment in self.bindings:
+        for stmt, comment in self.bindings:   # a comment is said once, above its first use
             first = comment is not None and comment not in said
-            said.add(comment or "")
+            if first:
+                said.add(comment)
             add(stmt, above=wrap_comment(comment) if first else ())
         gap = ("",) if self.bindings else gap
         add(ast.Output(output.span, output))

@@ -18,7 +18,6 @@ import yaml
 
 from .. import ast
 from ..diagnostics import error
-from ..unparse import unparse
 from .config import Config, ModelRef, SliceDef, SourceDef
 from .emit import Make, Script, text_of, wrap_comment
 from .methods import MERGEKIT_VERSION, MkParam
@@ -387,4 +386,4 @@ def _stdlib_defaults(function: str) -> dict[str, str]:
     fn = stdlib_scope().functions.get(function)
     if fn is None:
         return {}
-    return {p.name: unparse(p.default) for p in fn.params if p.default is not None}
+    return {p.name: text_of(p.default) for p in fn.params if p.default is not None}
