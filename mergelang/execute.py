@@ -91,15 +91,28 @@ def run_tensor(plan: Plan, t: TensorPlan, device: str = "cpu",
 
 
 class Collector:
-    """A sink that assembles the results in memory (for `evaluate` and tests)."""
+    """A sink that assembles the results in memory (for `evaluate` and tests). A tensor
+    that arrives in one piece is kept as it is, not copied."""
 
     def __init__(self, tensors: list[TensorPlan]):
-        self.tensors = {t.name: torch.empty(t.shape, dtype=t.out_dtype) for t in tensors}
+        self.shapes = {t.name: (t.shape, t.out_dtype) for t in tensors}
+        self.tensors: dict[str, torch.Tensor] = {}
 
     def sink(self, name: str, row0: int, part: torch.Tensor) -> None:
-        whole = self.tensors[name]
+        shape, dtype = self.shapes[name]
+        if row0 == 0 and part.numel() == _numel(shape) and name not in self.tensors:
+            self.tensors[name] = part.reshape(shape)
+            return
+        whole = self.tensors.setdefault(name, torch.empty(shape, dtype=dtype))
         rows = whole.view(-1) if whole.dim() == 0 else whole
         rows[row0:row0 + len(part)] = part
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 class _Run:
