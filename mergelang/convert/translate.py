@@ -30,6 +30,8 @@ _HUB_NOTE = "Hub id: download it first"
 
 
 class Translator:
+    """Writes the script for one config: its settings, models, bindings and output."""
+
     def __init__(self, config: Config, read: Reader, script_dir: Path | None):
         self.config = config
         self.method = config.method

@@ -38,6 +38,8 @@ class Layers:
 
 
 class Values:
+    """Writes parameter values for one script, binding names in it."""
+
     def __init__(self, script: Script):
         self.script = script
 
@@ -53,7 +55,7 @@ class Values:
                 return self._slice_gradient(value, layers, hint, make)
             v = value.values
             if v[0] == v[-1]:
-                return self.script.bind(hint, _gradient(v, make))
+                return self.script.bind(hint, _gradient_call(v, make))
             return self.script.bind(hint, self._gradient(value, layers, hint, make), OUTSIDE)
         branches = []
         while isinstance(value, When):
@@ -80,8 +82,8 @@ class Values:
         if not layers.whole:
             return self._slice_gradient(value, layers, hint, make)
         if v[0] == v[-1]:
-            return _gradient(v, make)
-        return make.cond(_outside(make), make.lit(v[0]), _gradient(v, make))
+            return _gradient_call(v, make)
+        return make.cond(_outside(make), make.lit(v[0]), _gradient_call(v, make))
 
     def _slice_gradient(self, value: Grad, layers: Layers, hint: str, make: Make) -> ast.Expr:
         """mergekit's gradient over one slice of several: t = (layer - offset) / (n - 1)
@@ -113,7 +115,7 @@ class Values:
         return self.script.bind(hint, make.cond(_outside(make), v[0], out), comment)
 
 
-def _gradient(values: tuple, make: Make) -> ast.Call:
+def _gradient_call(values: tuple, make: Make) -> ast.Call:
     return make.call("gradient", (make.lit(list(values)),))
 
 
