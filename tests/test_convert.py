@@ -333,6 +333,17 @@ def test_slice_gradients_text():
     assert "output stack(slice_1, slice_2)" in text
 
 
+def test_model_names_never_shadow_keywords_or_functions():
+    config = ("merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: org/{n}\n    parameters: {{weight: 1}}\n"
+        for n in ("if", "param", "sum", "ties", "9b")))
+    text = convert(config).script
+    for name, path in (("if_2", "if"), ("param_2", "param"), ("sum_2", "sum"), ("ties_2", "ties"),
+                       ("m_9b", "9b")):
+        assert f'{name} = model("org/{path}")' in text
+    parse(text)
+
+
 def test_filters_are_escaped_substring_matches():
     config = """\
 merge_method: linear

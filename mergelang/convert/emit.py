@@ -16,7 +16,7 @@ from .. import ast
 from ..diagnostics import Span, error
 from ..unparse import WIDTH, Trivia, unparse
 
-_KEYWORDS = frozenset("fn return output import set if then else and or not true false none"
+_KEYWORDS = frozenset("fn return output import set param if then else and or not true false none"
                       .split())
 
 
