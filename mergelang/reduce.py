@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,147 +96,81 @@ class Reduction:
         raise NotImplementedError
 
 
-def reduce_whole(reduction: Reduction, tensors: list[torch.Tensor], chunk: Chunk):
-    """Run a reduction on tensors held whole (one chunk) and return its result."""
+def reduce_whole(reduction: Reduction | None, tensors: list, chunk: Chunk | None) -> Any:
+    """Run a reduction on tensors held whole (one chunk) and return its result (None for
+    no reduction): how a primitive called directly, or the executor on a tensor of one
+    chunk, gets what the sweeps would have found."""
+    if reduction is None:
+        return None
+    if reduction.sweeps(1) == 0:
+        return reduction.result()
     while True:
         reduction.add(*tensors, chunk)
         if reduction.finish_sweep():
             return reduction.result()
 
 
-class KthMagnitude(Reduction):
-    """The k-th largest |x|, how many entries are strictly larger, and how many equal it:
-    exactly, by a two-sweep radix selection on float32 bit patterns (non-negative floats
-    order like their bits). The first sweep counts the high 16 bits, the second the low
-    16 bits inside the bin where the k-th value lies. It works the same on a whole
-    tensor or chunk by chunk (a one-off timing on a 2.9M-entry tensor, one thread: 5 ms
-    against 30 ms for torch.kthvalue).
-    """
-
-    def __init__(self, k: int, numel: int):
-        self.k, self.numel = k, numel
-        self.sweep = 0
-        self.high = self.low = None  # histograms, made by the first chunk that needs them
-        self.bin = -1
-        self.above_bin = 0
-        self.found: tuple[float, int, int] | None = None  # threshold, above, equal
-        if k >= numel:
-            self.found = (-1.0, numel, 0)  # everything is kept
-        elif k <= 0:
-            self.found = (math.inf, 0, 0)  # nothing is kept
-
-    def sweeps(self, chunks: int) -> int:
-        return 0 if self.found is not None else 2
-
-    def add(self, x: torch.Tensor, chunk: Chunk) -> None:
-        if self.found is not None:
-            return
-        bits = x.detach().abs().float().reshape(-1).view(torch.int32)
-        if self.sweep == 0:
-            self.high = _count(self.high, bits >> 16)
-            self._saw(chunk, None)
-        else:
-            inside = bits[(bits >> 16) == self.bin] & 0xFFFF
-            self.low = _count(self.low, inside)
-            self._saw(chunk, inside)
-
-    def _saw(self, chunk: Chunk, inside: torch.Tensor | None) -> None:
-        """Called for each chunk with the low bits of its entries in the threshold's bin
-        (None in the first sweep); the model-wide selection keeps them per tensor."""
-
-    def finish_sweep(self) -> bool:
-        if self.found is not None:
-            return True
-        counts = self.high if self.sweep == 0 else self.low
-        if counts is None:  # no chunk had elements
-            counts = torch.zeros(1 << 16, dtype=torch.int64)
-        from_top = counts.flip(0).cumsum(0) + (0 if self.sweep == 0 else self.above_bin)
-        j = int(torch.searchsorted(from_top, self.k))  # first position reaching k
-        value = (1 << 16) - 1 - j
-        above = int(from_top[j]) - int(counts[value])
-        if self.sweep == 0:
-            self.bin, self.above_bin = value, above
-            self.sweep = 1
-            return False
-        bits = torch.tensor([(self.bin << 16) | value], dtype=torch.int32)
-        self.found = (float(bits.view(torch.float32)), above, int(counts[value]))
-        return True
-
-    def result(self) -> tuple[float, int, int]:
-        """(threshold, room, ties): keep |x| > threshold, and the first `room` of the
-        `ties` entries equal to it."""
-        assert self.found is not None
-        threshold, above, equal = self.found
-        return threshold, max(0, self.k - above), equal
+def rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (rows, rest): its first dimension is the row, the unit chunks are made of; a
+    scalar is one row."""
+    return x.reshape(x.shape[0], -1) if x.dim() > 0 else x.reshape(1, 1)
 
 
-class ModelKthMagnitude(KthMagnitude):
-    """KthMagnitude over all the tensors of a task vector (the TIES paper's trim scope):
-    two sweeps of the whole model. Entries equal to the threshold are kept in the plan's
-    tensor order, then row-major order, so each tensor gets its share of the room: the
-    second sweep keeps, per tensor, a histogram of the low bits inside the threshold's
-    bin, from which each tensor's count of threshold ties is read."""
-
-    model_wide = True
-
-    def __init__(self, k: int, numel: int):
-        super().__init__(k, numel)
-        self.per_tensor: dict[str, torch.Tensor] = {}  # in the order tensors are seen
-        self.rooms: dict[str, int] = {}
-
-    def _saw(self, chunk: Chunk, inside: torch.Tensor | None) -> None:
-        if inside is None:
-            self.per_tensor.setdefault(chunk.tensor, None)
-        else:
-            self.per_tensor[chunk.tensor] = _count(self.per_tensor[chunk.tensor], inside)
-
-    def finish_sweep(self) -> bool:
-        done = super().finish_sweep()
-        if done and self.sweep == 1:
-            low = int(torch.tensor([self.found[0]]).view(torch.int32)) & 0xFFFF
-            room = self.k - self.found[1]
-            for name, histogram in self.per_tensor.items():
-                ties = int(histogram[low]) if histogram is not None else 0
-                self.rooms[name] = (min(ties, max(room, 0)), ties)
-                room -= self.rooms[name][0]
-        return done
-
-    def result_for(self, tensor: str) -> tuple[float, int, int]:
-        """(threshold, room, ties) for one tensor: its share of the entries at the
-        threshold."""
-        return (self.found[0], *self.rooms.get(tensor, (0, 0)))
+def row_sums(x: torch.Tensor, dtype: torch.dtype | None = torch.float64) -> list[float]:
+    """Per-row sums in `dtype` (None: x's own): the same numbers whatever block of rows x
+    came in, to be added exactly (math.fsum)."""
+    r = rows(x)
+    return (r if dtype is None else r.to(dtype)).sum(1).tolist()
 
 
-def _count(histogram: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
-    """Add the counts of 16-bit keys to a 65536-bin histogram, in place."""
-    if histogram is None:
-        histogram = torch.zeros(1 << 16, dtype=torch.int64)
-    if keys.numel() >= histogram.numel():
-        histogram += torch.bincount(keys, minlength=histogram.numel()).cpu()
-    elif keys.numel():
-        values, counts = torch.unique(keys, return_counts=True)
-        histogram.index_add_(0, values.long().cpu(), counts.cpu())
-    return histogram
+L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: norms below this are not rescaled
 
 
 class L1Ratio(Reduction):
-    """sum |x| / sum |x * keep|, one sweep: float32 sums per row, added exactly
-    (math.fsum), so the ratio does not depend on how the rows were chunked."""
+    """‖first‖₁ / ‖second‖₁ over the whole tensor, 1 when either is below L1_EPS, in one
+    sweep: per-row sums of magnitudes, added exactly (math.fsum), so the ratio does not
+    depend on how the rows were chunked.
 
-    def __init__(self, keep):
-        self.keep = keep  # (x, chunk) -> the 0/1 mask for this chunk
-        self.before: list[float] = []
-        self.after: list[float] = []
+    parts(*tensor arguments, chunk) gives this chunk's (first, second); a boolean `second`
+    is a mask on the first: ‖first * mask‖₁. The sums are taken in `dtype`, None for the
+    compute dtype (drop's rescale, which has always summed so: float64 would change its
+    bits)."""
 
-    def add(self, x: torch.Tensor, chunk: Chunk) -> None:
-        magnitude = (x.reshape(x.shape[0], -1) if x.dim() > 0 else x.reshape(1, 1)).abs()
-        self.before += magnitude.sum(1).tolist()
-        magnitude *= self.keep(x, chunk).reshape(magnitude.shape)  # |x * keep|
-        self.after += magnitude.sum(1).tolist()
+    def __init__(self, parts: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+                 dtype: torch.dtype | None = torch.float64):
+        self.parts, self.dtype = parts, dtype
+        self.first: list[float] = []
+        self.second: list[float] = []
+
+    def add(self, *args) -> None:
+        self.add_parts(*self.parts(*args))
+
+    def add_parts(self, first: torch.Tensor, second: torch.Tensor) -> None:
+        magnitude = rows(first).abs()
+        if self.dtype is not None:
+            magnitude = magnitude.to(self.dtype)
+        self.first += magnitude.sum(1).tolist()
+        if second.dtype == torch.bool:
+            magnitude *= rows(second)  # |first * mask|, in place
+            self.second += magnitude.sum(1).tolist()
+        else:
+            self.second += row_sums(second.abs(), self.dtype)
 
     def finish_sweep(self) -> bool:
         return True
 
     def result(self) -> float:
-        before, after = math.fsum(self.before), math.fsum(self.after)
-        return before / after if before >= 1e-7 and after >= 1e-7 else 1.0
+        return l1_ratio(math.fsum(self.first), math.fsum(self.second))
+
+
+def l1_ratio(first: float, second: float) -> float:
+    return first / second if first >= L1_EPS and second >= L1_EPS else 1.0
+
+
+def __getattr__(name: str) -> Any:
+    # trim's selections, defined with the selection engine in selection.py (which builds
+    # on this module), are still found here by their first callers
+    if name in ("KthMagnitude", "ModelKthMagnitude"):
+        from . import selection
+        return getattr(selection, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

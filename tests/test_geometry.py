@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mergelang
-from mergelang.ops import geometry
+from mergelang.ops import geometry, gram
 from mergelang.schedule import schedule
 from tests.test_engine import four_models, same_bytes_in_chunks
 
@@ -411,7 +411,7 @@ def test_chunked_execution_gives_the_same_bytes(tmp_path, expression):
 ])
 def test_small_summing_blocks_cut_by_chunks(tmp_path, monkeypatch, expression):
     # blocks of 3 rows, so chunk boundaries cut through the blocks the sums are taken on
-    monkeypatch.setattr(geometry, "_MAX_BLOCK_ROWS", 3)
+    monkeypatch.setattr(gram, "MAX_BLOCK_ROWS", 3)
     _same_bytes_chunked(tmp_path, expression)
 
 

@@ -15,8 +15,9 @@ import torch
 
 import mergelang
 from mergelang.ops import PRIMITIVES
-from mergelang.ops.pruning import _OrderStatistics, magprune, top_variance, trim_outliers
+from mergelang.ops.pruning import magprune, top_variance, trim_outliers
 from mergelang.reduce import Chunk, RandomStream
+from mergelang.selection import OrderStatistics
 from tests.test_engine import four_models, same_bytes_in_chunks
 
 
@@ -477,17 +478,17 @@ def test_order_statistics_in_chunks_equal_the_whole(ranks):
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(5000, generator=g),
                    torch.randint(-3, 4, (5000,), generator=g).float()]).reshape(100, 100)
-    whole = _OrderStatistics(x.numel(), torch.abs, lambda nonzero: ranks)
+    whole = OrderStatistics(x.numel(), lambda nonzero: ranks)
     whole.add(x, Chunk.whole(x))
     assert whole.finish_sweep()
-    chunked = _OrderStatistics(x.numel(), torch.abs, lambda nonzero: ranks)
+    chunked = OrderStatistics(x.numel(), lambda nonzero: ranks)
     for _ in range(chunked.sweeps(7)):
         for rows in torch.split(x, 15):
             chunked.add(rows, Chunk.whole(rows))
         done = chunked.finish_sweep()
     assert done and whole.result() == chunked.result()
     ordered = torch.sort(x.abs().flatten()).values
-    nonzero, found = whole.result()
+    found, nonzero = whole.result()
     assert nonzero == int((x != 0).sum())
     for r in ranks:
         value, less, equal = found[r]

@@ -11,6 +11,8 @@ This package holds the registry; the primitives are in its modules, by kind.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +32,11 @@ class Param:
 
 @dataclass(frozen=True)
 class Primitive:
+    """A registered primitive. Its parameters are declared once, by `params`: the Python
+    function's positional parameters must be exactly they, in order, with the same
+    defaults, and the reduction factory names the number and string parameters it needs.
+    A primitive whose declarations disagree cannot be made (see `declaration_errors`)."""
+
     name: str
     params: tuple[Param, ...]
     fn: Callable = field(compare=False)
@@ -38,23 +45,86 @@ class Primitive:
     # (seed, tensor name, call site).
     random: bool = False
     # A per-tensor reduction over the tensor arguments, computed before the elementwise
-    # pass: reduction(numel, *number and string args) -> Reduction | None (None: not
-    # needed with these arguments). fn then gets `chunk=` with the result in chunk.stats.
-    # See reduce.py; the reduction's add() receives the tensor arguments in order.
+    # pass: reduction(numel, **the number and string arguments it names) -> Reduction |
+    # None (None: not needed with these arguments). fn then gets `chunk=` with the result
+    # in chunk.stats. See reduce.py; the reduction's add() receives the tensor arguments
+    # in order.
     reduction: Callable | None = field(default=None, compare=False)
     # Needs the whole tensor at once (e.g. a decomposition): never computed in row blocks.
     whole: bool = False
     # Calling it with a list where the first parameter takes one tensor maps over the list.
     maps: bool = True
 
+    def __post_init__(self) -> None:
+        errors = declaration_errors(self)
+        if errors:
+            raise TypeError(f"primitive {self.name!r}: " + "; ".join(errors))
+
     @property
     def takes_chunk(self) -> bool:
         return self.random or self.reduction is not None
 
+    @property
+    def statics(self) -> tuple[str, ...]:
+        """The names of the number and string parameters, in declaration order."""
+        return tuple(p.name for p in self.params if p.kind not in TENSOR_KINDS)
+
     def make_reduction(self, numel: int, statics: tuple):
         """The reduction one call needs on a tensor of `numel` elements, given the call's
         number and string arguments in declaration order (None: not needed)."""
-        return self.reduction(numel, *statics) if self.reduction is not None else None
+        if self.reduction is None:
+            return None
+        named = dict(zip(self.statics, statics, strict=True))
+        return self.reduction(numel, **{n: named[n] for n in _factory_names(self.reduction)})
+
+
+TENSOR_KINDS = ("tensor", "tensors")
+
+
+def declaration_errors(prim: Primitive) -> list[str]:
+    """Where a primitive's function and reduction factory disagree with its `params`."""
+    errors = []
+    signature = inspect.signature(prim.fn)
+    positional = [p for p in signature.parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    names = [p.name for p in prim.params]
+    if [p.name for p in positional] != names:
+        errors.append(f"the function's parameters {[p.name for p in positional]} are not the "
+                      f"declared {names}")
+    for declared, actual in zip(prim.params, positional, strict=False):
+        default = REQUIRED if actual.default is actual.empty else actual.default
+        if declared.name == actual.name and default != declared.default:
+            errors.append(f"{declared.name} defaults to {_shown(default)} in the function "
+                          f"but to {_shown(declared.default)} in the declaration")
+    keywords = [p.name for p in signature.parameters.values() if p.kind == p.KEYWORD_ONLY]
+    if keywords != (["chunk"] if prim.takes_chunk else []):
+        errors.append(f"the function's keyword-only parameters are {keywords}; "
+                      + ("a random or reducing primitive takes exactly `chunk`"
+                         if prim.takes_chunk else "it takes none"))
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
+        errors.append("the function takes *args or **kwargs")
+    if prim.reduction is not None:
+        factory = list(inspect.signature(prim.reduction).parameters.values())
+        if not factory or factory[0].name != "numel":
+            errors.append("the reduction factory's first parameter is not `numel`")
+        for p in factory[1:]:
+            if p.name not in prim.statics:
+                errors.append(f"the reduction factory takes {p.name!r}, which is not a "
+                              f"declared number or string parameter {list(prim.statics)}")
+            if p.default is not p.empty or p.kind not in (p.POSITIONAL_OR_KEYWORD,
+                                                          p.KEYWORD_ONLY):
+                errors.append(f"the reduction factory's {p.name!r} has a default or is not "
+                              "passed by name (the declaration gives every value)")
+    return errors
+
+
+@functools.cache
+def _factory_names(factory: Callable) -> tuple[str, ...]:
+    return tuple(inspect.signature(factory).parameters)[1:]
+
+
+def _shown(default: object) -> str:
+    return "nothing (required)" if default is REQUIRED else repr(default)
 
 
 PRIMITIVES: dict[str, Primitive] = {}

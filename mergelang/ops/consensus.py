@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import Param, primitive
+from .common import sum_of
 
 
 @primitive("elect_sign", Param("xs", "tensors"),
@@ -15,7 +16,7 @@ def elect_sign(xs: list[torch.Tensor], method: str = "sum") -> torch.Tensor:
     method="sum" weighs each vote by its value (TIES, mergekit); "count" counts signs.
     """
     votes = xs if method == "sum" else [x.sign() for x in xs]
-    total = _sum(votes)
+    total = sum_of(votes)
     return (total >= 0).to(total.dtype).mul_(2).sub_(1)
 
 
@@ -23,10 +24,3 @@ def elect_sign(xs: list[torch.Tensor], method: str = "sum") -> torch.Tensor:
 def agrees_with(x: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """1 where x is nonzero and has the given sign, else 0."""
     return (x.sign() == sign).to(x.dtype)
-
-
-def _sum(xs: list) -> torch.Tensor:
-    total = xs[0]
-    for x in xs[1:]:
-        total = total + x
-    return total

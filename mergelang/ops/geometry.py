@@ -1,228 +1,34 @@
 """Geometric merges: interpolation on the sphere (SLERP, NuSLERP, Multi-SLERP, the Karcher
 mean), Model Stock's angle-based ratio, and the per-entry rules of NearSwap and Arcee Fusion.
 
-The spherical methods need dot products and norms of vectors that may span the row
-blocks ("chunks") a large tensor is computed in. They are gathered by a Gram reduction:
-the matrix of pairwise dot products of a few tensors, taken over one of three kinds of
-vectors (the `scope`):
-
-- "tensor":  each tensor is one vector (SLERP, Multi-SLERP, Karcher, Model Stock);
-- "rows":    the vectors along the last dimension (NuSLERP without flattening, Model
-             Stock's filter_wise); a chunk holds whole rows, so the products are taken
-             inside the chunk, except for a tensor of one dimension (or none), whose one
-             vector is the whole tensor;
-- "columns": the vectors along the first dimension (NuSLERP row_wise), summed across
-             the chunks.
-
-Every sum is taken so that its bits do not depend on how the rows are chunked: products
-in float64, each row summed left to right, rows combined by math.fsum (exact), column
-sums taken on blocks of rows of one fixed shape and accumulated block by block in row
-order. The coefficients follow from the Gram matrix in float64; the tensors themselves
-are combined in the compute dtype.
+The spherical methods need dot products and norms of vectors that may span the row blocks
+("chunks") a large tensor is computed in: they come from a Gram reduction (ops/gram.py),
+whose sums have bits that do not depend on the chunking. The coefficients follow from the
+Gram matrix in float64; the tensors themselves are combined in the compute dtype. Arcee
+Fusion's quartiles are exact order statistics (selection.py).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ..reduce import Chunk, Reduction
+from ..reduce import Chunk, Reduction, reduce_whole
+from ..selection import OrderStatistics
 from . import Param, primitive
-
-_BLOCK_ELEMENTS = 1 << 18  # elements in one block of rows summed at once
-_MAX_BLOCK_ROWS = 1024
-
-
-def _block_rows(row_length: int) -> int:
-    """Rows per block for rows of this length: fixed per tensor, whatever the chunks."""
-    return max(1, min(_MAX_BLOCK_ROWS, _BLOCK_ELEMENTS // max(row_length, 1)))
-
-
-def _fixed_row_sums(terms: Callable[[int, int], torch.Tensor], rows: int, length: int,
-                    dtype: torch.dtype, device) -> torch.Tensor:
-    """Per-row sums of terms(start, stop) (a [stop - start, length] block, taken a bounded
-    number of rows at a time). Each row is summed left to right (a cumulative sum, which
-    torch computes sequentially along the row), so its bits do not depend on which or
-    how many rows it is computed with, unlike sum(), whose order follows the shape."""
-    if length == 1:
-        return terms(0, rows).reshape(rows)
-    size = _block_rows(length)
-    sums = [terms(start, min(start + size, rows)).cumsum(1)[:, -1]
-            for start in range(0, rows, size)]
-    return torch.cat(sums) if sums else torch.zeros(0, dtype=dtype, device=device)
-
-
-def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_k a[r, k] * b[r, k] for each row r of two [rows, length] tensors, in float64."""
-    rows, length = a.shape
-    return _fixed_row_sums(lambda s, e: a[s:e].double() * b[s:e].double(), rows, length,
-                           torch.float64, a.device)
-
-
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(x.shape[0], -1) if x.dim() > 0 else x.reshape(1, 1)
-
-
-def _pairs(k: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(k) for j in range(i, k)]
-
-
-class _ColumnSums:
-    """sum over rows of a_i[r, c] * a_j[r, c], per column c, for every pair (i, j): rows
-    summed in blocks of a fixed shape, fixed by their absolute row index (rows of a block
-    cut by a chunk boundary wait for the next chunk), blocks added in row order."""
-
-    def __init__(self):
-        self.pending: list[list[torch.Tensor]] = []   # per input: row pieces not yet summed
-        self.waiting = 0
-        self.totals: dict[tuple[int, int], torch.Tensor] = {}
-        self.size = 0
-
-    def add(self, vectors: list[torch.Tensor]) -> None:
-        self.size = _block_rows(vectors[0].shape[1])
-        if not self.pending:
-            self.pending = [[] for _ in vectors]
-        rows = vectors[0].shape[0]
-        if self.waiting + rows < self.size:  # kept past this chunk: copied
-            for pieces, v in zip(self.pending, vectors, strict=True):
-                pieces.append(v.clone())
-            self.waiting += rows
-            return
-        joined = [torch.cat([*pieces, v]) if pieces else v
-                  for pieces, v in zip(self.pending, vectors, strict=True)]
-        total = self.waiting + rows
-        full = total - total % self.size
-        for start in range(0, full, self.size):
-            self._block([v[start:start + self.size] for v in joined])
-        self.pending = [[v[full:].clone()] if full < total else [] for v in joined]
-        self.waiting = total - full
-
-    def finish(self) -> None:
-        if self.waiting:
-            joined = [torch.cat(pieces) for pieces in self.pending]
-            pad = self.size - self.waiting
-            self._block([torch.cat([v, v.new_zeros(pad, v.shape[1])]) for v in joined])
-        self.pending, self.waiting = [], 0
-
-    def _block(self, block: list[torch.Tensor]) -> None:
-        wide = [b.double() for b in block]
-        for i, j in _pairs(len(wide)):
-            s = (wide[i] * wide[j]).sum(0)
-            self.totals[i, j] = s if (i, j) not in self.totals else self.totals[i, j] + s
-
-
-class Gram(Reduction):
-    """The dot products of every pair of a few same-shape tensors, over the vectors of
-    `scope` ("tensor", "rows" or "columns"). `vectors_of` turns the primitive's tensor
-    arguments (one chunk of them) into those tensors.
-
-    result(): a float64 tensor G of shape [k, k] for one vector per tensor (scope
-    "tensor", or any scope on a tensor of at most one dimension), [k, k, *shape[1:]] for
-    "columns", and None for "rows" on a tensor of two or more dimensions (the primitive
-    takes those products inside each chunk: see gram_of).
-    """
-
-    def __init__(self, vectors_of: Callable[..., list[torch.Tensor]], scope: str = "tensor"):
-        self.vectors_of, self.scope = vectors_of, scope
-        self.rows: dict[tuple[int, int], list[float]] | None = None
-        self.columns: _ColumnSums | None = None
-        self.k = 0
-        self.tail: tuple[int, ...] = ()
-
-    def sweeps(self, chunks: int) -> int:
-        # "rows" in one chunk: the primitive takes the products itself. In several chunks
-        # the sweep is needed only for a tensor of one dimension, but which it is shows
-        # only in add(), so a larger tensor gets a sweep that does nothing.
-        return 0 if self.scope == "rows" and chunks == 1 else 1
-
-    def add(self, *args) -> None:
-        vectors = [v.detach() for v in self.vectors_of(*args[:-1])]
-        self.k = len(vectors)
-        x = vectors[0]
-        if x.dim() >= 2 and self.scope == "rows":
-            return
-        if x.dim() >= 2 and self.scope == "columns":
-            if self.columns is None:
-                self.columns = _ColumnSums()
-            self.tail = tuple(x.shape[1:])
-            self.columns.add([_as_rows(v) for v in vectors])
-            return
-        if self.rows is None:
-            self.rows = {p: [] for p in _pairs(self.k)}
-        flat = [_as_rows(v) for v in vectors]
-        for i, j in _pairs(self.k):
-            self.rows[i, j] += _row_dots(flat[i], flat[j]).tolist()
-
-    def finish_sweep(self) -> bool:
-        if self.columns is not None:
-            self.columns.finish()
-        return True
-
-    def result(self) -> torch.Tensor | None:
-        if self.rows is not None:
-            g = torch.empty(self.k, self.k, dtype=torch.float64)
-            for (i, j), parts in self.rows.items():
-                g[i, j] = g[j, i] = math.fsum(parts)
-            return g
-        if self.columns is not None:
-            totals = self.columns.totals
-            g = torch.empty(self.k, self.k, *self.tail, dtype=torch.float64,
-                            device=totals[0, 0].device)
-            for (i, j), s in totals.items():
-                g[i, j] = g[j, i] = s.reshape(self.tail)
-            return g
-        return None
-
-
-def _rows_gram(vectors: list[torch.Tensor]) -> torch.Tensor:
-    """The Gram matrix of the vectors along the last dimension: [k, k, *shape[:-1]]."""
-    lead, length = vectors[0].shape[:-1], vectors[0].shape[-1]
-    flat = [v.reshape(-1, length) for v in vectors]
-    g = torch.empty(len(vectors), len(vectors), *lead, dtype=torch.float64,
-                    device=vectors[0].device)
-    for i, j in _pairs(len(vectors)):
-        g[i, j] = g[j, i] = _row_dots(flat[i], flat[j]).reshape(lead)
-    return g
-
-
-def gram_of(vectors: list[torch.Tensor], scope: str, chunk: Chunk | None) -> torch.Tensor:
-    """The Gram matrix for this chunk: from the reduction, or computed here (per-row
-    vectors, or a direct call on a whole tensor)."""
-    if chunk is not None and chunk.stats is not None:
-        return chunk.stats
-    if scope == "rows" and vectors[0].dim() >= 2:
-        return _rows_gram(vectors)
-    gram = Gram(lambda *v: list(v), scope)
-    gram.add(*vectors, None)
-    gram.finish_sweep()
-    return gram.result()
-
-
-def _spread(coefficient: torch.Tensor, scope: str, x: torch.Tensor) -> torch.Tensor:
-    """A per-vector coefficient, in x's dtype and device, shaped to broadcast against x."""
-    c = coefficient.to(device=x.device, dtype=x.dtype)
-    if x.dim() < 2 or scope == "tensor":
-        return c
-    return c.unsqueeze(-1) if scope == "rows" else c.unsqueeze(0)
-
-
-def _norms(g: torch.Tensor) -> torch.Tensor:
-    return torch.diagonal(g, 0, 0, 1).clamp(min=0).sqrt().movedim(-1, 0)
-
+from .gram import Gram, fixed_row_sums, gram_of, spread, vector_norms
 
 # --- SLERP -------------------------------------------------------------------------------
 
-def _slerp_reduction(numel: int, t: float, dot_threshold: float = 0.9995,
-                     eps: float = 1e-8) -> Gram:
+def _pair(numel: int) -> Gram:
     return Gram(lambda a, b: [a, b])
 
 
 @primitive("slerp_tensor", Param("a", "tensor"), Param("b", "tensor"), Param("t", "number"),
            Param("dot_threshold", "number", 0.9995, range=(0.0, 1.0)),
-           Param("eps", "number", 1e-8, range=(0.0, 1.0)), reduction=_slerp_reduction)
+           Param("eps", "number", 1e-8, range=(0.0, 1.0)), reduction=_pair)
 def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: float = 0.9995,
                  eps: float = 1e-8, *, chunk: Chunk | None = None) -> torch.Tensor:
     """Spherical interpolation from a (t=0) to b (t=1), each tensor taken as one vector:
@@ -234,7 +40,7 @@ def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: floa
     colinear, or opposite) it is the linear (1-t) a + t b.
     """
     g = gram_of([a, b], "tensor", chunk)
-    norms = _norms(g)
+    norms = vector_norms(g)
     na = torch.where(norms[0] > eps, norms[0], 1.0)
     nb = torch.where(norms[1] > eps, norms[1], 1.0)
     dot = (g[0, 1] / (na * nb)).clamp(-1, 1)
@@ -245,7 +51,7 @@ def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: floa
         theta = torch.acos(dot)
         ca = torch.sin((1 - t) * theta) / torch.sin(theta)
         cb = torch.sin(t * theta) / torch.sin(theta)
-    return _spread(ca, "tensor", a) * a + _spread(cb, "tensor", b) * b
+    return spread(ca, "tensor", a) * a + spread(cb, "tensor", b) * b
 
 
 # --- NuSLERP -----------------------------------------------------------------------------
@@ -253,7 +59,7 @@ def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: floa
 SCOPE = Param("over", "string", "tensor", choices=("tensor", "rows", "columns"))
 
 
-def _nuslerp_reduction(numel: int, t: float, over: str = "tensor", eps: float = 1e-8) -> Gram:
+def _nuslerp_reduction(numel: int, over: str) -> Gram:
     return Gram(lambda a, b: [a, b], over)
 
 
@@ -272,7 +78,7 @@ def nuslerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float, over: str = "ten
     """
     scope = over if a.dim() >= 2 else "tensor"
     g = gram_of([a, b], over, chunk)
-    norms = _norms(g).clamp(min=1e-7)
+    norms = vector_norms(g).clamp(min=1e-7)
     cos = (g[0, 1] / (norms[0] * norms[1])).clamp(-1, 1)
     # the test in float32, mergekit's precision: in float64 it holds only for cos = +-1
     # exactly, and nearly opposite vectors would get sin(th) ~ 1e-8 as a divisor
@@ -282,38 +88,30 @@ def nuslerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float, over: str = "ten
     ca, cb = torch.sin((1 - t) * theta), torch.sin(t * theta)
     if scope == "tensor" and bool(colinear):
         return (1 - t) * a + t * b
-    spherical = (_spread(ca, scope, a) * a + _spread(cb, scope, b) * b) \
-        / _spread(torch.sin(theta), scope, a)
+    spherical = (spread(ca, scope, a) * a + spread(cb, scope, b) * b) \
+        / spread(torch.sin(theta), scope, a)
     if scope == "tensor":
         return spherical
-    return torch.where(_spread(colinear, scope, a).bool(), (1 - t) * a + t * b, spherical)
+    return torch.where(spread(colinear, scope, a).bool(), (1 - t) * a + t * b, spherical)
 
 
 # --- Multi-SLERP: unit, norm_along ---------------------------------------------------------
 
-def _one(numel: int, eps: float = 1e-8) -> Gram:
-    return Gram(lambda x: [x])
-
-
 @primitive("unit", Param("x", "tensor"), Param("eps", "number", 1e-8, range=(0.0, 1.0)),
-           reduction=_one)
+           reduction=lambda numel: Gram(lambda x: [x]))
 def unit(x: torch.Tensor, eps: float = 1e-8, *, chunk: Chunk | None = None) -> torch.Tensor:
     """x / (|x| + eps): x projected onto the unit sphere (the tensor as one vector)."""
-    norm = _norms(gram_of([x], "tensor", chunk))[0]
+    norm = vector_norms(gram_of([x], "tensor", chunk))[0]
     return x / (norm + eps).to(device=x.device, dtype=x.dtype)
 
 
-def _two(numel: int, eps: float = 1e-8) -> Gram:
-    return Gram(lambda x, d: [x, d])
-
-
 @primitive("norm_along", Param("x", "tensor"), Param("direction", "tensor"),
-           Param("eps", "number", 1e-8, range=(0.0, 1.0)), reduction=_two)
+           Param("eps", "number", 1e-8, range=(0.0, 1.0)), reduction=_pair)
 def norm_along(x: torch.Tensor, direction: torch.Tensor, eps: float = 1e-8, *,
                chunk: Chunk | None = None) -> torch.Tensor:
     """|x| direction / |direction|: x's norm along direction; x itself where
     |direction| < eps (no direction to take)."""
-    norms = _norms(gram_of([x, direction], "tensor", chunk))
+    norms = vector_norms(gram_of([x, direction], "tensor", chunk))
     if float(norms[1]) < eps:
         return x.clone()  # a value of its own: the engine may overwrite it in place
     return (norms[0] / norms[1]).to(device=x.device, dtype=x.dtype) * direction
@@ -321,13 +119,9 @@ def norm_along(x: torch.Tensor, direction: torch.Tensor, eps: float = 1e-8, *,
 
 # --- Karcher mean --------------------------------------------------------------------------
 
-def _karcher_reduction(numel: int, max_iter: float = 10, tol: float = 1e-5) -> Gram:
-    return Gram(lambda xs: list(xs))
-
-
 @primitive("karcher_mean", Param("xs", "tensors"),
            Param("max_iter", "number", 10, range=(0, 10_000)),
-           Param("tol", "number", 1e-5, range=(0.0, 1.0)), reduction=_karcher_reduction,
+           Param("tol", "number", 1e-5, range=(0.0, 1.0)), reduction=lambda numel: Gram(list),
            maps=False)
 def karcher_mean(xs: list[torch.Tensor], max_iter: float = 10, tol: float = 1e-5, *,
                  chunk: Chunk | None = None) -> torch.Tensor:
@@ -352,7 +146,7 @@ def karcher_mean(xs: list[torch.Tensor], max_iter: float = 10, tol: float = 1e-5
 def _karcher_coefficients(g: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:
     """The result as sum_j c_j x_j: the c_j, from the Gram matrix g of the x_j."""
     k = g.shape[0]
-    norms = _norms(g)
+    norms = vector_norms(g)
     result = torch.zeros(k, dtype=torch.float64)
     valid = [i for i in range(k) if norms[i] > tol]
     if not valid:
@@ -390,7 +184,7 @@ def _karcher_coefficients(g: torch.Tensor, max_iter: int, tol: float) -> torch.T
 
 # --- Model Stock ---------------------------------------------------------------------------
 
-def _stock_reduction(numel: int, over: str = "tensor", fine_tunes: float = 2) -> Gram:
+def _stock_reduction(numel: int, over: str) -> Gram:
     return Gram(_offsets, over)
 
 
@@ -415,14 +209,14 @@ def stock_ratio(base: torch.Tensor, models: list[torch.Tensor], over: str = "ten
     scope = over if base.dim() >= 2 else "tensor"
     g = gram_of(offsets, over, chunk)
     count = len(models)
-    norms = _norms(g)
+    norms = vector_norms(g)
     cosines = [(g[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
                for i in range(count) for j in range(i + 1, count)]
     cos = torch.stack(cosines).mean(0)
     denominator = 1 + (count - 1) * cos
     singular = denominator.abs() < 1e-6
     t = torch.where(singular, 0.0, count * cos / torch.where(singular, 1.0, denominator))
-    return _spread(t, scope, base).expand(base.shape).contiguous()
+    return spread(t, scope, base).expand(base.shape).contiguous()
 
 
 # --- NearSwap ------------------------------------------------------------------------------
@@ -451,7 +245,7 @@ def _importance_rows(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     terms = _kl_terms(model, base)
     length = terms.shape[-1]
     flat = terms.reshape(-1, length)
-    kl = _fixed_row_sums(lambda s, e: flat[s:e], flat.shape[0], length, terms.dtype,
+    kl = fixed_row_sums(lambda s, e: flat[s:e], flat.shape[0], length, terms.dtype,
                          terms.device)
     return (model - base).abs() * kl.reshape(*terms.shape[:-1], 1)
 
@@ -461,48 +255,21 @@ def _vector_kl(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     return torch.sum(_kl_terms(model.reshape(-1), base.reshape(-1)), dim=-1, keepdim=True)
 
 
-def _order_keys(x: torch.Tensor) -> torch.Tensor:
-    """float32 values as int64 keys in [0, 2^32) that sort like the values."""
-    bits = x.detach().float().reshape(-1).view(torch.int32).long() & 0xFFFFFFFF
-    return torch.where(bits >= 1 << 31, 0xFFFFFFFF - bits, bits + (1 << 31))
-
-
-def _key_value(key: int) -> torch.Tensor:
-    bits = key - (1 << 31) if key >= 1 << 31 else 0xFFFFFFFF - key
-    signed = bits - (1 << 32) if bits >= 1 << 31 else bits
-    return torch.tensor([signed], dtype=torch.int32).view(torch.float32)[0]
-
-
-def _histogram(counts: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
-    """Add the counts of 16-bit keys to a 65536-bin histogram (exact integer counts)."""
-    if counts is None:
-        counts = torch.zeros(1 << 16, dtype=torch.int64)
-    if keys.numel() >= 1 << 14:
-        return counts + torch.bincount(keys, minlength=1 << 16).cpu()
-    keys = keys.cpu()
-    return counts.index_add_(0, keys, torch.ones_like(keys))
-
-
-def _find(counts: torch.Tensor, rank: int) -> tuple[int, int]:
-    """The bin holding the value of this rank (0 = smallest), and its rank in the bin."""
-    through = counts.cumsum(0)
-    b = int(torch.searchsorted(through, rank, right=True))
-    return b, rank - (int(through[b]) - int(counts[b]))
+def _quartile_ranks(numel: int) -> list[int]:
+    """The ranks of q1, the median and q3: floor(q (n - 1))."""
+    return [(numel - 1) // 4, (numel - 1) // 2, 3 * (numel - 1) // 4]
 
 
 class FusionThreshold(Reduction):
     """Arcee Fusion's threshold on the importance: median + 1.5 (q3 - q1), with the
-    quartiles the sorted values at floor(q (n - 1)), found exactly: in one chunk by
-    selection, over several by a two-sweep radix selection on the values' bits. A tensor
-    of at most one dimension (one softmax over all of it) is gathered whole."""
+    quartiles the sorted values at floor(q (n - 1)), found exactly by the selection of
+    selection.py. A tensor of at most one dimension (one softmax over all of it) is
+    gathered whole."""
 
     def __init__(self, numel: int):
         self.numel = numel
-        self.ranks = [(numel - 1) // 4, (numel - 1) // 2, 3 * (numel - 1) // 4]
-        self.sweep = 0
-        self.high: torch.Tensor | None = None
-        self.bins: list[tuple[int, int]] = []
-        self.low: dict[int, torch.Tensor] = {}
+        self.selection = OrderStatistics(numel, _quartile_ranks(numel) if numel else [],
+                                         values=_importance_rows, magnitudes=False)
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.found: tuple | None = (None, torch.tensor(0.0)) if numel == 0 else None
 
@@ -516,15 +283,7 @@ class FusionThreshold(Reduction):
             self.parts.append((model.detach().reshape(-1).clone(),
                                base.detach().reshape(-1).clone()))
             return
-        keys = _order_keys(_importance_rows(model, base))
-        if self.sweep == 0 and keys.numel() == self.numel:
-            self.found = (None, self._threshold(self._select(keys)))
-        elif self.sweep == 0:
-            self.high = _histogram(self.high, keys >> 16)
-        else:
-            high = keys >> 16
-            for b in {b for b, _ in self.bins}:
-                self.low[b] = _histogram(self.low.get(b), keys[high == b] & 0xFFFF)
+        self.selection.add(model, base, chunk)
 
     def finish_sweep(self) -> bool:
         if self.found is not None:
@@ -533,23 +292,18 @@ class FusionThreshold(Reduction):
             model = torch.cat([m for m, _ in self.parts])
             base = torch.cat([b for _, b in self.parts])
             kl = _vector_kl(model, base)
-            keys = _order_keys((model - base).abs() * kl)
-            self.found = (kl, self._threshold(self._select(keys)))
+            importance = (model - base).abs() * kl
+            whole = OrderStatistics(self.numel, _quartile_ranks(self.numel), magnitudes=False)
+            self.found = (kl, self._threshold(reduce_whole(whole, [importance], None)))
             return True
-        if self.sweep == 0:
-            self.bins = [_find(self.high, r) for r in self.ranks]
-            self.sweep = 1
+        if not self.selection.finish_sweep():
             return False
-        values = [(b << 16) | _find(self.low[b], r)[0] for b, r in self.bins]
-        self.found = (None, self._threshold(values))
+        self.found = (None, self._threshold(self.selection.result()))
         return True
 
-    def _select(self, keys: torch.Tensor) -> list[int]:
-        return [int(torch.kthvalue(keys.cpu(), r + 1).values) for r in self.ranks]
-
-    @staticmethod
-    def _threshold(keys: list[int]) -> torch.Tensor:
-        q1, median, q3 = (_key_value(k) for k in keys)
+    def _threshold(self, selection) -> torch.Tensor:
+        q1, median, q3 = (torch.tensor(selection.ranks[r].value, dtype=torch.float32)
+                          for r in _quartile_ranks(self.numel))
         return median + 1.5 * (q3 - q1)
 
     def result(self) -> tuple:
@@ -568,10 +322,7 @@ def fusion_mask(model: torch.Tensor, base: torch.Tensor, *,
     """
     stats = chunk.stats if chunk is not None else None
     if stats is None:
-        reduction = FusionThreshold(model.numel())
-        reduction.add(model, base, None)
-        reduction.finish_sweep()
-        stats = reduction.result()
+        stats = reduce_whole(FusionThreshold(model.numel()), [model, base], chunk)
     kl, threshold = stats
     if model.dim() <= 1:
         if kl is None:  # one chunk: the whole tensor is here

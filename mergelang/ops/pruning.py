@@ -4,8 +4,8 @@ DARE paper).
 
 Every primitive here gives the same bits whether its tensor is computed whole or in row
 blocks. A selection by rank over a whole tensor (breadcrumbs' band of magnitudes, SCE's
-top variances) is found by an exact radix selection (`_OrderStatistics`), ties broken by
-row-major position; per-model statistics (SCE's energies, RAM's counts, a majority sign)
+top variances) is found by the exact selection of selection.py, ties broken by row-major
+position; per-model statistics (SCE's energies, RAM's counts, a majority sign)
 are exact integer counts or `math.fsum`s of per-row float64 sums; DELLA's ranks are
 within a row, and rows are never split (a 1-D tensor is one row: its magnitudes are
 gathered by a reduction when it is split).
@@ -14,167 +14,14 @@ gathered by a reduction when it is split).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from ..reduce import Chunk, KthMagnitude, Reduction
+from ..reduce import Chunk, L1Ratio, Reduction, reduce_whole, row_sums
+from ..selection import OrderStatistics, keep_band, keep_top, top_cut
 from . import Param, primitive
-from .sparsify import trim
-
-DENSITY = Param("density", "number", range=(0.0, 1.0))
-NON_NEGATIVE = (0.0, math.inf)
-EPS = 1e-7  # mergekit's rescaled_masked_tensor: norms below this are not rescaled
-
-
-def _reduce_whole(reduction: Reduction | None, *args, chunk: Chunk):
-    """A reduction over tensors held whole (one chunk), for direct calls."""
-    if reduction is None:
-        return None
-    if reduction.sweeps(1) == 0:
-        return reduction.result()
-    while True:
-        reduction.add(*args, chunk)
-        if reduction.finish_sweep():
-            return reduction.result()
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as (rows, rest): its first dimension is the row; a scalar is one row."""
-    return x.reshape(x.shape[0], -1) if x.dim() > 0 else x.reshape(1, 1)
-
-
-def _row_sums(x: torch.Tensor) -> list[float]:
-    """Per-row float64 sums: the same numbers whatever block of rows x came in."""
-    return _rows(x).double().sum(1).tolist()
-
-
-def _sum(xs: list[torch.Tensor]) -> torch.Tensor:
-    total = xs[0]
-    for x in xs[1:]:
-        total = total + x
-    return total
-
-
-# --- exact order statistics over a tensor, whole or in chunks -------------------------
-
-
-class _OrderStatistics(Reduction):
-    """Exact order statistics of a per-entry key v >= 0 (float32) over a whole tensor.
-
-    `key(*tensor args)` gives v for the entries of a chunk; `wanted(nonzero)` the
-    ascending ranks (0-based) to find, given how many entries have v != 0. The result is
-    (nonzero, {rank: (value, less, equal)}): the value at that rank of the ascending
-    order and how many entries are strictly smaller and equal to it. With the rank and
-    those counts, a primitive places every entry of a tie exactly: the i-th entry equal
-    to `value` in row-major order has rank `less + i` (a stable sort).
-
-    One chunk: torch.kthvalue, one sweep. Several: a two-sweep radix selection on the
-    float32 bits (non-negative floats order like their bits), high 16 bits first, then
-    the low 16 bits inside each bin a wanted rank falls in. Both give the same numbers.
-    """
-
-    def __init__(self, numel: int, key: Callable, wanted: Callable[[int], list[int]]):
-        self.numel, self.key, self.wanted = numel, key, wanted
-        self.sweep = 0
-        self.nonzero = 0
-        self.high: torch.Tensor | None = None
-        self.bins: dict[int, tuple[int, int]] = {}     # rank -> (bin, entries below the bin)
-        self.low: dict[int, torch.Tensor | None] = {}  # bin -> histogram of its low bits
-        self.found: dict[int, tuple[float, int, int]] | None = None
-
-    def sweeps(self, chunks: int) -> int:
-        return 1 if chunks == 1 else 2
-
-    def add(self, *args) -> None:
-        *tensors, chunk = args
-        if self.found is not None:
-            return
-        v = self.key(*tensors).detach().float().abs().reshape(-1)
-        if self.sweep == 0 and v.numel() == self.numel:  # the whole tensor at once
-            self.nonzero = int((v != 0).sum())
-            self.found = {r: _exact_rank(v, r) for r in self.wanted(self.nonzero)}
-            return
-        bits = v.view(torch.int32)
-        if self.sweep == 0:
-            self.nonzero += int((v != 0).sum())
-            self.high = _histogram(self.high, bits >> 16)
-        else:
-            high = bits >> 16
-            for b in self.low:
-                self.low[b] = _histogram(self.low[b], bits[high == b] & 0xFFFF)
-
-    def finish_sweep(self) -> bool:
-        if self.found is not None:
-            return True
-        if self.sweep == 0:
-            ranks = self.wanted(self.nonzero)
-            high = self.high if self.high is not None else _histogram(None, None)
-            cum = high.cumsum(0)
-            for r in ranks:
-                b = int(torch.searchsorted(cum, r, right=True))  # first bin reaching past r
-                self.bins[r] = (b, int(cum[b]) - int(high[b]))
-                self.low.setdefault(b, None)
-            if not ranks:
-                self.found = {}
-                return True
-            self.sweep = 1
-            return False
-        found = {}
-        for r, (b, below) in self.bins.items():
-            low = self.low[b] if self.low[b] is not None else _histogram(None, None)
-            cum = low.cumsum(0) + below
-            j = int(torch.searchsorted(cum, r, right=True))
-            bits = torch.tensor([(b << 16) | j], dtype=torch.int32)
-            found[r] = (float(bits.view(torch.float32)), int(cum[j]) - int(low[j]), int(low[j]))
-        self.found = found
-        return True
-
-    def result(self) -> tuple[int, dict[int, tuple[float, int, int]]]:
-        assert self.found is not None
-        return self.nonzero, self.found
-
-
-def _exact_rank(v: torch.Tensor, rank: int) -> tuple[float, int, int]:
-    value = torch.kthvalue(v, rank + 1).values
-    return float(value), int((v < value).sum()), int((v == value).sum())
-
-
-def _histogram(histogram: torch.Tensor | None, keys: torch.Tensor | None) -> torch.Tensor:
-    if histogram is None:
-        histogram = torch.zeros(1 << 16, dtype=torch.int64)
-    if keys is not None and keys.numel():
-        histogram += torch.bincount(keys.long(), minlength=1 << 16).cpu()
-    return histogram
-
-
-def _keep_band(key: torch.Tensor, found: dict, lo: int, hi: int, state: dict) -> torch.Tensor:
-    """The entries of this chunk whose rank in the ascending, stable order of `key` lies in
-    [lo, hi), given the order statistics at ranks lo and hi - 1. `state` counts the tied
-    entries seen in earlier chunks."""
-    keep = (key > found[lo][0]) & (key < found[hi - 1][0])
-    flat = keep.view(-1)
-    for value, less in sorted({found[lo][:2], found[hi - 1][:2]}):
-        at = (key == value).reshape(-1).nonzero().squeeze(1)
-        seen = state.get(value, 0)
-        rank = less + seen + torch.arange(at.numel(), device=at.device)
-        flat[at[(rank >= lo) & (rank < hi)]] = True
-        state[value] = seen + at.numel()
-    return keep
-
-
-def _keep_top(key: torch.Tensor, k: int, numel: int, found: dict, state: dict) -> torch.Tensor:
-    """The entries of this chunk among the k largest of `key`, ties at the cut-off going to
-    the earlier entries (a stable descending sort, as `trim`)."""
-    value, less, equal = found[numel - k]
-    room = k - (numel - less - equal)  # the tied entries that are kept
-    keep = key > value
-    at = (key == value).reshape(-1).nonzero().squeeze(1)
-    seen = state.get("ties", 0)
-    keep.view(-1)[at[:max(0, room - seen)]] = True
-    state["ties"] = seen + at.numel()
-    return keep
-
+from .common import DENSITY, NON_NEGATIVE, sum_of, with_stats
+from .sparsify import top_k, trim
 
 # --- breadcrumbs ----------------------------------------------------------------------
 
@@ -186,11 +33,11 @@ def _band(numel: int, density: float, gamma: float) -> tuple[int, int]:
     return max(0, numel - target - top), target
 
 
-def _band_ranks(numel: int, density: float, gamma: float = 0.01) -> Reduction | None:
+def _band_ranks(numel: int, density: float, gamma: float) -> OrderStatistics | None:
     bottom, target = _band(numel, density, gamma)
     if density >= 1 or target <= 0 or target >= numel:
         return None
-    return _OrderStatistics(numel, torch.abs, lambda nonzero: sorted({bottom, bottom + target - 1}))
+    return OrderStatistics(numel, [bottom, bottom + target - 1])
 
 
 @primitive("trim_outliers", Param("x", "tensor"), DENSITY,
@@ -212,17 +59,17 @@ def trim_outliers(x: torch.Tensor, density: float, gamma: float = 0.01, *,
         return x.clone()
     if target <= 0:
         return x * torch.zeros_like(x)
-    if chunk is None:
-        chunk = Chunk.whole(x)
-    if chunk.stats is None:
-        chunk.stats = _reduce_whole(_band_ranks(numel, density, gamma), x, chunk=chunk)
-    _, found = chunk.stats
-    return x * _keep_band(x.abs().float(), found, bottom, bottom + target, chunk.state)
+    chunk = with_stats(chunk, x, [x], lambda: _band_ranks(numel, density, gamma))
+    return x * keep_band(x.abs().float(), chunk.stats.ranks, bottom, bottom + target,
+                         chunk.state)
+
+
+def _reference_over_x(numel: int, rescale: str) -> L1Ratio | None:
+    return L1Ratio(lambda x, reference, chunk: (reference, x)) if rescale == "l1" else None
 
 
 @primitive("match_norm", Param("x", "tensor"), Param("reference", "tensor"),
-           Param("rescale", "string", "l1", choices=("l1", "none")),
-           reduction=lambda numel, rescale="l1": _L1Pair() if rescale == "l1" else None)
+           Param("rescale", "string", "l1", choices=("l1", "none")), reduction=_reference_over_x)
 def match_norm(x: torch.Tensor, reference: torch.Tensor, rescale: str = "l1", *,
                chunk: Chunk | None = None) -> torch.Tensor:
     """x scaled so its L1 norm is that of `reference`: x * ‖reference‖₁ / ‖x‖₁, left as it
@@ -231,33 +78,8 @@ def match_norm(x: torch.Tensor, reference: torch.Tensor, rescale: str = "l1", *,
     """
     if rescale == "none":
         return x.clone()
-    if chunk is None:
-        chunk = Chunk.whole(x)
-    if chunk.stats is None:
-        chunk.stats = _reduce_whole(_L1Pair(), x, reference, chunk=chunk)
+    chunk = with_stats(chunk, x, [x, reference], lambda: _reference_over_x(x.numel(), "l1"))
     return x * chunk.stats
-
-
-class _L1Pair(Reduction):
-    """‖reference‖₁ / ‖x‖₁ (1 when either is below 1e-7), summed exactly."""
-
-    def __init__(self):
-        self.x: list[float] = []
-        self.reference: list[float] = []
-
-    def add(self, x: torch.Tensor, reference: torch.Tensor, chunk: Chunk) -> None:
-        self.x += _row_sums(x.abs())
-        self.reference += _row_sums(reference.abs())
-
-    def finish_sweep(self) -> bool:
-        return True
-
-    def result(self) -> float:
-        return _ratio(math.fsum(self.reference), math.fsum(self.x))
-
-
-def _ratio(before: float, after: float) -> float:
-    return before / after if before >= EPS and after >= EPS else 1.0
 
 
 # --- DELLA ----------------------------------------------------------------------------
@@ -290,42 +112,38 @@ class _MagpruneStats(Reduction):
     with rescale="l1", the ratio ‖x‖₁ / ‖kept‖₁."""
 
     def __init__(self, density: float, epsilon: float, l1: bool):
-        self.density, self.epsilon, self.l1 = density, epsilon, l1
+        self.density, self.epsilon = density, epsilon
+        self.l1 = L1Ratio(self._kept) if l1 else None
         self.parts: list[torch.Tensor] = []
         self.random = None
         self.numel = 0
-        self.before: list[float] = []
-        self.after: list[float] = []
+
+    def _kept(self, x: torch.Tensor, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, _draw(x, chunk).lt(_keep_probability(x, self.density, self.epsilon))
 
     def sweeps(self, chunks: int) -> int:
-        return 1 if chunks > 1 or self.l1 else 0
+        return 1 if chunks > 1 or self.l1 is not None else 0
 
     def add(self, x: torch.Tensor, chunk: Chunk) -> None:
         if x.dim() < 2:
             self.parts.append(x.detach().float().reshape(-1).clone())
             self.random, self.numel = chunk.random, chunk.numel
-        elif self.l1:
-            p = _keep_probability(x, self.density, self.epsilon)
-            kept = x * _draw(x, chunk).lt(p)
-            self.before += _row_sums(x.abs())
-            self.after += _row_sums(kept.abs())
+        elif self.l1 is not None:
+            self.l1.add(x, chunk)
 
     def finish_sweep(self) -> bool:
         return True
 
     def result(self) -> dict:
-        probability = ratio = None
+        probability = None
         if self.parts:
             x = torch.cat(self.parts)
             probability = _keep_probability(x, self.density, self.epsilon)
-            if self.l1:
+            if self.l1 is not None:  # each entry is a row of its own: summed exactly
                 drawn = self.random.uniform(0, self.numel, self.numel).to(x.device)
-                kept = x * drawn.lt(probability)
-                self.before += x.abs().double().tolist()
-                self.after += kept.abs().double().tolist()
-        if self.l1:
-            ratio = _ratio(math.fsum(self.before), math.fsum(self.after))
-        return {"probability": probability, "ratio": ratio}
+                self.l1.add_parts(x.reshape(-1, 1), drawn.lt(probability).reshape(-1, 1))
+        return {"probability": probability,
+                "ratio": self.l1.result() if self.l1 is not None else None}
 
 
 def _draw(x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
@@ -333,8 +151,8 @@ def _draw(x: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         x.device)
 
 
-def _magprune_stats(numel: int, density: float, epsilon: float = 0.15,
-                    rescale: str = "probability") -> Reduction | None:
+def _magprune_stats(numel: int, density: float, epsilon: float,
+                    rescale: str) -> Reduction | None:
     if density >= 1 or density <= 0:
         return None
     return _MagpruneStats(density, epsilon, rescale == "l1")
@@ -360,8 +178,8 @@ def magprune(x: torch.Tensor, density: float, epsilon: float = 0.15,
     whole = chunk.numel == x.numel()
     if chunk.stats is None and (rescale == "l1" or (x.dim() < 2 and not whole)):
         assert whole, "magprune: a block of a tensor needs the reduction's result"
-        chunk.stats = _reduce_whole(_MagpruneStats(density, epsilon, rescale == "l1"), x,
-                                    chunk=chunk)
+        chunk.stats = reduce_whole(_MagpruneStats(density, epsilon, rescale == "l1"), [x],
+                                   chunk)
     stats = chunk.stats or {}
     if stats.get("probability") is not None:
         p = stats["probability"][chunk.offset:chunk.offset + x.numel()].reshape(x.shape)
@@ -382,8 +200,8 @@ def magprune(x: torch.Tensor, density: float, epsilon: float = 0.15,
 def _variance(xs: list[torch.Tensor]) -> torch.Tensor:
     """The population variance across the list, per entry, computed elementwise in a fixed
     order (so a block of rows gets the bits the whole tensor would)."""
-    mean = _sum(xs) / len(xs)
-    return _sum([(x - mean) * (x - mean) for x in xs]) / len(xs)
+    mean = sum_of(xs) / len(xs)
+    return sum_of([(x - mean) * (x - mean) for x in xs]) / len(xs)
 
 
 def _top_variance_k(nonzero: int, density: float) -> int:
@@ -397,7 +215,7 @@ def _variance_ranks(numel: int, density: float) -> Reduction | None:
     def wanted(nonzero: int) -> list[int]:
         k = _top_variance_k(nonzero, density)
         return [numel - k] if k > 0 else []
-    return _OrderStatistics(numel, _variance, wanted)
+    return OrderStatistics(numel, wanted, values=_variance)
 
 
 @primitive("top_variance", Param("xs", "tensors"), DENSITY, reduction=_variance_ranks,
@@ -415,15 +233,12 @@ def top_variance(xs: list[torch.Tensor], density: float, *,
     if density <= 0:
         return torch.zeros_like(x)
     numel = x.numel() if chunk is None else chunk.numel
-    if chunk is None:
-        chunk = Chunk.whole(x)
-    if chunk.stats is None:
-        chunk.stats = _reduce_whole(_variance_ranks(numel, density), xs, chunk=chunk)
-    nonzero, found = chunk.stats
-    k = _top_variance_k(nonzero, density)
+    chunk = with_stats(chunk, x, [xs], lambda: _variance_ranks(numel, density))
+    k = _top_variance_k(chunk.stats.nonzero, density)
     if k <= 0:
         return torch.zeros_like(x)
-    return _keep_top(_variance(xs).float().abs(), k, numel, found, chunk.state).to(x.dtype)
+    cut = top_cut(numel, k, chunk.stats.ranks[numel - k])
+    return keep_top(_variance(xs).float().abs(), *cut, chunk.state).to(x.dtype)
 
 
 class _Energies(Reduction):
@@ -435,9 +250,9 @@ class _Energies(Reduction):
         self.total: list[float] = []
 
     def add(self, x: torch.Tensor, xs: list[torch.Tensor], chunk: Chunk) -> None:
-        self.own += _row_sums(x.double().square())
+        self.own += row_sums(x.double().square())
         for other in xs:
-            self.total += _row_sums(other.double().square())
+            self.total += row_sums(other.double().square())
 
     def finish_sweep(self) -> bool:
         return True
@@ -453,11 +268,7 @@ def energy_share(x: torch.Tensor, xs: list[torch.Tensor], *,
     """SCE's weight of x: mean(x²) / Σ_j mean(xs_j²) over the whole tensor, as a tensor
     filled with that number; 1 / len(xs) when the summed means are below 1e-6 (mergekit
     0.1.5's sce_weight). `x` is normally one of `xs`; it maps over a list."""
-    if chunk is None:
-        chunk = Chunk.whole(x)
-    if chunk.stats is None:
-        chunk.stats = _reduce_whole(_Energies(chunk.numel), x, xs, chunk=chunk)
-    own, total = chunk.stats
+    own, total = with_stats(chunk, x, [x, xs], lambda: _Energies(x.numel())).stats
     share = 1 / len(xs) if abs(total) < 1e-6 else own / total
     return torch.full_like(x, share)
 
@@ -505,7 +316,7 @@ def _ram_lambda(shared: int, unique: int, r: float, alpha: float, epsilon: float
 @primitive("ram_boost", Param("moved", "tensor"), Param("count", "tensor"),
            Param("r", "number", 0.1), Param("alpha", "number", 0.2),
            Param("epsilon", "number", 1e-5, range=NON_NEGATIVE),
-           reduction=lambda numel, r=0.1, alpha=0.2, epsilon=1e-5: _SharedUnique())
+           reduction=lambda numel: _SharedUnique())
 def ram_boost(moved: torch.Tensor, count: torch.Tensor, r: float = 0.1, alpha: float = 0.2,
               epsilon: float = 1e-5, *, chunk: Chunk | None = None) -> torch.Tensor:
     """RAM+ (tensor-local): the factor for the entries only this task changed.
@@ -516,11 +327,7 @@ def ram_boost(moved: torch.Tensor, count: torch.Tensor, r: float = 0.1, alpha: f
     λ = 1 + r * clamp(rho, 0, alpha) where count == 1, and 1 elsewhere (mergekit 0.1.5's
     ramplus_tl). Maps over a list of masks.
     """
-    if chunk is None:
-        chunk = Chunk.whole(moved)
-    if chunk.stats is None:
-        chunk.stats = _reduce_whole(_SharedUnique(), moved, count, chunk=chunk)
-    shared, unique = chunk.stats
+    shared, unique = with_stats(chunk, moved, [moved, count], _SharedUnique).stats
     factor = _ram_lambda(shared, unique, r, alpha, epsilon)
     return torch.where(count == 1, factor, 1.0).to(moved.dtype)
 
@@ -529,7 +336,7 @@ def ram_boost(moved: torch.Tensor, count: torch.Tensor, r: float = 0.1, alpha: f
 
 
 def _votes(xs: list[torch.Tensor], method: str) -> torch.Tensor:
-    return _sum(xs if method == "sum" else [x.sign() for x in xs])
+    return sum_of(xs if method == "sum" else [x.sign() for x in xs])
 
 
 class _Majority(Reduction):
@@ -554,7 +361,7 @@ class _Majority(Reduction):
 @primitive("elect_sign_zeros", Param("xs", "tensors"),
            Param("method", "string", "sum", choices=("sum", "count")),
            Param("zeros", "string", "majority", choices=("plus", "majority")),
-           reduction=lambda numel, method="sum", zeros="majority":
+           reduction=lambda numel, method, zeros:
                _Majority(method) if zeros == "majority" else None,
            maps=False)
 def elect_sign_zeros(xs: list[torch.Tensor], method: str = "sum", zeros: str = "majority",
@@ -567,11 +374,8 @@ def elect_sign_zeros(xs: list[torch.Tensor], method: str = "sum", zeros: str = "
     votes = _votes(xs, method)
     if zeros == "plus":
         return torch.where(votes >= 0, 1.0, -1.0).to(votes.dtype)
-    if chunk is None:
-        chunk = Chunk.whole(votes)
-    if chunk.stats is None:
-        chunk.stats = _reduce_whole(_Majority(method), xs, chunk=chunk)
-    elected = torch.where(votes > 0, 1.0, torch.where(votes < 0, -1.0, chunk.stats))
+    majority = with_stats(chunk, votes, [xs], lambda: _Majority(method)).stats
+    elected = torch.where(votes > 0, 1.0, torch.where(votes < 0, -1.0, majority))
     return elected.to(votes.dtype)
 
 
@@ -585,14 +389,12 @@ def disjoint_divisor(votes: list[torch.Tensor], aggregate: str = "weighted") -> 
     """
     if aggregate == "sum":
         return torch.ones_like(votes[0])
-    total = _sum(votes)
+    total = sum_of(votes)
     return torch.where(total == 0, torch.ones_like(total), total)
 
 
-def _dare_trim(numel: int, density: float, variant: str = "paper") -> KthMagnitude | None:
-    if variant != "paper":
-        return None
-    return KthMagnitude(max(1, int(density * numel)) if density > 0 else 0, numel)
+def _dare_trim(numel: int, density: float, variant: str) -> Reduction | None:
+    return top_k(numel, density, "tensor") if variant == "paper" else None
 
 
 @primitive("trim_after_drop", Param("x", "tensor"), DENSITY,

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import torch
 
-from ..reduce import Chunk, KthMagnitude, L1Ratio, ModelKthMagnitude, reduce_whole
+from ..reduce import Chunk, L1Ratio
+from ..selection import KthMagnitude, ModelKthMagnitude, keep_top
 from . import Param, primitive
+from .common import DENSITY, with_stats
 
-DENSITY = Param("density", "number", range=(0.0, 1.0))
 
-
-def _top_k(numel: int, density: float, scope: str = "tensor") -> KthMagnitude:
+def top_k(numel: int, density: float, scope: str) -> KthMagnitude:
+    """trim's selection: the k = max(1, int(density * numel)) largest magnitudes (none at
+    density 0), of the tensor or, with scope="model", of the whole model."""
     k = max(1, int(density * numel)) if density > 0 else 0
     return (ModelKthMagnitude if scope == "model" else KthMagnitude)(k, numel)
 
 
 @primitive("trim", Param("x", "tensor"), DENSITY,
-           Param("scope", "string", "tensor", choices=("tensor", "model")), reduction=_top_k)
+           Param("scope", "string", "tensor", choices=("tensor", "model")), reduction=top_k)
 def trim(x: torch.Tensor, density: float, scope: str = "tensor", *,
          chunk: Chunk | None = None) -> torch.Tensor:
     """Keep the k = max(1, int(density * numel)) entries of largest magnitude (none when
@@ -28,23 +30,11 @@ def trim(x: torch.Tensor, density: float, scope: str = "tensor", *,
 
     Ties in magnitude at the cut-off keep the entries that come first in row-major
     order (and, for scope="model", in earlier tensors of the plan's order): the result
-    equals masking with a stable descending argsort of |x|, but is found by a k-th
-    value selection (reduce.KthMagnitude) instead of a sort.
+    equals masking with a stable descending argsort of |x|, but is found by an exact
+    selection (selection.KthMagnitude) instead of a sort.
     """
-    if chunk is None:
-        chunk = Chunk.whole(x)
-        chunk.stats = reduce_whole(_top_k(x.numel(), density), [x], chunk)
-    threshold, room, ties = chunk.stats
-    magnitude = x.abs()
-    if room >= ties:  # every entry at the threshold is kept
-        return x * (magnitude >= threshold)
-    keep = magnitude > threshold
-    if room > 0:
-        at = (magnitude == threshold).reshape(-1).nonzero().squeeze(1)
-        taken = chunk.state.get("ties", 0)
-        keep.view(-1)[at[:max(0, room - taken)]] = True
-        chunk.state["ties"] = taken + at.numel()
-    return x * keep
+    chunk = with_stats(chunk, x, [x], lambda: top_k(x.numel(), density, "tensor"))
+    return x * keep_top(x.abs(), *chunk.stats, chunk.state)
 
 
 def _keep_mask(density: float):
@@ -59,8 +49,14 @@ def _keep_mask(density: float):
     return keep
 
 
-def _l1_ratio(numel: int, density: float, rescale: str = "density") -> L1Ratio | None:
-    return L1Ratio(_keep_mask(density)) if rescale == "l1" and density < 1 else None
+def _drop_l1(density: float) -> L1Ratio:
+    """‖x‖₁ / ‖x * keep‖₁, summed in the compute dtype."""
+    keep = _keep_mask(density)
+    return L1Ratio(lambda x, chunk: (x, keep(x, chunk)), dtype=None)
+
+
+def _l1_ratio(numel: int, density: float, rescale: str) -> L1Ratio | None:
+    return _drop_l1(density) if rescale == "l1" and density < 1 else None
 
 
 @primitive("drop", Param("x", "tensor"), DENSITY,
@@ -80,9 +76,5 @@ def drop(x: torch.Tensor, density: float, rescale: str = "density", *,
     if rescale == "density":
         return kept.div_(density) if density > 0 else kept
     if rescale == "l1":
-        if chunk.stats is None:
-            chunk.stats = reduce_whole(L1Ratio(_keep_mask(density)), [x], chunk)
-        return kept.mul_(chunk.stats)
+        return kept.mul_(with_stats(chunk, x, [x], lambda: _drop_l1(density)).stats)
     return kept
-
-

@@ -32,10 +32,7 @@ import math
 import torch
 
 from . import Param, primitive
-
-FRACTION = (0.0, 1.0)
-UNBOUNDED = (0.0, math.inf)
-
+from .common import FRACTION, NON_NEGATIVE, sum_of
 
 # selection (elementwise: computed in row blocks like any arithmetic)
 
@@ -57,14 +54,14 @@ def max_magnitude(xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 @primitive("tall_mask", Param("x", "tensor"), Param("merged", "tensor"),
-           Param("mask_lambda", "number", range=UNBOUNDED))
+           Param("mask_lambda", "number", range=NON_NEGATIVE))
 def tall_mask(x: torch.Tensor, merged: torch.Tensor, mask_lambda: float) -> torch.Tensor:
     """The TALL mask of a task vector `x` against the merged vector: 1 where
     |x| >= mask_lambda * |merged - x|, else 0 (Wang et al. 2024)."""
     return (x.abs() >= mask_lambda * (merged - x).abs()).to(x.dtype)
 
 
-@primitive("at_least", Param("xs", "tensors"), Param("k", "number", range=UNBOUNDED),
+@primitive("at_least", Param("xs", "tensors"), Param("k", "number", range=NON_NEGATIVE),
            maps=False)
 def at_least(xs: list[torch.Tensor], k: float) -> torch.Tensor:
     """1 where at least `k` of the tensors in the list `xs` are nonzero, else 0: with
@@ -131,7 +128,7 @@ def tsv_merge(xs: list[torch.Tensor], rank: float) -> torch.Tensor:
     orthonormal polar factor (orthogonal Procrustes: P Q^T from P D Q^T), and rebuild
     with the kept singular values. For tensors that are not matrices: the sum of `xs`."""
     if not _is_matrix(xs[0]):
-        return _sum(xs)
+        return sum_of(xs)
     k = keep(rank, min(xs[0].shape))
     us, ss, vs = [], [], []
     for x in xs:
@@ -158,7 +155,7 @@ def iso_cts_merge(xs: list[torch.Tensor], common: float) -> torch.Tensor:
     even); both stacks made orthonormal (Procrustes, as in TSV-M), every direction given
     the mean of the kept singular values. Directions with a zero singular value are left
     out. common=1 is Iso-C. For tensors that are not matrices: the sum of `xs`."""
-    total = _sum(xs)
+    total = sum_of(xs)
     if not _is_matrix(total):
         return total
     r, tasks = min(total.shape), len(xs)
@@ -233,10 +230,3 @@ def _polar(a: torch.Tensor) -> torch.Tensor:
 
 def _nan_like(x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, math.nan)
-
-
-def _sum(xs: list[torch.Tensor]) -> torch.Tensor:
-    total = xs[0].clone()
-    for x in xs[1:]:
-        total += x
-    return total
