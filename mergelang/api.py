@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,7 @@ from .io.hf import OutputFolder, check_target, write_donor_files, write_model_ca
 from .io.write import OutputTensor, ShardedWriter, parse_size
 from .ir import walk
 from .lower import Lowered, lower
+from .params import Override, Value, overrides_of, with_overrides_noted
 from .plan import Plan, TensorPlan, plan
 from .resolve import resolve
 from .schedule import DEFAULT_BUDGET, Order, schedule
@@ -52,14 +53,25 @@ class Summary:
 
 
 class Program:
-    """A compiled script: parsed, resolved and lowered; models not opened yet."""
+    """A compiled script: parsed, resolved and lowered; models not opened yet.
 
-    def __init__(self, source_text: str, path: str | Path | None = None):
+    `params` gives script parameters (`param NAME = literal`) other values than their
+    defaults: a mapping of names to numbers, strings, booleans, None or lists."""
+
+    def __init__(self, source_text: str, path: str | Path | None = None,
+                 params: Mapping[str, object] | Iterable[Override] | None = None):
         self.path = Path(path) if path is not None else None
         name = str(path) if path is not None else "<script>"
         self.module = parse(source_text, name, self.path.resolve() if self.path else None)
         self.resolved = resolve(self.module)
-        self.lowered = lower(self.resolved)
+        overrides = overrides_of(params)
+        with with_overrides_noted(overrides):
+            self.lowered = lower(self.resolved, overrides=overrides)
+
+    @property
+    def params(self) -> dict[str, Value]:
+        """Each script parameter's value in this compilation (its override or default)."""
+        return dict(self.lowered.script_params)
 
     @property
     def source_text(self) -> str:
@@ -204,13 +216,16 @@ def summarize(p: Plan) -> Summary:
     )
 
 
-def compile(source_text: str, path: str | Path | None = None) -> Program:  # noqa: A001
-    """Compile a script (parse, resolve, lower). Raises MergeError."""
-    return Program(source_text, path)
+def compile(source_text: str, path: str | Path | None = None,  # noqa: A001
+            params: Mapping[str, object] | None = None) -> Program:
+    """Compile a script (parse, resolve, lower); `params` overrides its `param`
+    defaults, e.g. {"density": 0.3}. Raises MergeError."""
+    return Program(source_text, path, params)
 
 
-def load(path: str | Path) -> Program:
-    """Compile a `.merge` file; relative model paths resolve against its folder."""
+def load(path: str | Path, params: Mapping[str, object] | None = None) -> Program:
+    """Compile a `.merge` file; relative model paths resolve against its folder;
+    `params` overrides its `param` defaults, e.g. {"density": 0.3}."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -220,7 +235,7 @@ def load(path: str | Path) -> Program:
     except UnicodeDecodeError as exc:
         raise error(f"cannot read {path}: it is not UTF-8 text (byte {exc.start})", None,
                     hint="save the script as UTF-8") from None
-    return Program(text, path)
+    return Program(text, path, params)
 
 
 def expression(text: str, /) -> Expression:

@@ -132,6 +132,15 @@ class Set(Stmt):
 
 
 @dataclass(frozen=True)
+class ParamDecl(Stmt):
+    """`param NAME = literal`: a binding whose value `-D NAME=VALUE` (or `params=` in
+    Python) may replace; the literal is its default (see mergelang/params.py)."""
+
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
 class Param:
     name: str
     default: Expr | None

@@ -22,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from . import api
+from . import api, cli_params
 from .builtins import DTYPES
 from .diagnostics import Diagnostic, MergeError
 from .ir import Op, walk
@@ -66,16 +66,19 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true",
                      help="a NaN or infinite value in the result is an error, not a warning")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    cli_params.add_define_option(run)
     run.set_defaults(handler=_run)
 
     check = sub.add_parser("check", help="check against the model headers; load nothing")
     check.add_argument("script", type=Path)
+    cli_params.add_define_option(check)
     check.set_defaults(handler=_check)
 
     graph = sub.add_parser("graph", help="print the planned graph")
     graph.add_argument("script", type=Path)
     graph.add_argument("--tensor", help="only tensors whose name matches this regex")
     graph.add_argument("--format", choices=("text", "dot"), default="text")
+    cli_params.add_define_option(graph)
     graph.set_defaults(handler=_graph)
 
     repl = sub.add_parser("repl", help="explore a script interactively")
@@ -88,6 +91,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="the script to write (default: print it)")
     convert.add_argument("--force", action="store_true", help="replace an existing script")
     convert.set_defaults(handler=_convert)
+    cli_params.add_sweep_command(sub, _report)
     return parser
 
 
@@ -124,7 +128,7 @@ def _keep_freed_memory() -> None:
 
 def _run(args: argparse.Namespace, console: Console) -> int:
     _keep_freed_memory()
-    program = api.load(args.script)
+    program = cli_params.load(args)
     progress = Progress(
         TextColumn("merging {task.fields[done]}/{task.fields[count]} tensors"), BarColumn(),
         DownloadColumn(), TimeRemainingColumn(), console=console, disable=args.quiet,
@@ -156,9 +160,12 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _check(args: argparse.Namespace, console: Console) -> int:
-    summary = api.load(args.script).check()
+    program = cli_params.load(args)
+    summary = program.check()
     out = Console(highlight=False)
     out.print(f"ok: {args.script}")
+    if params := cli_params.params_line(program):
+        out.print(f"  params:        {params}", markup=False)
     out.print(f"  models:        {', '.join(summary.models)}")
     out.print(f"  donor:         {summary.donor}")
     out.print(f"  outputs:       {summary.outputs} tensors, {_bytes(summary.output_bytes)}"
@@ -177,7 +184,9 @@ def _graph(args: argparse.Namespace, console: Console) -> int:
         bad = Diagnostic(f'bad --tensor pattern "{args.tensor}": {exc}',
                          hint="it is a regular expression, e.g. 'layers\\.3\\.'")
         raise MergeError(bad) from None
-    with api.load(args.script).plan() as p:
+    program = cli_params.load(args)
+    params = cli_params.params_line(program)
+    with program.plan() as p:
         graph = p.graph
     tensors = [t for t in p.tensors if pattern is None or pattern.search(t.name)]
     if not tensors:
@@ -185,8 +194,10 @@ def _graph(args: argparse.Namespace, console: Console) -> int:
                                     hint="see `mergelang check` for the tensors"))
     if args.format == "dot":
         keep = {n for n in graph.nodes if graph.nodes[n]["tensor"] in {t.name for t in tensors}}
-        sys.stdout.write(_dot(graph.subgraph(keep)))
+        sys.stdout.write((f"// params: {params}\n" if params else "") + _dot(graph.subgraph(keep)))
         return 0
+    if params:
+        print(f"params: {params}")
     for t in tensors:
         print(_text(t))
     return 0

@@ -21,6 +21,7 @@ from . import ast
 from .builtins import BUILTINS, CONTEXT_NAMES, SETTINGS, Signature, signature_of_fn
 from .diagnostics import MergeError, Span, did_you_mean, error
 from .ops import PRIMITIVES
+from .params import check_declaration, declared
 from .resources import STDLIB_DIR
 from .syntax import parse
 
@@ -60,6 +61,11 @@ class Resolved:
     scope: Scope                       # the script's names; parent is the standard library
     settings: dict[str, ast.Set]
     output: ast.Output | None
+
+    @property
+    def params(self) -> dict[str, ast.ParamDecl]:
+        """The script parameters (`param NAME = literal`), imported files' included."""
+        return declared(self.scope.bindings)
 
 
 def resolve(module: ast.Module, externals: frozenset[str] = frozenset()) -> Resolved:
@@ -101,6 +107,9 @@ def _collect(module: ast.Module, scope: Scope, settings: dict[str, ast.Set],
         if isinstance(stmt, ast.Assign):
             _define(scope, stmt.name, stmt, stmt.span)
         elif isinstance(stmt, ast.FnDef):
+            _define(scope, stmt.name, stmt, stmt.span)
+        elif isinstance(stmt, ast.ParamDecl):  # a binding that -D may replace
+            check_declaration(stmt)
             _define(scope, stmt.name, stmt, stmt.span)
         elif isinstance(stmt, ast.Output):
             if importing:

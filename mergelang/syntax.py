@@ -314,6 +314,9 @@ class _ToAst(Transformer):
     def set_(self, meta, c):
         return ast.Set(self._span(meta), str(c[0]), c[1])
 
+    def param_decl(self, meta, c):
+        return ast.ParamDecl(self._span(meta), str(c[0]), c[1])
+
     def fn_expr(self, meta, c):
         name, params, result = c
         return ast.FnDef(self._span(meta), str(name), params or (), (), result)

@@ -348,8 +348,8 @@ class _Printer:
         if isinstance(s, ast.Assign):
             head = f"{s.name} = "
             return head + self.render(_doc(s.value, True), col + len(head), 0)
-        if isinstance(s, ast.Set):
-            head = f"set {s.key} = "
+        if isinstance(s, ast.Set | ast.ParamDecl):
+            head = f"set {s.key} = " if isinstance(s, ast.Set) else f"param {s.name} = "
             return head + self.render(_doc(s.value, True), col + len(head), 0)
         if isinstance(s, ast.Output):
             return "output " + self.render(_doc(s.value, True), col + 7, 0)

@@ -72,7 +72,7 @@ def test_the_scripts_cover_every_node_kind():
     found: set = set()
     for path in SCRIPTS:
         kinds(parse(path.read_text()).statements, found)
-    sample = parse('import "x.merge"\nset seed = 1\nfn f(x) = x\nn = none\n'
+    sample = parse('import "x.merge"\nset seed = 1\nparam p = -1\nfn f(x) = x\nn = none\n'
                    "s = a.layers[1:]\nt = a.layers[:2]\noutput not -a[0]\n")
     kinds(sample.statements, found)
     declared = {c for _, c in inspect.getmembers(ast, inspect.isclass)

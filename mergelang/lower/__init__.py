@@ -22,6 +22,7 @@ from .. import ast
 from ..builtins import DTYPES
 from ..diagnostics import Span, error
 from ..ir import TENSOR, Builder, Node, Op, nodes_of
+from ..params import Override, bind
 from ..resolve import Resolved
 from .evaluate import Frame, Lowerer
 from .values import ModelRef, Value, describe
@@ -44,17 +45,21 @@ class Lowered:
     output_span: Span | None = None
     params: frozenset[str] = frozenset()  # names given a value at each evaluation
     setting_spans: dict[str, Span] = field(default_factory=dict)
+    script_params: dict[str, Value] = field(default_factory=dict)  # `param` name -> value
 
 
 def lower(resolved: Resolved, inputs: Mapping[str, str] | None = None,
-          params: Iterable[str] = (), *, session: bool = False) -> Lowered:
+          params: Iterable[str] = (), *, session: bool = False,
+          overrides: Iterable[Override] = ()) -> Lowered:
     """Evaluate the script at compile time. Raises MergeError.
 
     `inputs` names models the embedding program holds (name -> model key); `params`
     names numbers or strings it gives at each evaluation (they stay `param` nodes
-    until plan). A REPL `session` lowers every binding (so every model it names is
-    known) and its output may be any value (the REPL shows numbers and per-tensor
-    values too); a script's output must be a model expression."""
+    until plan). `overrides` replace the defaults of script parameters (`param NAME =
+    literal`, set by `-D`): each is then a compile-time constant like any literal. A
+    REPL `session` lowers every binding (so every model it names is known) and its output
+    may be any value (the REPL shows numbers and per-tensor values too); a script's
+    output must be a model expression."""
     lowerer = Lowerer(resolved, Builder())
     span = resolved.output.value.span if resolved.output is not None else None
     for name, key in (inputs or {}).items():
@@ -62,6 +67,8 @@ def lower(resolved: Resolved, inputs: Mapping[str, str] | None = None,
     params = frozenset(params)
     for name in params:
         lowerer.globals[name] = lowerer.b.make(Op.PARAM, (), name, span=span)
+    script_params = bind(resolved.scope.bindings, overrides)
+    lowerer.globals.update(script_params)
     top = Frame(resolved.scope, {})
     for name, stmt in resolved.scope.bindings.items() if session else ():
         lowerer.eval(ast.Name(stmt.span, name), top)
@@ -71,7 +78,8 @@ def lower(resolved: Resolved, inputs: Mapping[str, str] | None = None,
         raise error(f"`output` must be a model expression, not {describe(value)}",
                     span, hint="e.g. `output base + ties(a - base, b - base)`")
     lowered = Lowered(value if is_model else None, lowerer.models, None, lowerer.b,
-                      value=value, output_span=span, params=params)
+                      value=value, output_span=span, params=params,
+                      script_params=script_params)
     for key, stmt in resolved.settings.items():
         _setting(lowered, key, stmt, lowerer.eval(stmt.value, top))
     if lowered.donor is None and isinstance(value, Node):
