@@ -91,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
                          help="the script to write (default: print it)")
     convert.add_argument("--force", action="store_true", help="replace an existing script")
     convert.set_defaults(handler=_convert)
+
+    fmt = sub.add_parser("fmt", help="lay scripts out one canonical way, comments kept")
+    fmt.add_argument("scripts", type=Path, nargs="+")
+    fmt.add_argument("--check", action="store_true",
+                     help="change nothing; exit 1 if a file would change (for CI)")
+    fmt.add_argument("--diff", action="store_true", help="print the changes as a unified diff")
+    fmt.set_defaults(handler=_fmt)
     cli_params.add_sweep_command(sub, _report)
     return parser
 
@@ -258,6 +265,14 @@ def _convert(args: argparse.Namespace, console: Console) -> int:
     else:
         console.print(f"wrote {args.output}")
     return 0
+
+
+def _fmt(args: argparse.Namespace, console: Console) -> int:
+    from .fmt import run
+    return run(args.scripts, args.check, args.diff,
+               report=lambda exc: _report(console, exc.diagnostics),
+               say=lambda text: console.print(text, markup=False),
+               write_diff=sys.stdout.write)
 
 
 def _bytes(n: int) -> str:

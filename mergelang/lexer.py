@@ -26,7 +26,7 @@ from pygments.token import (
     Whitespace,
 )
 
-KEYWORDS = ("output", "import", "set", "return")
+KEYWORDS = ("output", "import", "set", "return", "param")
 FLOW = ("if", "then", "else")
 WORD_OPERATORS = ("and", "or", "not")
 CONSTANTS = ("true", "false", "none")

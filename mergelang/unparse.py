@@ -22,6 +22,7 @@ the converter writing one) passes them as `Trivia`, keyed by the statement they 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -70,7 +71,7 @@ def number_text(value: int | float) -> str:
         raise TypeError(f"not a number: {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{value} cannot be written as a mergelang number")
-    return repr(value)
+    return re.sub(r"e([+-])0+(?=\d)", r"e\1", repr(value))  # 1e-05 as 1e-5
 
 
 def string_text(value: str) -> str:
