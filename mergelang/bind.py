@@ -173,7 +173,14 @@ def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bou
     try:
         for key, ref in lowered.models.items():
             source = sources.get(key) or _open(key, ref.span)
-            models[key] = BoundModel(key, ref, source, count_layers(source))
+            try:
+                if key not in sources:
+                    check_tensors(source)
+                layers = count_layers(source)
+            except ModelFileError as exc:
+                source.close()
+                raise error(exc.message, ref.span, hint=exc.hint) from None
+            models[key] = BoundModel(key, ref, source, layers)
     except BaseException:
         for model in models.values():
             model.source.close()
@@ -189,11 +196,72 @@ def _open(key: str, span: Span) -> ModelSource:
         raise error(exc.message, span, hint=exc.hint) from None
 
 
+_UNSUPPORTED = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"} \
+    if hasattr(torch, "float8_e5m2") else {}
+
+
+def check_tensors(source: ModelSource) -> None:
+    """Refuse, naming the tensor, a model the back end cannot merge yet: float8 tensors
+    (the back end's dtype promotion does not know them) and tensors whose first
+    dimension is 0 (the back end splits work by rows and finds none). A clear refusal
+    at the model(...) call, where the alternative is a crash in the middle of a run.
+    A layer number larger than the tensors can fill (`layers.999999999.`) is refused
+    too: each layer has a tensor of its own, and a stack makes names for every layer."""
+    found = _layers_named(source)
+    if found > len(source.tensors):
+        name = next(n for n in source.tensors if layer_of(n) == found - 1)
+        raise ModelFileError(
+            f"tensor {name!r} of {_where(source)} names layer {found - 1}, but the model "
+            f"has only {len(source.tensors)} tensors",
+            hint="the tensor names are damaged; " + _REDOWNLOAD,
+        )
+    for name, info in source.tensors.items():
+        if info.dtype in _UNSUPPORTED:
+            count = sum(t.dtype in _UNSUPPORTED for t in source.tensors.values())
+            raise ModelFileError(
+                f"{source.path} holds {count} float8 tensors ({_UNSUPPORTED[info.dtype]}, "
+                f"e.g. {name!r}), which mergelang cannot merge yet",
+                hint="convert the model to bfloat16 first (e.g. load it with transformers "
+                "with torch_dtype=torch.bfloat16 and save_pretrained)",
+            )
+        if info.shape and info.shape[0] == 0:
+            raise ModelFileError(
+                f"tensor {name!r} of {source.path} has no rows (shape {list(info.shape)}), "
+                "which mergelang cannot merge yet",
+                hint="remove the empty tensor from the model's file",
+            )
+
+
 def count_layers(source: ModelSource) -> int:
-    """The number of repeated blocks: from config.json, else from the tensor names."""
+    """The number of repeated blocks: from config.json, else from the tensor names.
+
+    A config claiming more layers than the tensors have is refused (ModelFileError),
+    so it cannot make a stack of a million layers, nor a config that disagrees with
+    the weights."""
+    found = _layers_named(source)
     for key in NUM_LAYERS_KEYS:
         value = (source.config or {}).get(key)
-        if isinstance(value, int) and value > 0:
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if value > max(found, 1) and (found or value > len(source.tensors)):
+                layers = f"layers 0 to {found - 1}" if found else "no layers"
+                raise ModelFileError(
+                    f"config.json of {_where(source)} says {key} = {value}, but its "
+                    f"tensors have {layers}",
+                    hint=f"correct {key} in config.json"
+                    + (f" (to {found})" if found else ""),
+                )
             return value
-    indices = [int(m.group(1)) for n in source.tensors if (m := _LAYER.search(n))]
+    return found
+
+
+_REDOWNLOAD = "download the model again"
+
+
+def _layers_named(source: ModelSource) -> int:
+    """One more than the largest layer number in the tensor names, or 0."""
+    indices = {int(m.group(1)) for n in source.tensors if (m := _LAYER.search(n))}
     return max(indices) + 1 if indices else 0
+
+
+def _where(source: ModelSource) -> str:
+    return str(getattr(source, "path", None) or source.folder or "the model")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 
 from .dtypes import dtype_from_name, dtype_name, supported_names
 from .errors import ModelFileError
+from .jsonfile import parse_json
 
 HEADER_LIMIT = 100 * 2**20
 """The safetensors library refuses headers larger than this; a bigger length means corruption."""
@@ -38,44 +41,73 @@ class HeaderEntry:
 
 
 @dataclass(frozen=True)
+class FileIdentity:
+    """What tells one version of a file from another: which file (device, inode), how
+    long it is, and when it was last written. A file truncated, rewritten in place or
+    replaced by another since it was opened has another identity."""
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, info: os.stat_result) -> FileIdentity:
+        return cls(info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+@dataclass(frozen=True)
 class Header:
-    """A checked safetensors header. `entries` is ordered by position in the file."""
+    """A checked safetensors header. `entries` is ordered by position in the file;
+    `identity` is the file's as the header was read."""
 
     path: Path
     data_start: int
     metadata: dict[str, str]
     entries: dict[str, HeaderEntry]
+    identity: FileIdentity | None = None
 
 
 def read_header(path: Path) -> Header:
-    """Read and check the header of the safetensors file at `path`; ModelFileError if unusable."""
+    """Read and check the header of the safetensors file at `path`; ModelFileError if unusable.
+
+    Only a regular file is read (a FIFO or a device is refused, never waited on), and
+    the identity of the file read (FileIdentity) is kept, so later reads can tell
+    whether the file was changed or replaced since."""
     try:
-        with open(path, "rb") as f:
-            size = f.seek(0, 2)
-            f.seek(0)
-            if size < 8:
-                raise ModelFileError(
-                    f"{path} is not a safetensors file: it is only {size} bytes long",
-                    hint=_REDOWNLOAD,
-                )
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8 or length > HEADER_LIMIT:
-                raise ModelFileError(
-                    f"{path} is truncated or not a safetensors file: its header claims "
-                    f"{length} bytes but the file has only {size} bytes",
-                    hint=_REDOWNLOAD,
-                )
-            raw = f.read(length)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
         raise ModelFileError(
             f"cannot read {path}: {e.strerror or e}", hint="check that the file is readable"
         ) from e
     try:
-        parsed = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ModelFileError(
+                f"{path} is not a regular file (a FIFO, device or socket cannot hold a model)",
+                hint="name the model's .safetensors file or its folder",
+            )
+        size = info.st_size
+        if size < 8:
+            raise ModelFileError(
+                f"{path} is not a safetensors file: it is only {size} bytes long",
+                hint=_REDOWNLOAD,
+            )
+        (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+        if length > size - 8 or length > HEADER_LIMIT:
+            raise ModelFileError(
+                f"{path} is truncated or not a safetensors file: its header claims "
+                f"{length} bytes but the file has only {size} bytes",
+                hint=_REDOWNLOAD,
+            )
+        raw = os.pread(fd, length, 8)
+    except OSError as e:
         raise ModelFileError(
-            f"{path} has a corrupt header: it is not valid JSON ({e})", hint=_REDOWNLOAD
+            f"cannot read {path}: {e.strerror or e}", hint="check that the file is readable"
         ) from e
+    finally:
+        os.close(fd)
+    parsed = parse_json(raw, path, _REDOWNLOAD, f"{path} has a corrupt header: it")
     if not isinstance(parsed, dict):
         raise ModelFileError(f"{path} has a corrupt header: it is not a JSON object", _REDOWNLOAD)
     data_start = 8 + length
@@ -83,7 +115,8 @@ def read_header(path: Path) -> Header:
     entries = [_entry(path, name, spec) for name, spec in parsed.items()]
     entries.sort(key=lambda e: (e.begin, e.end))
     _check_layout(path, entries, size - data_start, data_start)
-    return Header(path, data_start, metadata, {e.name: e for e in entries})
+    return Header(path, data_start, metadata, {e.name: e for e in entries},
+                  FileIdentity.of(info))
 
 
 def _metadata(path: Path, value: object) -> dict[str, str]:
@@ -107,6 +140,12 @@ def _is_count(x: object) -> bool:
 
 
 def _entry(path: Path, name: str, spec: object) -> HeaderEntry:
+    if not name:
+        raise ModelFileError(
+            f"{path} holds a tensor with an empty name, which no output can hold",
+            hint="rename it (load the file with safetensors, give the tensor a name, and "
+            "save it again)",
+        )
     if not isinstance(spec, dict) or not {"dtype", "shape", "data_offsets"} <= spec.keys():
         raise _corrupt(path, name, "lacks dtype, shape or data_offsets")
     dtype_str, shape, offsets = spec["dtype"], spec["shape"], spec["data_offsets"]

@@ -19,17 +19,18 @@ JSON_LIMIT = 256 * 2**20
 """The largest JSON file read (an index of a million tensors is about 100 MB)."""
 
 
-def parse_json(raw: bytes | str, path: Path, hint: str) -> object:
-    """Decode JSON text from `path`; ModelFileError (with `hint`) when it cannot be."""
+def parse_json(raw: bytes | str, path: Path, hint: str, subject: str | None = None) -> object:
+    """Decode JSON text from `path`; ModelFileError (with `hint`) when it cannot be.
+    `subject` starts the message (default: the path)."""
+    subject = subject or str(path)
     try:
-        return json.loads(raw)
+        return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
     except UnicodeDecodeError as e:
-        raise ModelFileError(f"{path} is not UTF-8 text (byte {e.start})", hint=hint) from None
+        raise ModelFileError(f"{subject} is not UTF-8 text (byte {e.start})", hint=hint) from None
     except RecursionError:
-        raise ModelFileError(f"{path} is not usable JSON: it is nested too deeply",
-                             hint=hint) from None
+        raise ModelFileError(f"{subject} is JSON nested too deeply to read", hint=hint) from None
     except ValueError as e:  # a JSONDecodeError, or an integer too long to convert
-        raise ModelFileError(f"{path} is not valid JSON ({e})", hint=hint) from None
+        raise ModelFileError(f"{subject} is not valid JSON ({e})", hint=hint) from None
 
 
 def read_json(path: Path, hint: str) -> object:

@@ -16,16 +16,18 @@ timing, loading one 271M-parameter model).
 
 from __future__ import annotations
 
-import json
+import errno
 import mmap
+import os
 import threading
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
 from .errors import ModelFileError
-from .header import Header, read_header
+from .header import FileIdentity, Header, read_header
+from .jsonfile import read_json
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -36,6 +38,8 @@ _PICKLED_HINT = (
     "model.save_pretrained(folder, safe_serialization=True)"
 )
 _REDOWNLOAD = "the download is incomplete or mixed up; download the model again"
+_KEEP_INPUTS = ("leave the input models unchanged until the merge has finished, then run "
+                "it again")
 
 
 @dataclass(frozen=True)
@@ -59,11 +63,13 @@ class SafetensorsModel:
         folder: Path | None,
         tensors: dict[str, TensorInfo],
         config: dict | None,
+        identities: dict[Path, FileIdentity] | None = None,
     ) -> None:
         self.path = path
         self.folder = folder
         self.tensors = tensors
         self.config = config
+        self.identities = identities or {}
         self._closed = False
         self._lock = threading.Lock()
         self._maps: dict[Path, mmap.mmap] = {}
@@ -84,6 +90,7 @@ class SafetensorsModel:
         shape = info.shape
         first, length = self._span(info, rows)
         mapped = self._map(info.file)
+        self._check_unchanged(info.file)
         raw = torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=first) \
             if length else torch.empty(0, dtype=torch.uint8)
         part = raw.view(info.dtype).reshape((rows[1] - rows[0], *shape[1:]) if rows
@@ -95,6 +102,7 @@ class SafetensorsModel:
         else:
             out = part.clone()
         _release(mapped, first, length)
+        self._check_unchanged(info.file)  # a change while copying would mix two files
         return out
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
@@ -128,12 +136,38 @@ class SafetensorsModel:
                         hint="the file may have been changed or removed since the model "
                              "was opened",
                     ) from e
-                if not self._unchanged(file):
+                if file not in self.identities and not self._unchanged(file):
                     mapped.close()
                     raise ModelFileError(f"{file} changed since the model was opened",
                                          hint="do not modify input models while a merge runs")
                 self._maps[file] = mapped
             return mapped
+
+    def _check_unchanged(self, file: Path) -> None:
+        """Stop, naming the file, if it is not the file the header was read from: a
+        mapped file that shrinks kills the reading process with SIGBUS, and one rewritten
+        or replaced would mix bytes of two files into the output. One stat per read; a
+        change in the instant between the check and the read is not caught."""
+        expected = self.identities.get(file)
+        if expected is None:
+            return
+        try:
+            now = FileIdentity.of(os.stat(file))
+        except OSError as e:
+            raise ModelFileError(
+                f"{file} can no longer be read while the merge reads it: {e.strerror or e}",
+                hint=_KEEP_INPUTS,
+            ) from None
+        if now == expected:
+            return
+        if (now.device, now.inode) != (expected.device, expected.inode):
+            what = "another file was put in its place"
+        elif now.size != expected.size:
+            what = f"its size went from {expected.size} to {now.size} bytes"
+        else:
+            what = "it was written to"
+        raise ModelFileError(f"{file} changed while the merge was reading it: {what}",
+                             hint=_KEEP_INPUTS)
 
     def _unchanged(self, file: Path) -> bool:
         """Whether the file's header still describes the tensors read from it at open."""
@@ -168,6 +202,9 @@ def open_model(path: str | Path) -> SafetensorsModel:
     p = Path(path).expanduser()
     try:
         return _open(p)
+    except ValueError as e:  # an embedded NUL byte
+        raise ModelFileError(f"invalid model path {str(p)!r}: {e}",
+                             hint="check the path") from None
     except OSError as e:
         raise ModelFileError(
             f"cannot read {e.filename or p}: {e.strerror or e}",
@@ -176,12 +213,20 @@ def open_model(path: str | Path) -> SafetensorsModel:
 
 
 def _open(p: Path) -> SafetensorsModel:
-    if not p.exists():
+    try:
+        os.stat(p)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ModelFileError(f"model path {p} is a loop of symbolic links",
+                                 hint="point the link at the model's folder") from None
+        if e.errno not in (errno.ENOENT, errno.ENOTDIR):
+            raise
+        where = f" (a link to {os.readlink(p)}, which does not exist)" if p.is_symlink() else ""
         raise ModelFileError(
-            f"model path {p} does not exist",
+            f"model path {p} does not exist{where}",
             hint="check the path, or download the model first "
             "(e.g. `huggingface-cli download ORG/NAME --local-dir DIR`)",
-        )
+        ) from None
     if p.is_dir():
         return _open_folder(p)
     if p.name.endswith(INDEX_SUFFIX):
@@ -231,12 +276,7 @@ def _open_folder(folder: Path) -> SafetensorsModel:
 
 
 def _read_sharded(folder: Path, index: Path) -> list[Header]:
-    try:
-        parsed = json.loads(index.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ModelFileError(f"cannot read {index}: {e.strerror or e}", _REDOWNLOAD) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{index} is not valid JSON ({e})", hint=_REDOWNLOAD) from e
+    parsed = read_json(index, hint=_REDOWNLOAD)
     weight_map = parsed.get("weight_map") if isinstance(parsed, dict) else None
     if (
         not isinstance(weight_map, dict)
@@ -250,6 +290,8 @@ def _read_sharded(folder: Path, index: Path) -> list[Header]:
     by_shard: dict[str, list[str]] = {}
     for name, shard in weight_map.items():
         by_shard.setdefault(shard, []).append(name)
+    for shard, held in by_shard.items():
+        _check_shard_name(index, shard, held[0])
     missing = [s for s in sorted(by_shard) if not (folder / s).is_file()]
     if missing:
         first = missing[0]
@@ -278,6 +320,20 @@ def _read_sharded(folder: Path, index: Path) -> list[Header]:
     return headers
 
 
+def _check_shard_name(index: Path, shard: str, tensor: str) -> None:
+    """A shard must be a file in the index's own folder (or below it), named without
+    "..": an index is data from the download, and must not make mergelang read (or
+    `--force` refuse to protect) files elsewhere on the machine."""
+    parts = PurePosixPath(shard.replace("\\", "/")).parts
+    if (not shard or "\0" in shard or PurePosixPath(shard).is_absolute()
+            or PureWindowsPath(shard).is_absolute() or PureWindowsPath(shard).drive
+            or ".." in parts):
+        raise ModelFileError(
+            f"{index} places tensor {tensor!r} in {shard!r}, outside the model's folder",
+            hint="an index names shard files beside it; " + _REDOWNLOAD,
+        )
+
+
 def _model(path: Path, folder: Path | None, headers: list[Header]) -> SafetensorsModel:
     tensors: dict[str, TensorInfo] = {}
     for header in headers:
@@ -291,18 +347,14 @@ def _model(path: Path, folder: Path | None, headers: list[Header]) -> Safetensor
                 nbytes=e.end - e.begin,
             )
     config = _read_config(folder / "config.json") if folder is not None else None
-    return SafetensorsModel(path, folder, tensors, config)
+    identities = {h.path: h.identity for h in headers if h.identity is not None}
+    return SafetensorsModel(path, folder, tensors, config, identities)
 
 
 def _read_config(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ModelFileError(f"cannot read {path}: {e.strerror or e}", _REDOWNLOAD) from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{path} is not valid JSON ({e})", hint=_REDOWNLOAD) from e
+    config = read_json(path, hint=_REDOWNLOAD)
     if not isinstance(config, dict):
         raise ModelFileError(f"{path} is not a JSON object", hint=_REDOWNLOAD)
     return config
