@@ -167,11 +167,11 @@ class Sweep:
         self.device = device
         self.scorer = scorer
         self.in_memory_bytes = in_memory_bytes
+        self._check_values()
         self.tasks = _load_tasks(tasks)
         self.task_names = list(dict.fromkeys(t["task"] for t in self.tasks))
         self.objective = _check_objective(objective, self.task_names)
         self.results = Results(results)
-        self._check_values()
 
     @property
     def size(self) -> int:
