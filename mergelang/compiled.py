@@ -10,7 +10,9 @@ nothing is parsed, lowered or specialised again.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,10 +37,14 @@ class Expression:
     """`expression(text)`: call it with one keyword per free name of the text (others
     are ignored, so one set of inputs can serve several expressions)."""
 
-    def __init__(self, text: str):
+    def __init__(self, text: str, library: str | os.PathLike | None = None):
         self.module = parse_expression(text)
-        self.span = self.module.statements[0].span
-        self.names = frozenset(_free_names(self.module.statements[0].value))
+        output = self.module.statements[0]
+        if library is not None:  # a .merge file of `fn`s it may call, imported as by a script
+            path = str(Path(library).resolve())
+            self.module = ast.Module(self.module.source, (ast.Import(output.span, path), output))
+        self.span = output.span
+        self.names = frozenset(_free_names(output.value))
         reserved = self.names & set(_RESERVED)
         if reserved:
             raise error(f"`{sorted(reserved)[0]}` is a reserved keyword of evaluate(); "
