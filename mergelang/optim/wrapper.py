@@ -1,0 +1,252 @@
+"""OnlineMerging: any torch optimizer, its update replaced by a merge rule written in the
+language.
+
+At each merging step the wrapped optimizer steps as usual; its update, update = θ_after -
+θ_before, is then merged by the rule, a mergelang expression compiled once
+(mergelang.expression): θ ← θ_before + rule(update, ref, param). The inputs are state dicts
+keyed by parameter name:
+
+- `update`: the inner optimizer's update (with every=k, the sum of its k updates);
+- `ref`: the reference task vector tau = reference - base as the rule keeps it, made once
+  by the `prepare` expression of `tau` (for the standard rules, `ondare_ref`/`onties_ref`
+  with the rule's own keep, clip, small and rescale) and held sparse between steps;
+- `param`: the parameters before the step.
+
+The rule is evaluated on batches of parameters (`batch` entries at a time: one call, many
+tensors), so the per-call cost of the compiled expression is paid a few times per step,
+not once per parameter, and the dense inputs of one batch are all that exists at once.
+Randomness is keyed by (seed + step, parameter name, call site in the rule).
+
+Wrapping costs memory the built-in classes do not spend: the parameters before the step
+(one copy of the parameters being trained), held from the start of a step (or of a k-step
+window) to its merge.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+
+from .. import syntax
+from ..ast import Call, Name
+from ..compiled import Expression
+from ..resolve import stdlib_scope
+from .adamw import _names_of
+from .monitor import Monitor, StepStats, Tally
+from .sources import Source, dense, store, task_vectors
+
+INPUTS = frozenset({"update", "ref", "param"})
+# the standard rules and the keywords their preparation shares with them
+PREPARES = {"ondare": ("ondare_ref", ("keep", "clip", "rescale")),
+            "onties": ("onties_ref", ("keep", "small", "rescale"))}
+
+
+class OnlineMerging(torch.optim.Optimizer):
+    """Wrap `optimizer` so that its update is replaced by `rule` every `every` steps.
+
+    rule: an expression of `update`, `ref` and `param`, e.g.
+        "ondare(update, ref, keep=0.01, alpha=1e-7)" or "onties(update, ref, keep=0.1)";
+        or a call of a function of your own, defined in the .merge file `library`.
+    reference, base: as for OnDAREAdamW (paths, state dicts or modules); needed when the
+        rule reads `ref`.
+    library: a .merge file of `fn` definitions that rule and prepare may call.
+    prepare: the expression of `tau` that makes `ref`, evaluated once (seed `seed`);
+        default: the standard rule's own (`ondare_ref(tau, keep=...)`, ...). A rule of
+        your own that reads `ref` must say it ("tau" keeps tau dense and whole).
+    names: (name, parameter) pairs when the inner optimizer was not given
+        model.named_parameters().
+    batch: how many entries the rule is evaluated on at once (default 2**24).
+    device, dtype: where and in what the rule computes (default: the parameters' device,
+        float32).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, rule: str, *,
+                 reference: Source | None = None, base: Source | None = None,
+                 prepare: str | None = None, library: str | os.PathLike | None = None,
+                 every: int = 1, seed: int = 0,
+                 names: Iterable[tuple[str, torch.Tensor]] | Mapping | None = None,
+                 batch: int = 1 << 24, device: str | None = None, dtype: str = "float32",
+                 callback: Callable[[StepStats], None] | None = None, stats: bool = False):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, not "
+                            f"{type(optimizer).__name__}")
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be a whole number >= 1, not {every!r}")
+        self.rule = Expression(rule, library)
+        unknown = self.rule.names - INPUTS
+        if unknown:
+            raise TypeError(f"the rule reads {', '.join(sorted(unknown))}: its inputs are "
+                            "update, ref and param")
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        super().__init__(params, {})
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups  # one list: a scheduler's lr reaches it
+        self.defaults = optimizer.defaults
+        self.text, self.every, self.seed, self.batch = rule, every, seed, batch
+        self.device, self.dtype = device, dtype
+        self.count = 0
+        self.monitor = Monitor(callback, stats)
+        self.names = _names_of(self.param_groups, names)
+        nameless = [p for p in params if self.names[id(p)] is None]
+        if nameless:
+            raise TypeError(f"{len(nameless)} parameters have no name: give the inner "
+                            "optimizer model.named_parameters(), or pass names=")
+        if "ref" in self.rule.names:
+            if reference is None or base is None:
+                raise TypeError("the rule reads `ref`: give reference= and base=")
+            prepare = prepare if prepare is not None else default_prepare(rule)
+            self.prepare = prepare
+            self._load(Expression(prepare, library), reference, base)
+        elif reference is not None or base is not None:
+            raise TypeError("the rule does not read `ref`: reference= and base= are unused")
+
+    def _load(self, prepare: Expression, reference: Source, base: Source) -> None:
+        if not prepare.names <= {"tau"}:
+            raise TypeError(f"prepare reads {', '.join(sorted(prepare.names - {'tau'}))}: "
+                            "its one input is tau")
+        params = {self.names[id(p)]: p for g in self.param_groups for p in g["params"]}
+        with torch.no_grad():
+            for batch in self._batches(list(params.values())):
+                named = [(self.names[id(p)], p) for p in batch]
+                taus = dict(task_vectors(named, reference, base))
+                kept = prepare(tau=taus, seed=self.seed, device=self._device(batch),
+                               dtype=self.dtype) if prepare.names else taus
+                for name, p in named:
+                    self.state[p].update(store(kept[name], p))
+
+    def _device(self, params: list[torch.Tensor]) -> str:
+        return self.device or str(params[0].device)
+
+    def _batches(self, params: list[torch.Tensor]) -> Iterable[list[torch.Tensor]]:
+        batch: list[torch.Tensor] = []
+        size = 0
+        for p in params:
+            if batch and size + p.numel() > self.batch:
+                yield batch
+                batch, size = [], 0
+            batch.append(p)
+            size += p.numel()
+        if batch:
+            yield batch
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.count += 1
+        stepping = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in stepping:
+            anchor = self.state[p].get("anchor")
+            if anchor is None or (self.count - 1) % self.every == 0:
+                if anchor is None:
+                    anchor = self.state[p]["anchor"] = torch.empty_like(p)
+                anchor.copy_(p)
+        inner = self.optimizer.step()
+        loss = inner if loss is None else loss
+        if self.count % self.every == 0:
+            self._merge([p for p in self.params() if "anchor" in self.state[p]])
+        return loss
+
+    def params(self) -> list[torch.Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _merge(self, params: list[torch.Tensor]) -> None:
+        tally = self.monitor.tally()
+        reads = self.rule.names
+        for batch in self._batches(params):
+            names = [self.names[id(p)] for p in batch]
+            inputs: dict[str, dict[str, torch.Tensor]] = {"update": {}, "ref": {}, "param": {}}
+            for name, p in zip(names, batch, strict=True):
+                anchor = self.state[p]["anchor"]
+                inputs["update"][name] = p - anchor
+                if "ref" in reads:
+                    inputs["ref"][name] = dense(self.state[p], p)
+                inputs["param"][name] = anchor
+            merged = self.rule(seed=self.seed + self.count, device=self._device(batch),
+                               dtype=self.dtype, **{k: v for k, v in inputs.items() if k in reads})
+            for name, p in zip(names, batch, strict=True):
+                if name not in merged:
+                    raise KeyError(f"the rule gives no value for parameter {name!r}")
+                out = merged[name].to(p.device)
+                if tally is not None:
+                    self._tally(tally, inputs["update"][name], out, self.state[p])
+                torch.add(self.state[p]["anchor"], out, out=p)
+            del inputs, merged
+        for p in params:
+            del self.state[p]["anchor"]  # the copy lives from a step's (window's) start to here
+        self.monitor.emit(tally, self.count, True)
+
+    @staticmethod
+    def _tally(tally: Tally, update: torch.Tensor, merged: torch.Tensor, state: dict) -> None:
+        tally.update(update)
+        tally.merged(merged)
+        if "ref_values" in state:
+            index = state.get("ref_index")
+            flat = update.reshape(-1)
+            tally.signs(flat if index is None else flat[index], state["ref_values"].reshape(-1))
+
+    # --- state ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict, and this wrapper's: its step count, seed, and
+        each parameter's kept task vector (and, inside a k-step window, its anchor)."""
+        own = {}
+        for p in self.params():
+            state = {k: v for k, v in self.state[p].items()}
+            if state:
+                own[self.names[id(p)]] = state
+        return {"inner": self.optimizer.state_dict(),
+                "online": {"rule": self.text, "count": self.count, "seed": self.seed,
+                           "every": self.every, "params": own}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict["inner"])
+        online = state_dict["online"]
+        self.count, self.seed, self.every = online["count"], online["seed"], online["every"]
+        by_name = {self.names[id(p)]: p for p in self.params()}
+        for name, state in online["params"].items():
+            p = by_name[name]
+            self.state[p] = {k: v.to(p.device) for k, v in state.items()}
+
+    def memory(self) -> dict[str, int]:
+        """Bytes this wrapper holds beyond the inner optimizer: the kept task vectors
+        ("reference") and the parameters before the step ("anchor", between a step's start
+        and its merge)."""
+        out = {"reference": 0, "anchor": 0}
+        for state in self.state.values():
+            for key, value in state.items():
+                where = "anchor" if key == "anchor" else "reference"
+                out[where] += value.numel() * value.element_size()
+        return out
+
+    def __repr__(self) -> str:
+        return f"OnlineMerging({self.optimizer!r}, rule={self.text!r})"
+
+
+def default_prepare(rule: str) -> str:
+    """The preparation of tau that a standard rule implies: `ondare(update, ref, keep=0.1,
+    clip=1)` -> `ondare_ref(tau, keep=0.1, clip=1)` (and `onties` -> `onties_ref`)."""
+    call = syntax.parse_expression(rule).statements[0].value
+    if not (isinstance(call, Call) and isinstance(call.func, Name) and call.func.id in PREPARES):
+        raise TypeError("the rule reads `ref`: give prepare=, the expression of `tau` that "
+                        'makes it once (e.g. prepare="onties_ref(tau, keep=0.1)", or "tau")')
+    target, shared = PREPARES[call.func.id]
+    params = [p.name for p in stdlib_scope().functions[call.func.id].params]
+    given = {params[i]: arg for i, arg in enumerate(call.args)}
+    given.update({kw.name: kw.value for kw in call.kwargs})
+    lines = rule.splitlines()
+    parts = [f"{name}={_text(lines, given[name])}" for name in shared if name in given]
+    return f"{target}({', '.join(['tau', *parts])})"
+
+
+def _text(lines: list[str], expr: Any) -> str:
+    s = expr.span
+    if s.line == s.end_line:
+        return lines[s.line - 1][s.col - 1:s.end_col - 1]
+    return "\n".join([lines[s.line - 1][s.col - 1:], *lines[s.line:s.end_line - 1],
+                      lines[s.end_line - 1][:s.end_col - 1]])
