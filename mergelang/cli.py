@@ -98,6 +98,23 @@ def _parser() -> argparse.ArgumentParser:
                      help="change nothing; exit 1 if a file would change (for CI)")
     fmt.add_argument("--diff", action="store_true", help="print the changes as a unified diff")
     fmt.set_defaults(handler=_fmt)
+
+    inspect = sub.add_parser("inspect", help="a model's structure, from its headers alone")
+    inspect.add_argument("model", type=Path, help="a model folder or .safetensors file")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(handler=_inspect)
+
+    diff = sub.add_parser("diff", help="the task vectors of fine-tunes against their base")
+    diff.add_argument("base", type=Path)
+    diff.add_argument("models", type=Path, nargs="+")
+    diff.add_argument("--density", type=float, default=0.2,
+                      help="trim density for sign conflicts and trim mass (default 0.2)")
+    diff.add_argument("--json", action="store_true", help="print one JSON object")
+    diff.add_argument("--plot", type=Path, metavar="FILE.png", help="draw per-layer heatmaps")
+    diff.add_argument("--max-memory", default=DEFAULT_BUDGET_TEXT,
+                      help=f"tensor data held at once (default {DEFAULT_BUDGET_TEXT})")
+    diff.add_argument("--quiet", action="store_true", help="no progress display")
+    diff.set_defaults(handler=_diff)
     cli_params.add_sweep_command(sub, _report)
     return parser
 
@@ -273,6 +290,55 @@ def _fmt(args: argparse.Namespace, console: Console) -> int:
                report=lambda exc: _report(console, exc.diagnostics),
                say=lambda text: console.print(text, markup=False),
                write_diff=sys.stdout.write)
+
+
+def _wide_console() -> Console:
+    """Standard output for tables: as wide as the terminal, or wide enough when piped."""
+    out = Console(highlight=False)
+    return out if out.is_terminal else Console(highlight=False, width=200)
+
+
+def _inspect(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from .structure import inspect_model, render
+    structure = inspect_model(args.model)
+    if args.json:
+        print(json.dumps(structure.as_json(), indent=2))
+    else:
+        render(structure, _wide_console())
+    return 0
+
+
+def _diff(args: argparse.Namespace, console: Console) -> int:
+    import json
+
+    from .compare import compare
+    from .diffreport import plot, render
+    from .io.write import parse_size
+    try:
+        budget = parse_size(args.max_memory)
+    except ValueError as exc:
+        raise MergeError(Diagnostic(str(exc), hint="e.g. --max-memory 500MB")) from None
+    progress = Progress(TextColumn("comparing"), BarColumn(), DownloadColumn(),
+                        TimeRemainingColumn(), console=console,
+                        disable=args.quiet or not console.is_terminal, transient=True)
+    task = progress.add_task("diff", total=None)
+
+    def advance(done: int, total: int) -> None:
+        progress.update(task, advance=done, total=total)
+
+    with progress:
+        result = compare(args.base, args.models, args.density, budget, advance)
+    if args.plot is not None:
+        plot(result, args.plot)
+    if args.json:
+        print(json.dumps(result.as_json(), indent=2))
+    else:
+        render(result, _wide_console())
+    if args.plot is not None and not args.quiet:
+        console.print(f"wrote {args.plot}")
+    return 0
 
 
 def _bytes(n: int) -> str:
