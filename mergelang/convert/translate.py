@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from .. import ast
+from ..bind import NUM_LAYERS_KEYS
 from ..diagnostics import error
 from .config import Config, ModelRef, SliceDef, SourceDef
 from .emit import Make, Script, text_of, wrap_comment
@@ -159,7 +160,7 @@ class Translator:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
             return None
-        for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        for key in NUM_LAYERS_KEYS:
             value = config.get(key) if isinstance(config, dict) else None
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
