@@ -22,6 +22,7 @@ from .params import Override, literal, parse_axis, parse_defines, text
 from .sweep import SEARCHES, Record, Sweep
 
 _SHOWN_ROWS = 12  # the live table's last rows
+_LISTED_ROWS = 20  # the final table's best rows
 
 
 def add_define_option(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +109,10 @@ def _sweep(args: argparse.Namespace, console: Console,
                       "same command again to go on from there")
         return 130
     out = Console(highlight=False)
-    out.print(_table(sweep, sweep.finished(), f"{args.results}", best_first=True))
+    finished = sorted(sweep.finished(), key=lambda r: -r.objective)
+    title = f"{args.results}: the best {_LISTED_ROWS} of {len(finished)} points" \
+        if len(finished) > _LISTED_ROWS else str(args.results)
+    out.print(_table(sweep, finished[:_LISTED_ROWS], title))
     best = sweep.best()
     if best is not None:
         out.print("best: " + ", ".join(f"{k}={text(v)}" for k, v in best.params.items())
@@ -157,15 +161,13 @@ class _Display:
             self.live.update(Group(self.progress, table))
 
 
-def _table(sweep: Sweep, records: list[Record], title: str, best_first: bool = False) -> Table:
+def _table(sweep: Sweep, records: list[Record], title: str) -> Table:
     table = Table(title=title, title_justify="left")
     for axis in sweep.axes:
         table.add_column(axis.name, justify="right")
     for task in sweep.task_names:
         table.add_column(task, justify="right")
     table.add_column(f"objective ({sweep.objective})", justify="right", style="bold")
-    if best_first:
-        records = sorted(records, key=lambda r: -r.objective)
     for r in records:
         table.add_row(*(text(r.params[a.name]) for a in sweep.axes),
                       *(f"{r.scores[t]:.3f}" for t in sweep.task_names), f"{r.objective:.3f}")

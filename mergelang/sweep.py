@@ -64,8 +64,17 @@ class Record:
 
 
 def point_key(params: Mapping[str, Value]) -> str:
-    """A point's identity in the results file: its values as canonical JSON."""
-    return json.dumps({k: to_json(v) for k, v in params.items()}, sort_keys=True)
+    """A point's identity in the results file: its values as canonical JSON, numbers as
+    floats (a density of 1 and one of 1.0 are the same point)."""
+    return json.dumps({k: _same_numbers(v) for k, v in params.items()}, sort_keys=True)
+
+
+def _same_numbers(value: Value) -> object:
+    if isinstance(value, tuple):
+        return [_same_numbers(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def objective_of(scores: Mapping[str, float], objective: str) -> float:

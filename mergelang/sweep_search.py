@@ -106,9 +106,9 @@ class _Space:
 
     def index(self, value: Value) -> int | None:
         """The study's index of a value, or None when the value is not on this axis."""
+        key = point_key({"": value})
         for i, position in enumerate(self.order):
-            if self.axis.values[position] == value and type(value) is type(
-                    self.axis.values[position]):
+            if point_key({"": self.axis.values[position]}) == key:
                 return i
         return None
 
