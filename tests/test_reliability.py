@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergelang.io import ModelFileError, open_model
-from mergelang.syntax import _Continuations, _grammar
+from mergelang.resources import GRAMMAR_FILE
 
 from .conftest import small_tensors, write_hf_folder
 from .test_errors import assert_error, assert_nothing_written, mergelang, run, write
@@ -75,9 +75,9 @@ def test_a_planted_lark_cache_pickle_is_never_loaded(tmp_path, monkeypatch):
     shared.mkdir()
     monkeypatch.setenv("TMPDIR", str(shared))
     monkeypatch.setattr(tempfile, "tempdir", None)
-    lark.Lark(_grammar(), parser="lalr", lexer="basic", postlex=_Continuations(),
+    lark.Lark(GRAMMAR_FILE.read_text(), parser="lalr", lexer="basic", postlex=None,
               start=["start", "expr"], cache=True, propagate_positions=True,
-              maybe_placeholders=True)
+              maybe_placeholders=True)  # lark's cache name leaves the postlexer out
     [cached] = shared.iterdir()
     marker = tmp_path / "code-ran"
     first_line = cached.read_bytes().split(b"\n", 1)[0]
