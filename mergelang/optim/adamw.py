@@ -38,7 +38,9 @@ def adam_update(grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, 
                 eps: float, arithmetic: str, correct_bias: bool) -> torch.Tensor:
     """Advance the moments by `grad` and return Adam's update (what AdamW adds to the
     parameter, before weight decay) in a new tensor: the one temporary torch.optim.AdamW
-    also makes."""
+    also makes. With the "torch" arithmetic, a bfloat16 or float16 parameter's update is
+    float32 (torch rounds p + update once); the "hf" arithmetic stays in the parameter's
+    dtype, as the reference code does."""
     beta1, beta2 = betas
     step = state["step"]
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
@@ -47,10 +49,13 @@ def adam_update(grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, 
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         denom = exp_avg_sq.sqrt()
         denom.div_((1 - beta2**step) ** 0.5).add_(eps)
-        # p.addcdiv_(m, denom, value=-s) == p + (-s * m) / denom: the same bits as adding
-        # this tensor to p
+        size = -(lr / (1 - beta1**step))
+        # p.addcdiv_(m, denom, value=-s) is p + (-s * m) / denom, in float32 at least and
+        # rounded once: the update is that tensor, so that adding it to p gives those bits
+        if denom.dtype in (torch.float16, torch.bfloat16):
+            return exp_avg.float().mul_(size).div_(denom.float())
         zero = torch.zeros((), dtype=denom.dtype, device=denom.device)
-        return torch.addcdiv(zero, exp_avg, denom, value=-(lr / (1 - beta1**step)), out=denom)
+        return torch.addcdiv(zero, exp_avg, denom, value=size, out=denom)
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.sqrt().add_(eps)
@@ -157,13 +162,16 @@ class OnlineAdamW(torch.optim.Optimizer):
                     state["exp_avg_sq"] = torch.zeros_like(p,
                                                            memory_format=torch.preserve_format)
                     if self.every > 1:
-                        state["cached"] = torch.zeros_like(p,
-                                                           memory_format=torch.preserve_format)
+                        state["cached"] = torch.zeros_like(p, dtype=self._update_dtype(p))
                 state["step"] += 1
                 last = state["step"]
                 merged |= self._step_one(p, state, group, tally)
         self.monitor.emit(tally, last, merged)
         return loss
+
+    def _update_dtype(self, p: torch.Tensor) -> torch.dtype:
+        reduced = p.dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if reduced and self.arithmetic == "torch" else p.dtype
 
     def _step_one(self, p: torch.Tensor, state: dict, group: dict, tally: Tally | None
                   ) -> bool:
@@ -217,7 +225,17 @@ class OnlineAdamW(torch.optim.Optimizer):
         if online is not None and online["rule"] != self.rule:
             raise ValueError(f"this state dict is of a {online['rule']} optimizer, not "
                              f"{self.rule}")
+        # torch casts every tensor of a parameter's state to the parameter's dtype: keep the
+        # kept task vector's int32 positions out of its way
+        state = {k: dict(v) for k, v in state_dict["state"].items()}
+        positions = {k: v.pop("ref_index") for k, v in state.items() if "ref_index" in v}
+        state_dict["state"] = state
         super().load_state_dict(state_dict)
+        saved = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, index in positions.items():
+            p = params[saved.index(key)]
+            self.state[p]["ref_index"] = index.to(p.device)
         if online is not None:
             self.seed, self.every = online["seed"], online["every"]
             self.variant, self.arithmetic = online["variant"], online["arithmetic"]

@@ -52,7 +52,8 @@ def _ref_at(state: dict, flat: torch.Tensor) -> tuple[torch.Tensor | None, torch
     if "ref_values" not in state:
         return None, None
     index = state.get("ref_index")
-    return index, state["ref_values"].reshape(-1) if index is None else state["ref_values"]
+    values = state["ref_values"].reshape(-1).to(flat.dtype)  # float32 updates of bf16 params
+    return index, values
 
 
 class OnDAREAdamW(OnlineAdamW):
