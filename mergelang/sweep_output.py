@@ -159,8 +159,9 @@ def check_plot_target(file: str | Path) -> None:
 
 
 def plot(sweep: Sweep, file: str | Path) -> Path:
-    """One panel per swept parameter: each task's exact match and the objective against
-    the parameter's values (averaged over the other parameters), the best point starred."""
+    """One panel per swept parameter: at each of its values, the best point with that
+    value (over the other parameters): its objective, thick, and each task's exact match;
+    the best point of all is starred, so a panel reads as "the best this value can do"."""
     check_plot_target(file)
     from matplotlib.figure import Figure
 
@@ -175,9 +176,10 @@ def plot(sweep: Sweep, file: str | Path) -> Path:
         values = [v for v in axis.values if any(r.params[axis.name] == v for r in records)]
         numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         xs = list(values) if numeric else list(range(len(values)))
+        tops = [max((r for r in records if r.params[axis.name] == v),
+                    key=lambda r: r.objective) for v in values]
         for task in [*sweep.task_names, None]:
-            ys = [_mean([r.objective if task is None else r.scores[task] for r in records
-                         if r.params[axis.name] == v]) for v in values]
+            ys = [r.objective if task is None else r.scores[task] for r in tops]
             if task is None:
                 ax.plot(xs, ys, "-o", color="black", linewidth=2.2,
                         label=f"objective ({_objective_words(sweep.objective)})")
@@ -196,10 +198,6 @@ def plot(sweep: Sweep, file: str | Path) -> Path:
     file = Path(file)
     fig.savefig(file)
     return file
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
 
 
 __all__ = ["Kept", "check_plot_target", "filled_in", "keep_best", "plot", "script_path"]
