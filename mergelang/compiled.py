@@ -87,13 +87,15 @@ class Expression:
         lowered = dataclasses.replace(lowered, seed=seed, dtype=dtype)
         bound = bind(lowered, {_key(k): InMemoryModel(s) for k, s in states.items()
                                if _key(k) in lowered.models})
-        signature = (seed, dtype, tuple(sorted((k, _value_key(v)) for k, v in values.items())),
+        # the seed is not planned on (random draws read it when they run): one plan serves
+        # every seed, as an optimizer calling with seed + step needs
+        signature = (dtype, tuple(sorted((k, _value_key(v)) for k, v in values.items())),
                      tuple((k, tuple(_headers(s))) for k, s in sorted(states.items())))
         if signature not in self._plans:
             made = plan(bound, values)
             self._plans[signature] = (made, schedule(made))
         cached, kernels = self._plans[signature]
-        return dataclasses.replace(cached, bound=bound), kernels
+        return dataclasses.replace(cached, bound=bound, seed=seed), kernels
 
     def _lower(self, models: frozenset[str], values: frozenset[str]) -> Lowered:
         key = models

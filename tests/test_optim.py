@@ -226,6 +226,25 @@ def test_one_ondare_step_is_the_closed_form(models, variant, rescale):
                               rtol=1e-6), name
 
 
+def test_ondare_computes_the_update_at_the_kept_entries_only_with_the_same_bits(models):
+    base, sft, data = models
+    for variant in ("paper", "reference"):
+        for dtype in (torch.float32, torch.bfloat16):
+            start = copy.deepcopy(sft).to(dtype)
+            batch = tuple(t.to(dtype) for t in data)
+            runs = [train(copy.deepcopy(start), lambda m, s=stats, v=variant: OnDAREAdamW(
+                m.named_parameters(), lr=1e-2, reference=sft, base=base, keep=0.3, alpha=0.2,
+                weight_decay=0.1, variant=v, stats=s), batch, 3)[0]
+                for stats in (False, True)]  # statistics need the dense update
+            if variant == "paper":
+                assert same(*runs), dtype
+            else:  # p += (1 - alpha) * update: torch's fused add, rounded its own way
+                tol = 1e-7 if dtype == torch.float32 else 4e-3  # an ulp or two
+                assert all(torch.allclose(a.float(), b.float(), rtol=0, atol=tol)
+                           for a, b in zip(runs[0].parameters(), runs[1].parameters(),
+                                           strict=True)), dtype
+
+
 def reference_onties(before, delta, tau_kept, alpha):
     """The reference code's OnTIES merge, written from its description: sign elected by the
     plain sum of the trimmed task vector and trimmed update, agreeing entries weighted."""

@@ -34,19 +34,29 @@ VARIANTS = {
 }
 
 
-def adam_update(grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, float],
-                eps: float, arithmetic: str, correct_bias: bool) -> torch.Tensor:
-    """Advance the moments by `grad` and return Adam's update (what AdamW adds to the
-    parameter, before weight decay) in a new tensor: the one temporary torch.optim.AdamW
-    also makes. With the "torch" arithmetic, a bfloat16 or float16 parameter's update is
-    float32 (torch rounds p + update once); the "hf" arithmetic stays in the parameter's
-    dtype, as the reference code does."""
+def advance_moments(grad: torch.Tensor, state: dict, betas: tuple[float, float],
+                    arithmetic: str) -> None:
+    """Adam's moments, advanced by `grad` in place (torch's lerp, or the old AdamW's
+    mul-add)."""
     beta1, beta2 = betas
-    step = state["step"]
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
     if arithmetic == "torch":
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    else:
+        state["exp_avg"].mul_(beta1).add_(grad, alpha=1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+
+
+def update_of(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, lr: float,
+              betas: tuple[float, float], eps: float, arithmetic: str, correct_bias: bool
+              ) -> torch.Tensor:
+    """Adam's update from the moments (what AdamW adds to the parameter, before weight
+    decay), in a new tensor: the one temporary torch.optim.AdamW also makes. Elementwise,
+    so the moments may be all of a parameter's or a gathered few. With the "torch"
+    arithmetic a bfloat16 or float16 parameter's update is float32 (torch rounds p + update
+    once); the "hf" arithmetic stays in the parameter's dtype, as the reference code does."""
+    beta1, beta2 = betas
+    if arithmetic == "torch":
         denom = exp_avg_sq.sqrt()
         denom.div_((1 - beta2**step) ** 0.5).add_(eps)
         size = -(lr / (1 - beta1**step))
@@ -56,13 +66,19 @@ def adam_update(grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, 
             return exp_avg.float().mul_(size).div_(denom.float())
         zero = torch.zeros((), dtype=denom.dtype, device=denom.device)
         return torch.addcdiv(zero, exp_avg, denom, value=size, out=denom)
-    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
     denom = exp_avg_sq.sqrt().add_(eps)
     step_size = lr
     if correct_bias:
         step_size = lr * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
     return torch.div(exp_avg, denom, out=denom).mul_(-step_size)
+
+
+def adam_update(grad: torch.Tensor, state: dict, lr: float, betas: tuple[float, float],
+                eps: float, arithmetic: str, correct_bias: bool) -> torch.Tensor:
+    """Advance the moments by `grad` and return Adam's update (see update_of)."""
+    advance_moments(grad, state, betas, arithmetic)
+    return update_of(state["exp_avg"], state["exp_avg_sq"], state["step"], lr, betas, eps,
+                     arithmetic, correct_bias)
 
 
 class OnlineAdamW(torch.optim.Optimizer):
@@ -180,10 +196,32 @@ class OnlineAdamW(torch.optim.Optimizer):
         before = self.arithmetic == "torch"
         if before and decay:
             p.mul_(1 - lr * decay)
-        delta = adam_update(p.grad, state, lr, group["betas"], group["eps"], self.arithmetic,
-                            group["correct_bias"])
         step = state["step"]
         merging = group["merge"] and step % self.every == 0
+        advance_moments(p.grad, state, group["betas"], self.arithmetic)
+        if merging and self.every == 1 and tally is None and \
+                self._apply_sparse(p, state, self.names[id(p)] or "", group, step):
+            pass  # the rule needed the update at a few entries only, and has applied it
+        else:
+            delta = update_of(state["exp_avg"], state["exp_avg_sq"], step, lr, group["betas"],
+                              group["eps"], self.arithmetic, group["correct_bias"])
+            self._apply_dense(p, delta, state, group, step, merging, tally)
+        if not before and decay:
+            p.add_(p, alpha=-lr * decay)
+            if self.every > 1 and not merging and group["merge"]:
+                state["cached"].add_(state["cached"], alpha=-lr * decay)
+        return merging
+
+    def _apply_sparse(self, p: torch.Tensor, state: dict, name: str, group: dict,
+                      step: int) -> bool:
+        """Apply the merged update from Adam's moments when the rule needs the update at a
+        few entries only (OnDARE's kept entries); False when it needs all of it."""
+        return False
+
+    def _apply_dense(self, p: torch.Tensor, delta: torch.Tensor, state: dict, group: dict,
+                     step: int, merging: bool, tally: Tally | None) -> None:
+        lr, decay = group["lr"], group["weight_decay"]
+        before = self.arithmetic == "torch"
         if not group["merge"]:
             p.add_(delta)
         elif self.every > 1:
@@ -201,11 +239,6 @@ class OnlineAdamW(torch.optim.Optimizer):
             tally.update(delta)
         if merging:
             self._apply(p, delta, state, self.names[id(p)] or "", group, step, tally)
-        if not before and decay:
-            p.add_(p, alpha=-lr * decay)
-            if self.every > 1 and not merging and group["merge"]:
-                state["cached"].add_(state["cached"], alpha=-lr * decay)
-        return merging
 
     # --- state ----------------------------------------------------------------------------
 

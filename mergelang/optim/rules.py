@@ -18,7 +18,7 @@ import torch
 
 from ..ops.online import keep_random, kept_positions, random_key, top_fraction_
 from ..reduce import Chunk, RandomStream
-from .adamw import OnlineAdamW
+from .adamw import OnlineAdamW, update_of
 from .monitor import Tally
 
 _DEFAULT: Any = object()
@@ -54,6 +54,15 @@ def _ref_at(state: dict, flat: torch.Tensor) -> tuple[torch.Tensor | None, torch
     index = state.get("ref_index")
     values = state["ref_values"].reshape(-1).to(flat.dtype)  # float32 updates of bf16 params
     return index, values
+
+
+def _add_at(flat: torch.Tensor, at: torch.Tensor, values: torch.Tensor) -> None:
+    """flat[at] += values (distinct positions), rounded once into flat's dtype (a float32
+    update of a bfloat16 parameter is added in float32, as the dense p.add_ does)."""
+    if values.dtype == flat.dtype:
+        flat.index_add_(0, at, values)
+    else:
+        flat[at] = (flat[at].to(values.dtype) + values).to(flat.dtype)
 
 
 class OnDAREAdamW(OnlineAdamW):
@@ -142,6 +151,47 @@ class OnDAREAdamW(OnlineAdamW):
         if tally is not None:
             tally.merged(delta)
         p.add_(delta)
+
+    def _apply_sparse(self, p: torch.Tensor, state: dict, name: str, group: dict,
+                      step: int) -> bool:
+        """F(Δ) is Δ at the kept entries: compute Adam's update there only, from the
+        moments, and add it (with alpha * tau, each entry once) where it lands. The same
+        bits as _apply on the dense update, without computing or touching the rest."""
+        keep, rescale = group["keep"], self.options["rescale"]
+        if keep >= 1 or rescale == "l1" or not p.is_contiguous():
+            return False
+        numel = p.numel()
+        at = kept_positions(random_key(self.seed + step, name, "ondare"), 0, numel, numel,
+                            keep).to(p.device)
+        kept = update_of(state["exp_avg"].view(-1)[at], state["exp_avg_sq"].view(-1)[at],
+                         step, group["lr"], group["betas"], group["eps"], self.arithmetic,
+                         group["correct_bias"])
+        if rescale != "none":
+            kept.div_(keep)
+        flat = p.view(-1)
+        index, ref = _ref_at(state, kept)
+        alpha = group["alpha"] if ref is not None else 0.0
+        if self.variant == "reference":
+            if alpha:
+                self._add_ref(flat, index, ref, alpha, fused=True)
+            flat.index_add_(0, at, kept.to(p.dtype), alpha=1 - alpha)
+            return True
+        if alpha:
+            kept.mul_(1 - alpha)
+            scaled = ref * alpha
+            if index is None:  # a dense tau: every entry of p gets one sum
+                scaled[at] += kept
+                p.add_(scaled.view(p.shape))
+                return True
+            index = index.long()
+            where = torch.searchsorted(index, at).clamp_(max=max(index.numel() - 1, 0))
+            both = index[where] == at if index.numel() else torch.zeros_like(at, dtype=bool)
+            kept[both] += scaled[where[both]]
+            alone = torch.ones_like(index, dtype=torch.bool)
+            alone[where[both]] = False
+            _add_at(flat, index[alone], scaled[alone])
+        _add_at(flat, at, kept)
+        return True
 
     @staticmethod
     def _add_ref(flat: torch.Tensor, index: torch.Tensor | None, ref: torch.Tensor,
