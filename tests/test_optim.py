@@ -422,6 +422,32 @@ def test_online_merging_runs_a_rule_of_ones_own(models, tmp_path):
         assert torch.allclose(p, start[name] + update + 0.01 * tau[name].sign()), name
 
 
+def test_parameters_without_a_gradient_are_left_alone_and_one_plan_serves_every_seed(models):
+    base, sft, data = models
+    makers = [lambda m: OnDAREAdamW(m.named_parameters(), lr=1e-2, reference=sft, base=base,
+                                    keep=0.5, alpha=0.1),
+              lambda m: OnlineMerging(torch.optim.AdamW(m.named_parameters(), lr=1e-2),
+                                      "ondare(update, ref, keep=0.5, alpha=0.1)",
+                                      reference=sft, base=base)]
+    for make in makers:
+        model = copy.deepcopy(sft)
+        opt = make(model)
+        for step in range(3):
+            opt.zero_grad()
+            ((model(data[0]) - data[1]) ** 2).mean().backward()
+            if step == 2:
+                model[2].bias.grad = None
+                frozen = model[2].bias.detach().clone()
+            opt.step()
+        assert torch.equal(model[2].bias, frozen)
+    drop = mergelang.expression("drop(x, 0.5)")
+    x = torch.randn(50)
+    for seed in (1, 2, 3):
+        assert torch.equal(drop(x=x, seed=seed), mergelang.evaluate("drop(x, 0.5)", x=x,
+                                                                     seed=seed))
+    assert drop.cached_plans == 1
+
+
 def test_default_preparation_and_wrapper_errors(models):
     base, sft, _ = models
     assert default_prepare("onties(update, ref, 0.1, small=\"all\", alpha=0.3)") == \

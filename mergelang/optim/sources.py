@@ -118,12 +118,17 @@ def store(kept: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"ref_values": flat[at].clone(), "ref_index": at.to(torch.int32)}
 
 
-def dense(state: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """The kept task vector as a dense tensor shaped like the parameter."""
+def dense(state: Mapping[str, torch.Tensor], like: torch.Tensor,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """The kept task vector as a dense tensor shaped like the parameter (into `out`, a
+    tensor of that shape and dtype, when given)."""
     values = state["ref_values"]
     if "ref_index" not in state:
         return values
-    out = torch.zeros(like.shape, dtype=values.dtype, device=values.device)
+    if out is None:
+        out = torch.zeros(like.shape, dtype=values.dtype, device=values.device)
+    else:
+        out.zero_()
     out.view(-1)[state["ref_index"]] = values
     return out
 

@@ -18,8 +18,8 @@ not once per parameter, and the dense inputs of one batch are all that exists at
 Randomness is keyed by (seed + step, parameter name, call site in the rule).
 
 Wrapping costs memory the built-in classes do not spend: the parameters before the step
-(one copy of the parameters being trained), held from the start of a step (or of a k-step
-window) to its merge.
+(one copy of the parameters being trained, kept from step to step so that no memory is
+asked for at each step) and the dense inputs of one batch of the rule.
 """
 
 from __future__ import annotations
@@ -88,6 +88,8 @@ class OnlineMerging(torch.optim.Optimizer):
         self.text, self.every, self.seed, self.batch = rule, every, seed, batch
         self.device, self.dtype = device, dtype
         self.count = 0
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.window: set[int] = set()
         self.monitor = Monitor(callback, stats)
         self.names = _names_of(self.param_groups, names)
         nameless = [p for p in params if self.names[id(p)] is None]
@@ -140,16 +142,19 @@ class OnlineMerging(torch.optim.Optimizer):
                 loss = closure()
         self.count += 1
         stepping = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if (self.count - 1) % self.every == 0:
+            self.window = set()  # the parameters the inner optimizer moves in this window
         for p in stepping:
-            anchor = self.state[p].get("anchor")
-            if anchor is None or (self.count - 1) % self.every == 0:
+            if id(p) not in self.window:
+                anchor = self.state[p].get("anchor")
                 if anchor is None:
                     anchor = self.state[p]["anchor"] = torch.empty_like(p)
                 anchor.copy_(p)
+                self.window.add(id(p))
         inner = self.optimizer.step()
         loss = inner if loss is None else loss
         if self.count % self.every == 0:
-            self._merge([p for p in self.params() if "anchor" in self.state[p]])
+            self._merge([p for p in self.params() if id(p) in self.window])
         return loss
 
     def params(self) -> list[torch.Tensor]:
@@ -161,12 +166,15 @@ class OnlineMerging(torch.optim.Optimizer):
         for batch in self._batches(params):
             names = [self.names[id(p)] for p in batch]
             inputs: dict[str, dict[str, torch.Tensor]] = {"update": {}, "ref": {}, "param": {}}
+            at: dict[torch.dtype, int] = {}
             for name, p in zip(names, batch, strict=True):
                 anchor = self.state[p]["anchor"]
-                inputs["update"][name] = p - anchor
+                update = self._scratch("update", p, at)
+                inputs["update"][name] = torch.sub(p, anchor, out=update)
                 if "ref" in reads:
-                    inputs["ref"][name] = dense(self.state[p], p)
+                    inputs["ref"][name] = dense(self.state[p], p, self._scratch("ref", p, at))
                 inputs["param"][name] = anchor
+                at[p.dtype] = at.get(p.dtype, 0) + p.numel()
             merged = self.rule(seed=self.seed + self.count, device=self._device(batch),
                                dtype=self.dtype, **{k: v for k, v in inputs.items() if k in reads})
             for name, p in zip(names, batch, strict=True):
@@ -177,9 +185,18 @@ class OnlineMerging(torch.optim.Optimizer):
                     self._tally(tally, inputs["update"][name], out, self.state[p])
                 torch.add(self.state[p]["anchor"], out, out=p)
             del inputs, merged
-        for p in params:
-            del self.state[p]["anchor"]  # the copy lives from a step's (window's) start to here
         self.monitor.emit(tally, self.count, True)
+
+    def _scratch(self, what: str, p: torch.Tensor, at: dict[torch.dtype, int]) -> torch.Tensor:
+        """A tensor shaped like p in a buffer kept from step to step (one per input and
+        dtype, as large as a batch): no memory is asked for, and faulted in, at each step."""
+        key = (what, p.dtype, p.device)
+        start = at.get(p.dtype, 0)
+        buffer = self.buffers.get(key)
+        if buffer is None or buffer.numel() < start + p.numel():
+            size = max(self.batch, start + p.numel())
+            buffer = self.buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
+        return buffer[start:start + p.numel()].view(p.shape)
 
     @staticmethod
     def _tally(tally: Tally, update: torch.Tensor, merged: torch.Tensor, state: dict) -> None:
@@ -196,13 +213,15 @@ class OnlineMerging(torch.optim.Optimizer):
         """The inner optimizer's state dict, and this wrapper's: its step count, seed, and
         each parameter's kept task vector (and, inside a k-step window, its anchor)."""
         own = {}
+        inside = self.count % self.every != 0  # anchors matter inside a k-step window only
         for p in self.params():
-            state = {k: v for k, v in self.state[p].items()}
+            state = {k: v for k, v in self.state[p].items() if k != "anchor" or inside}
             if state:
                 own[self.names[id(p)]] = state
+        window = [self.names[id(p)] for p in self.params() if id(p) in self.window and inside]
         return {"inner": self.optimizer.state_dict(),
                 "online": {"rule": self.text, "count": self.count, "seed": self.seed,
-                           "every": self.every, "params": own}}
+                           "every": self.every, "params": own, "window": window}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state_dict["inner"])
@@ -212,16 +231,18 @@ class OnlineMerging(torch.optim.Optimizer):
         for name, state in online["params"].items():
             p = by_name[name]
             self.state[p] = {k: v.to(p.device) for k, v in state.items()}
+        self.window = {id(by_name[name]) for name in online.get("window", [])}
 
     def memory(self) -> dict[str, int]:
         """Bytes this wrapper holds beyond the inner optimizer: the kept task vectors
-        ("reference") and the parameters before the step ("anchor", between a step's start
-        and its merge)."""
-        out = {"reference": 0, "anchor": 0}
+        ("reference"), the parameters before the step ("anchor") and the inputs of one
+        batch of the rule ("scratch")."""
+        out = {"reference": 0, "anchor": 0, "scratch": 0}
         for state in self.state.values():
             for key, value in state.items():
                 where = "anchor" if key == "anchor" else "reference"
                 out[where] += value.numel() * value.element_size()
+        out["scratch"] = sum(b.numel() * b.element_size() for b in self.buffers.values())
         return out
 
     def __repr__(self) -> str:
