@@ -270,7 +270,18 @@ def _dot(graph) -> str:
 
 def _repl(args: argparse.Namespace, console: Console) -> int:
     from .repl import Repl
-    return Repl(args.script, console).loop()
+    out = Console(highlight=False)
+    if not sys.stdin.isatty():  # scripted: plain lines, no prompt
+        return Repl(args.script, out, read=lambda prompt: input()).loop()
+    repl = Repl(args.script, out, interactive=True)
+    try:
+        from .replui import reader
+    except ImportError:
+        console.print('plain line input: pip install "mergelang[repl]" for history, '
+                      "completion and highlighting")
+    else:
+        repl.read = reader(repl)
+    return repl.loop()
 
 
 def _convert(args: argparse.Namespace, console: Console) -> int:

@@ -1,193 +1,368 @@
-"""An interactive session: define things, then look at any expression on one tensor.
+"""`mergelang repl [SCRIPT]`: define things, then look at any expression, on any tensor.
 
-    merge> :tensor layers.3.mlp.up_proj
-    merge> ties(math - base, code - base, density=0.2)
-    tensor model.layers.3.mlp.up_proj.weight  shape [176, 64]  float32
-    mean 1.2e-05  std 0.0021  min -0.031  max 0.029  nonzero 21.9%
+    merge> d = math - base
+    merge> d["layers.3.mlp.up"]
+    tensor model.layers.3.mlp.up_proj.weight  shape [176, 64]  bfloat16  ▁▂▅█▅▂▁
+    mean 1.2e-05  std 0.0021  min -0.031  max 0.029  norm 0.17  nonzero 99.9%
+    merge> :stats trim(d, 0.2) mlp
+    merge> norm(d)
 
-The session is a script that grows: each accepted statement is appended to it, and
-each expression is compiled against it as `output <expression>` through the same
-pipeline as a script (so `set seed`, `set dtype`, `set out_dtype` and `set donor` hold
-here too); a number is shown as it is, a per-tensor value like `depth` for the current
-tensor. Errors print as diagnostics and leave the session unchanged.
+A model expression shows a summary of the model it makes; `x["regex"]` (REPL syntax:
+a tensor name, or a regular expression that selects several) shows tensors; `:tensor
+REGEX` focuses on one tensor, so that every model expression after it shows that tensor;
+a number is shown as it is, a per-tensor value (`depth`, `norm(d)`) for the tensor in
+view. The state lives in a `Session` (session.py): statements resolved as they come,
+models opened once, values cached by IR node. Errors print as diagnostics and leave the
+session as it was; Ctrl-C stops the running evaluation, not the session.
+
+The line editor (history, completion, highlighting, multi-line input) is prompt_toolkit,
+in replui.py; when standard input is not a terminal, plain lines are read, so a session
+can be scripted: `mergelang repl x.merge < lines.txt`.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from rich.console import Console
 
 from . import ast
-from .bind import bind
-from .diagnostics import MergeError, error
-from .execute import run_tensor
+from .diagnostics import Diagnostic, MergeError, Source, error
 from .ir import SCALAR, Node
-from .lower import Lowered, lower
-from .plan import plan, scalar_for
-from .resolve import resolve
-from .syntax import parse
+from .lower import Lowered
+from .lower.values import describe
+from .ops.analysis import number_valued
+from .plan import Plan, scalar_for
+from .replview import model_summary, number_view, stats_header, stats_row, tensor_view
+from .session import Session, matching, output_infos
+from .session import model_wide as _model_wide
+from .structure import bytes_text
+from .structure import describe as describe_structure
+from .syntax import _parse, parse
 
+SHOWN = 8  # tensors a selection shows before it says how many more there are
 HELP = """\
-  NAME = expr        bind a name (also `fn ...`, `import "..."`, `set ...`)
-  expr               show its value on the current tensor
-  :tensor REGEX      choose the current tensor (first name that matches)
-  :tensors [REGEX]   list tensor names
-  :help              this text
-  :quit              leave (also Ctrl-D)"""
-
-_OPEN = {"(": ")", "[": "]", "{": "}"}
+  NAME = expr             bind a name (also `fn ...`, `import "..."`, `set ...`, `param ...`)
+  expr                    show it: a model's summary, a number, or the tensor in view
+  x["regex"]              show x's tensors whose names match (or the one named so)
+  :tensor [REGEX]         view this tensor in every model expression (none: summaries)
+  :tensors [REGEX]        list the tensor names of the session's models
+  :keys EXPR [REGEX]      list a model expression's tensors, with shapes and dtypes
+  :stats EXPR [REGEX]     statistics of every matching tensor, computed tensor by tensor
+  :type EXPR              what kind of value EXPR is
+  :graph EXPR [REGEX]     the operations that compute one tensor of EXPR
+  :time EXPR              show EXPR, with the time taken, the data loaded, the cache hits
+  :save EXPR PATH         merge EXPR into the model folder PATH (the session as a script)
+  :load SCRIPT            add a script's definitions to the session
+  :set [OPTION VALUE]     dtype, out_dtype, seed, device, max-memory, cache (none: list)
+  :help                   this text
+  :quit                   leave (also Ctrl-D); Ctrl-C stops a running evaluation"""
+COMMANDS = ("help", "tensor", "tensors", "keys", "stats", "type", "graph", "time", "save",
+            "load", "set", "quit")
 
 
 class Repl:
     def __init__(self, script: Path | None, console: Console,
-                 read: Callable[[str], str] = input):
+                 read: Callable[[str], str] = input, interactive: bool = False):
         self.console = console
         self.read = read
+        self.interactive = interactive
         self.path = script.resolve() if script else Path.cwd() / "<repl>"
-        self.statements: list[str] = []
-        self.tensor: str | None = None
+        self.session = Session(self.path)
+        self.focus: str | None = None
         if script is not None:
-            self._load_script(script)
+            self.load_script(script)
 
-    def _load_script(self, script: Path) -> None:
-        text = script.read_text()
-        module = parse(text, str(script), self.path)
-        lines = text.splitlines()
-        for stmt in module.statements:
-            chunk = "\n".join(lines[stmt.span.line - 1:stmt.span.end_line])
-            if isinstance(stmt, ast.Output):
-                self.console.print(f"script output: {chunk.removeprefix('output').strip()}")
-            else:
-                self.statements.append(chunk)
+    def load_script(self, script: Path) -> None:
+        """Add a script's statements; its `output` is shown as text, not evaluated."""
+        try:
+            text = script.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise error(f"cannot read {script}: {getattr(exc, 'strerror', None) or exc}",
+                        None) from None
+        module = parse(text, str(script), script.resolve())
+        for output in self.session.define(module):
+            self.say(f"script output: {_text_of(output.value)}")
+
+    # the loop
 
     def loop(self) -> int:
-        self.console.print("mergelang repl — :help for commands")
-        while True:
-            try:
-                line = self._read_statement()
-            except EOFError:
-                return 0
-            if line is None:
-                continue
-            if line.strip() in (":quit", ":q", ":exit"):
-                return 0
-            self.handle(line)
+        if self.interactive:
+            self.say("mergelang repl — :help for commands, Ctrl-D to leave")
+        try:
+            while True:
+                try:
+                    text = self._read_statement()
+                except EOFError:
+                    return 0
+                except KeyboardInterrupt:  # at the prompt: a fresh line
+                    continue
+                if text is None:
+                    continue
+                if text.strip() in (":quit", ":q", ":exit"):
+                    return 0
+                self.handle(text)
+        finally:
+            self.session.close()
 
     def _read_statement(self) -> str | None:
         text = self.read("merge> ")
-        while _unclosed(text):
-            text += "\n" + self.read("  ...> ")
+        while incomplete(text):
+            try:
+                text += "\n" + self.read("  ...> ")
+            except EOFError:
+                break  # show what is wrong with what there is
         return text if text.strip() else None
 
-    def handle(self, line: str) -> None:
+    def handle(self, text: str) -> None:
+        """One input: a command, a statement or an expression. Nothing that goes wrong
+        ends the session."""
         try:
-            if line.startswith(":"):
-                self._command(line)
-            elif _is_statement(line):
-                self._define(line)
+            stripped = text.strip()
+            if stripped.startswith(":"):
+                self.command(stripped)
+            elif is_statement(stripped):
+                self.define(text)
             else:
-                self._show(line)
+                self.show(*self.expression(text))
         except MergeError as exc:
             self.console.print(exc.render(), markup=False, highlight=False)
+        except KeyboardInterrupt:
+            self.say("interrupted")
+        except Exception as exc:  # a bug: report it, keep the session
+            self.say(f"internal error: {type(exc).__name__}: {exc}")
+
+    def say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    # statements and expressions
+
+    def define(self, text: str) -> None:
+        for output in self.session.define(parse(text, "<repl>", self.path)):
+            self.show(output.value, None)
+
+    def expression(self, text: str) -> tuple[ast.Expr, str | None]:
+        """An expression as typed, and the pattern of a trailing `["..."]` selection."""
+        text = re.sub(r"^\s*output\b", "", text).strip()
+        source = Source("<repl>", text + "\n", self.path)
+        expr = _parse(source, "expr", text)
+        if isinstance(expr, ast.Index) and isinstance(expr.index, ast.String):
+            return expr.value, expr.index.value
+        return expr, None
+
+    def show(self, expr: ast.Expr, pattern: str | None) -> None:
+        lowered = self.session.lower(expr)
+        value = lowered.value
+        if not isinstance(value, Node):
+            self.say(_python(value))
+        elif value.kind == SCALAR:
+            bound = self.session.bind(lowered)
+            for name in self._names(bound.names(), pattern):
+                self.say(f"{scalar_for(bound, value, name)!r}   (for {name})")
+        elif pattern is None and self.focus is None:
+            p = self.session.plan(lowered)
+            structure = describe_structure(Path("<expression>"), output_infos(p), None,
+                                           p.num_layers)
+            self.say(model_summary(structure, p.tensors))
+        else:
+            self._show_tensors(lowered, pattern, _text_of(expr))
+
+    def _names(self, names: list[str], pattern: str | None) -> list[str]:
+        """The tensors to show: those the pattern selects, else the one in view (the
+        first, when none is)."""
+        if pattern is not None:
+            chosen = matching(names, pattern)
+            if not chosen:
+                raise error(f'no tensor matches "{pattern}"', None,
+                            hint=":tensors lists the names")
+            return chosen
+        if not names:
+            raise error("no tensors to show", None)
+        if self.focus not in names:
+            self.focus = names[0]
+        return [self.focus]
+
+    def _show_tensors(self, lowered: Lowered, pattern: str | None, label: str) -> None:
+        bound = self.session.bind(lowered)
+        chosen = self._names(bound.names(), pattern)
+        p = self.session.plan(lowered, names=chosen[:SHOWN])
+        for t in p.tensors:
+            value = self.session.compute(p, t)
+            if number_valued(t.root):
+                flat = value.reshape(-1)
+                number = float(flat[0]) if flat.numel() else float("nan")
+                self.say(number_view(label, number, None if _model_wide(t) else t.name))
+            else:
+                self.say(tensor_view(t.name, value.to(t.out_dtype), t.out_dtype))
+        if len(chosen) > SHOWN:
+            self.say(f"... and {len(chosen) - SHOWN} more tensors: :stats shows them all")
 
     # commands
 
-    def _command(self, line: str) -> None:
-        word, _, arg = line.strip().partition(" ")
-        if word == ":help":
-            self.console.print(HELP, markup=False)
-        elif word == ":tensors":
-            for name in self._names():
-                if not arg or re.search(arg, name):
-                    self.console.print(name, markup=False, highlight=False)
-        elif word == ":tensor":
-            match = next((n for n in self._names() if re.search(arg.strip(), n)), None)
-            if match is None:
-                raise error(f'no tensor matches "{arg.strip()}"', None,
-                            hint=":tensors lists the names")
-            self.tensor = match
-            self.console.print(f"current tensor: {match}", markup=False, highlight=False)
-        else:
+    def command(self, line: str) -> None:
+        word, _, arg = line.partition(" ")
+        name = word[1:]
+        if name not in COMMANDS:
             raise error(f"unknown command {word}", None, hint=":help lists the commands")
+        getattr(self, f"_{name}")(arg.strip())
 
-    def _define(self, line: str) -> None:
-        candidate = self.statements + [line]
-        resolve(parse("\n".join(candidate), "<repl>", self.path))
-        self.statements = candidate
+    def _help(self, arg: str) -> None:
+        self.say(HELP)
 
-    def _lower(self, expression: str | None) -> Lowered:
-        text = "\n".join(self.statements)
-        if expression is not None:
-            text += f"\noutput {expression}"
-        return lower(resolve(parse(text or "\n", "<repl>", self.path)), session=True)
+    def _quit(self, arg: str) -> None:
+        raise EOFError  # (the loop handles :quit before it gets here)
 
-    def _show(self, expression: str) -> None:
-        lowered = self._lower(expression)
-        value = lowered.value
-        if not isinstance(value, Node):
-            self.console.print(repr(value), markup=False, highlight=False)
+    def _tensor(self, arg: str) -> None:
+        if not arg:
+            self.focus = None
+            self.say("no tensor in view: model expressions show summaries")
             return
-        bound = bind(lowered)
-        if value.kind == SCALAR:
-            with bound:
-                name = self._current(bound.names())
-                scalar = scalar_for(bound, value, name)
-            self.console.print(f"{scalar!r}   (for {name})", markup=False, highlight=False)
-            return
-        names = bound.names()
-        only = [self.tensor] if self.tensor in names else None
-        try:
-            p = plan(bound, names=only)
-        except BaseException:
-            bound.close()
-            raise
-        with p:
-            name = self._current([t.name for t in p.tensors])
-            t = next(t for t in p.tensors if t.name == name)
-            result = run_tensor(p, t).float()
-        self.console.print(_describe(name, result, t.out_dtype), markup=False, highlight=False)
+        found = matching(self._session_names(), arg)
+        if not found:
+            raise error(f'no tensor matches "{arg}"', None, hint=":tensors lists the names")
+        self.focus = found[0]
+        self.say(f"current tensor: {self.focus}")
 
-    def _names(self) -> list[str]:
-        lowered = self._lower(None)
-        if not lowered.models:
-            raise error("no models yet", None, hint='bind one: base = model("path")')
-        with bind(lowered) as bound:
-            return bound.names()
+    def _tensors(self, arg: str) -> None:
+        for name in self._session_names():
+            if not arg or re.search(arg, name):
+                self.say(name)
 
-    def _current(self, names: list[str]) -> str:
-        if self.tensor in names:
-            return self.tensor
+    def _session_names(self) -> list[str]:
+        names = self.session.tensor_names()
         if not names:
-            raise error("no tensors to show", None)
-        self.tensor = names[0]
-        return self.tensor
+            raise error("no models yet", None, hint='bind one: base = model("path")')
+        return names
+
+    def _keys(self, arg: str) -> None:
+        p, names = self._model_and_names(arg, ":keys")
+        for t in p.tensors:
+            if t.name in names:
+                self.say(f"{t.name}  {list(t.shape)}  {str(t.out_dtype).removeprefix('torch.')}")
+
+    def _model_and_names(self, arg: str, command: str) -> tuple[Plan, set[str]]:
+        expr, pattern = self._split(arg, command)
+        lowered = self.session.lower(expr)
+        if not isinstance(lowered.value, Node) or lowered.value.kind == SCALAR:
+            raise error(f"{command} takes a model expression, not {describe(lowered.value)}",
+                        expr.span)
+        p = self.session.plan(lowered)
+        names = [t.name for t in p.tensors]
+        chosen = set(matching(names, pattern) if pattern else names)
+        if not chosen:
+            raise error(f'no tensor matches "{pattern}"', None)
+        return p, chosen
+
+    def _stats(self, arg: str) -> None:
+        p, names = self._model_and_names(arg, ":stats")
+        p = p.only(names)
+        number = number_valued(p.tensors[0].root)
+        width = max(len(t.name) for t in p.tensors)
+        self.say(stats_header(width, number))
+        self.session.stream(p, lambda t, s: self.say(stats_row(t, s, width, number)))
+
+    def _type(self, arg: str) -> None:
+        expr, _ = self.expression(arg)
+        value = self.session.lower(expr).value
+        if isinstance(value, Node) and value.kind != SCALAR:
+            p = self.session.plan(self.session.lower(expr))
+            self.say(f"a model expression: {len(p.tensors)} tensors")
+        else:
+            self.say(describe(value))
+
+    def _graph(self, arg: str) -> None:
+        from .cli import _text as plan_text
+        p, names = self._model_and_names(arg, ":graph")
+        shown = [t for t in p.tensors if t.name in names]
+        if len(names) == len(p.tensors) and self.focus in names:
+            shown = [t for t in shown if t.name == self.focus]
+        self.say(plan_text(shown[0]))
+
+    def _time(self, arg: str) -> None:
+        loads, data, hits = (self.session.loads.tensors, self.session.loads.bytes,
+                             self.session.cache.hits)
+        start = time.perf_counter()
+        self.show(*self.expression(arg))
+        took = time.perf_counter() - start
+        self.say(f"time {took * 1000:.0f} ms; loaded {self.session.loads.tensors - loads} "
+                 f"tensors ({bytes_text(self.session.loads.bytes - data)}); "
+                 f"{self.session.cache.hits - hits} values from the cache")
+
+    def _save(self, arg: str) -> None:
+        from .replsave import save
+        expr_text, _, path = arg.rpartition(" ")
+        if not expr_text.strip() or not path:
+            raise error(":save takes an expression and a folder", None,
+                        hint=":save base + ties(a - base, b - base) merged/")
+        expr, _ = self.expression(expr_text)
+        save(self.session, expr, Path(path), self.console, self.interactive)
+
+    def _load(self, arg: str) -> None:
+        if not arg:
+            raise error(":load takes a script", None, hint=":load examples/slerp.merge")
+        self.load_script(Path(arg))
+        self.say(f"loaded {arg}")
+
+    def _set(self, arg: str) -> None:
+        from .replsave import set_option
+        set_option(self.session, arg, self.say)
+
+    def _split(self, arg: str, command: str) -> tuple[ast.Expr, str | None]:
+        """`EXPR [REGEX]`: the whole argument if it is an expression, else all but its
+        last word (the regex, quoted or not)."""
+        if not arg:
+            raise error(f"{command} takes an expression", None, hint=HELP.split("\n")[0])
+        try:
+            expr, pattern = self.expression(arg)
+            return expr, pattern
+        except MergeError as whole:
+            head, _, tail = arg.rpartition(" ")
+            if not head.strip():
+                raise whole from None
+            expr, _ = self.expression(head)
+            return expr, tail.strip().strip('"')
 
 
-def _describe(name: str, x: torch.Tensor, dtype: torch.dtype) -> str:
-    shape = list(x.shape)
-    nonzero = float((x != 0).float().mean()) * 100
-    return (f"tensor {name}  shape {shape}  {str(dtype).removeprefix('torch.')}\n"
-            f"mean {x.mean():.4g}  std {x.std() if x.numel() > 1 else 0:.4g}  "
-            f"min {x.min():.4g}  max {x.max():.4g}  nonzero {nonzero:.1f}%")
+def _python(value: object) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_python(v) for v in value) + "]"
+    if isinstance(value, Node):
+        return describe(value)
+    return repr(value)
 
 
-def _is_statement(line: str) -> bool:
-    stripped = line.lstrip()
-    if re.match(r"(fn|import|set)\b", stripped):
+def _text_of(expr: ast.Expr) -> str:
+    from .unparse import unparse
+    return unparse(expr)
+
+
+def is_statement(text: str) -> bool:
+    """A binding, definition, import, setting or parameter; anything else is shown."""
+    if re.match(r"(fn|import|set|param)\b", text):
         return True
-    return re.match(r"[A-Za-z_]\w*\s*=(?!=)", stripped) is not None
+    return re.match(r"[A-Za-z_]\w*\s*=(?!=)", text) is not None
 
 
-def _unclosed(text: str) -> bool:
-    depth = 0
-    for char in re.sub(r'"([^"\\]|\\.)*"|#[^\n]*', "", text):
-        if char in _OPEN:
-            depth += 1
-        elif char in _OPEN.values():
-            depth -= 1
-    return depth > 0
+def incomplete(text: str) -> bool:
+    """Whether the input so far stops where a statement cannot end: an open bracket or
+    block, or after an operator, `if`, `then` or `=` (what the parser finds at the end)."""
+    stripped = text.strip()
+    if not stripped or stripped.startswith(":"):
+        return False
+    try:
+        if is_statement(stripped):
+            parse(text)
+        else:
+            source = Source("<repl>", stripped + "\n")
+            _parse(source, "expr", stripped)
+    except MergeError as exc:
+        d: Diagnostic = exc.diagnostics[0]
+        last = len(stripped.splitlines())
+        return "never closed" in d.message or d.message == "unexpected end of file" or (
+            d.message == "unexpected end of line" and d.span is not None
+            and d.span.line >= last)
+    return False
 

@@ -50,7 +50,7 @@ class Lowered:
 
 def lower(resolved: Resolved, inputs: Mapping[str, str] | None = None,
           params: Iterable[str] = (), *, session: bool = False,
-          overrides: Iterable[Override] = ()) -> Lowered:
+          overrides: Iterable[Override] = (), builder: Builder | None = None) -> Lowered:
     """Evaluate the script at compile time. Raises MergeError.
 
     `inputs` names models the embedding program holds (name -> model key); `params`
@@ -59,8 +59,10 @@ def lower(resolved: Resolved, inputs: Mapping[str, str] | None = None,
     literal`, set by `-D`): each is then a compile-time constant like any literal. A
     REPL `session` lowers every binding (so every model it names is known) and its output
     may be any value (the REPL shows numbers and per-tensor values too); a script's
-    output must be a model expression."""
-    lowerer = Lowerer(resolved, Builder())
+    output must be a model expression. `builder`: the interning table to make nodes in
+    (the REPL keeps one for its session, so equal values are equal nodes from line to
+    line); by default a new one: a program's nodes are its own."""
+    lowerer = Lowerer(resolved, builder if builder is not None else Builder())
     span = resolved.output.value.span if resolved.output is not None else None
     for name, key in (inputs or {}).items():
         lowerer.globals[name] = lowerer.model_node(key, name, span)
