@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import api
-from .diagnostics import Diagnostic
+from .diagnostics import Diagnostic, MergeError
 from .params import Override, literal, parse_axis, parse_defines, text
 from .sweep import SEARCHES, Record, Sweep
 
@@ -95,6 +95,10 @@ def _sweep(args: argparse.Namespace, console: Console,
     if args.search != "grid":
         from .sweep_search import require
         require("optuna", f"--search {args.search}")
+    elif args.trials is not None:
+        raise MergeError(Diagnostic("--trials is for a search; a grid scores every point",
+                                    hint="add --search random, tpe or cma, or leave out "
+                                         "--trials"))
     sweep = Sweep(args.script, [parse_axis(a) for a in args.axes], args.tasks, args.results,
                   objective=args.objective, device=args.device)
     if sweep.results.dropped:

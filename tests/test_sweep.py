@@ -291,3 +291,33 @@ def test_the_command_resumes_a_finished_sweep_and_keeps_its_best(script, tmp_pat
     assert "param lam = 0.5\n" in (tmp_path / "best.merge").read_text()
     assert (tmp_path / "best" / "model.safetensors").exists()
     assert "--plot" not in args or (tmp_path / "scores.png").exists()
+
+
+def test_a_sweep_of_the_example_models_with_the_real_scorer(tmp_path, capsys):
+    """The command as a user runs it: merged in memory and scored by mergelang.eval; the
+    kept model, scored from its folder, has the scores its line in the results file has."""
+    from mergelang.eval import score
+
+    models, task_dir = ROOT / "examples" / "models", ROOT / "examples" / "tasks"
+    tasks = tmp_path / "tasks.jsonl"  # a few prompts of each skill, to stay fast
+    if (task_dir / "math.jsonl").exists():
+        picked = [line for name in ("math", "code")
+                  for line in (task_dir / f"{name}.jsonl").read_text().splitlines()[:4]]
+    else:  # before the skill models: any prompts will do, the scores are compared
+        picked = [json.dumps({"task": t, "prompt": p, "answer": a}) for t, p, a in
+                  (("math", "1+2=", "3"), ("math", "4+4=", "8"), ("code", "abc>", "cba"))]
+    tasks.write_text("\n".join(picked) + "\n")
+    script = tmp_path / "tune.merge"
+    script.write_text(f'param density = 0.2\nbase = model("{models}/base")\n'
+                      f'math = model("{models}/math")\ncode = model("{models}/code")\n'
+                      "output base + ties(math - base, code - base, density=density)\n")
+    results, best = tmp_path / "r.jsonl", tmp_path / "best"
+    assert main(["sweep", str(script), "-D", "density=[0.3,1.0]", "--tasks", str(tasks),
+                 "--results", str(results), "--keep-best", str(best), "--quiet"]) == 0
+    found = lines(results)
+    assert [x["params"] for x in found] == [{"density": 0.3}, {"density": 1.0}]
+    assert all(set(x["scores"]) == {"math", "code"} for x in found)
+    kept = max(found, key=lambda x: x["objective"])  # the first on a tie, as the sweep
+    again = {r["task"]: r["exact_match"] for r in score(best, [tasks])}
+    assert again == kept["scores"]
+    assert mergelang.load(tmp_path / "best.merge").params == kept["params"]
