@@ -321,3 +321,13 @@ def test_a_sweep_of_the_example_models_with_the_real_scorer(tmp_path, capsys):
     again = {r["task"]: r["exact_match"] for r in score(best, [tasks])}
     assert again == kept["scores"]
     assert mergelang.load(tmp_path / "best.merge").params == kept["params"]
+
+
+def test_a_missing_task_file_or_a_lone_trials_is_an_error(script, tmp_path, capsys):
+    result = cli(capsys, "sweep", script, "-D", "lam=[0,1]", "--tasks", tmp_path / "no.jsonl",
+                 "--results", tmp_path / "r.jsonl")
+    assert_error(result, None, None, "task file not found", str(tmp_path / "no.jsonl"))
+    result = cli(capsys, "sweep", script, "--tasks", tmp_path / "no.jsonl", "--results",
+                 tmp_path / "r.jsonl", "--trials", "3")
+    assert_error(result, None, None, "--trials is for a search", hint="--search random")
+    assert not (tmp_path / "r.jsonl").exists()
