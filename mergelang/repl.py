@@ -70,6 +70,7 @@ class Repl:
         self.console = console
         self.read = read
         self.interactive = interactive
+        # relative paths in what is typed resolve against the script's folder
         self.path = script.resolve() if script else Path.cwd() / "<repl>"
         self.session = Session(self.path)
         self.focus: str | None = None
@@ -98,11 +99,12 @@ class Repl:
                     text = self._read_statement()
                 except EOFError:
                     return 0
-                except KeyboardInterrupt:  # at the prompt: a fresh line
+                except KeyboardInterrupt as exc:  # Ctrl-C at the prompt: a fresh line
+                    _stop_unless_ctrl_c(exc)
                     continue
                 if text is None:
                     continue
-                if text.strip() in (":quit", ":q", ":exit"):
+                if text.split()[0] in (":quit", ":q", ":exit"):
                     return 0
                 self.handle(text)
         finally:
@@ -130,7 +132,8 @@ class Repl:
                 self.show(*self.expression(text))
         except MergeError as exc:
             self.console.print(exc.render(), markup=False, highlight=False)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
+            _stop_unless_ctrl_c(exc)
             self.say("interrupted")
         except Exception as exc:  # a bug: report it, keep the session
             self.say(f"internal error: {type(exc).__name__}: {exc}")
@@ -181,9 +184,7 @@ class Repl:
             return chosen
         if not names:
             raise error("no tensors to show", None)
-        if self.focus not in names:
-            self.focus = names[0]
-        return [self.focus]
+        return [self.focus if self.focus in names else names[0]]
 
     def _show_tensors(self, lowered: Lowered, pattern: str | None, label: str) -> None:
         bound = self.session.bind(lowered)
@@ -213,7 +214,7 @@ class Repl:
         self.say(HELP)
 
     def _quit(self, arg: str) -> None:
-        raise EOFError  # (the loop handles :quit before it gets here)
+        """(The loop ends the session before a command is run.)"""
 
     def _tensor(self, arg: str) -> None:
         if not arg:
@@ -324,6 +325,13 @@ class Repl:
                 raise whole from None
             expr, _ = self.expression(head)
             return expr, tail.strip().strip('"')
+
+
+def _stop_unless_ctrl_c(exc: KeyboardInterrupt) -> None:
+    """Ctrl-C stops what runs; a kind of KeyboardInterrupt that asks the process to stop
+    (SIGTERM, see cli) ends the session."""
+    if type(exc) is not KeyboardInterrupt:
+        raise exc
 
 
 def _python(value: object) -> str:

@@ -171,7 +171,7 @@ def test_asking_again_or_a_neighbour_loads_only_what_is_new():
         ':time ties(math - base, code - base, density=0.2)["layers.0.mlp.up"]',
         ':time trim(math - base, 0.2)["layers.0.mlp.up"]',  # shares trim(math - base)
         ':time (chat - base)["layers.0.mlp.up"]'.replace("chat", "code"),
-        ':set cache 0', ':time (math - base)["layers.0.mlp.up"]'])
+        ':set cache 1B', ':time (math - base)["layers.0.mlp.up"]'])
     assert loaded(text) == [3, 0, 0, 0, 2]
     assert "values from the cache" in text
 
@@ -301,6 +301,8 @@ def test_a_session_in_a_terminal_and_its_history(tmp_path):
     out = term.run(":sta\t d up_proj", until="layers.3.mlp.up_proj.weight")
     assert "layers.0.mlp.up_proj.weight" in out and "nonzero" in out
     term.run('ties(d, dens\t0.5)["layers.0.mlp.up"]', until="nonzero")
+    out = term.run('d["model.layers.2.mlp.gate_p\t"]', until="nonzero")  # a tensor name
+    assert "tensor model.layers.2.mlp.gate_proj.weight" in out
     # an error is a diagnostic, and the session goes on
     out = term.run("tie(d)", until='did you mean "ties"?')
     assert 'unknown function "tie"' in out
