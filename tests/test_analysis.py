@@ -56,7 +56,7 @@ def test_the_same_numbers_in_row_blocks(tmp_path):
                   "+ sign_conflicts([a - base, b - base, c - base], 0.4)")
     with four_models(tmp_path, expression) as p:
         whole = run_all(p, budget=10**9)
-        blocked = run_all(p, budget=200)  # a few rows at a time
+        blocked = run_all(p, budget=2000)  # a few rows at a time
     for name in whole:
         assert torch.equal(whole[name], blocked[name]), name
 
