@@ -112,29 +112,39 @@ def test_running_again_skips_the_finished_points(script, tmp_path):
 
 
 def test_a_killed_sweep_resumes_where_it_stopped(script, tmp_path):
-    """A real process, killed while merging; the rerun does only the points left."""
+    """A real process, killed while it scores its third point; the rerun does the four
+    points left and no other."""
     results = tmp_path / "r.jsonl"
     space = {"lam": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]}
     program = f"""
-import sys
+import sys, time
 sys.path.insert(0, {str(ROOT)!r})
 from tests.test_sweep import Stub, TASKS
 from mergelang.sweep import Sweep
-Sweep({str(script)!r}, {space!r}, TASKS, {str(results)!r}, scorer=Stub(delay=0.3)).run()
+
+class Stalls(Stub):  # the third point never finishes
+    def __call__(self, model, tasks, **kw):
+        if len(self.calls) == 2:
+            time.sleep(600)
+        return super().__call__(model, tasks, **kw)
+
+Sweep({str(script)!r}, {space!r}, TASKS, {str(results)!r}, scorer=Stalls()).run()
 """
     proc = subprocess.Popen([sys.executable, "-c", program], cwd=tmp_path)
-    deadline = time.monotonic() + 60
-    while (not results.exists() or len(results.read_text().splitlines()) < 2) \
-            and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = len(lines(results))
-    assert 2 <= done < 6
+    try:
+        deadline = time.monotonic() + 120
+        while (not results.exists() or len(results.read_text().splitlines()) < 2) \
+                and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.2)  # well into the third point
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert [x["params"]["lam"] for x in lines(results)] == [0.0, 0.2]
     stub = Stub()
     Sweep(script, space, TASKS, results, scorer=stub).run()
     assert [x["params"]["lam"] for x in lines(results)] == space["lam"]
-    assert len(stub.calls) == 6 - done
+    assert len(stub.calls) == 4
 
 
 def test_an_unfinished_last_line_is_dropped_and_a_bad_line_is_located(script, tmp_path):
