@@ -175,6 +175,7 @@ def _unknown(o: Override, bindings: Mapping[str, ast.Stmt]) -> MergeError:
 
 
 def kind(value: Value) -> str:
+    """The kind of value an override must match, in words (`a number`, `a list`, ...)."""
     if isinstance(value, bool):
         return "true or false"
     if isinstance(value, (int, float)):
