@@ -249,8 +249,10 @@ def _tensor(name: str, base: SafetensorsModel, models: list[SafetensorsModel],
     numel = math.prod(info.shape)
     rows = info.shape[0] if info.shape else 1
     row_numel = numel // rows if rows else 0
-    # the loaded rows of every model, one product, one trimmed delta and two masks
-    chunk_rows = max(1, min(rows, budget // max(1, row_numel * 4 * (n + 5))))
+    # float32 rows held at once, by count: every model's (the deltas are made in place),
+    # and inside trim |delta|, its 32-bit keys and their 64-bit counts, the mask and the
+    # trimmed delta, and the sign masks; with room for the allocator's slack
+    chunk_rows = max(1, min(rows, budget // max(1, row_numel * 4 * (2 * n + 10))))
     chunks = [(r, min(r + chunk_rows, rows)) for r in range(0, rows, chunk_rows)]
     trim, make, given = _trim()
     reductions = [make(numel, density) for _ in models]
