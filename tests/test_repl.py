@@ -314,7 +314,8 @@ def test_a_session_in_a_terminal_and_its_history(tmp_path):
     assert "loaded 0 tensors (0 B); 1 " in out
     # Ctrl-C stops a long evaluation, not the session
     term.child.send(':time t64(a - b, 0.1)["w"]\r')
-    time.sleep(2.5)
+    term.child.expect_exact("\x1b[?2004l")  # the line editor let go: the evaluation began
+    time.sleep(1.5)
     term.child.sendintr()
     term.wait("interrupted")
     term.wait(PROMPT)
