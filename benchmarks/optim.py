@@ -22,7 +22,10 @@ tensor by tensor ("state"). Ratios are to torch.optim.AdamW and to the reference
 the same rule. `--check` instead compares the numbers on a small model: OnTIES
 (variant="reference") against OTAdamW, and OnDARE at keep=1 against ODAdamW, step by step.
 
-Settings: lr 1e-5, keep (reserve_p) 0.01, alpha 1e-7, no weight decay, 2 threads.
+Settings: lr 1e-5, keep (reserve_p) 0.01, alpha 1e-7, no weight decay. `--keep-freed` sets
+glibc's mallopt in every child so that freed memory is reused rather than returned and
+faulted in again at the next step (what `mergelang run` does; it matters for the rows that
+allocate large temporaries at each step).
 """
 
 from __future__ import annotations
@@ -130,7 +133,17 @@ def state_bytes(opt) -> int:
     return total
 
 
+def keep_freed() -> None:
+    """glibc: keep freed memory for reuse instead of returning it (and faulting it in again
+    at the next step), as `mergelang run` does; a setting of the process, for every row."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 256 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 1 << 30)    # M_TRIM_THRESHOLD
+
+
 def child(args) -> None:
+    if args.keep_freed:
+        keep_freed()
     torch.set_num_threads(args.threads)
     spec = shapes(args.layers, args.hidden, args.inter, args.vocab)
     base, sft, params = models(spec)
@@ -206,6 +219,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", default=",".join(CONFIGS))
     parser.add_argument("--check", action="store_true")
+    parser.add_argument("--keep-freed", action="store_true",
+                        help="glibc mallopt in each child: freed memory is reused")
     parser.add_argument("--child", default=None)
     args = parser.parse_args()
     if args.child:
@@ -220,7 +235,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--child", name] + [
                 f"--{k}={v}" for k, v in vars(args).items()
                 if k in ("reference", "steps", "layers", "hidden", "inter", "vocab", "threads")
-                and v is not None]
+                and v is not None] + (["--keep-freed"] if args.keep_freed else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode:
                 print(f"{name}: failed\n{done.stderr[-2000:]}")
