@@ -22,6 +22,7 @@ can be scripted: `mergelang repl x.merge < lines.txt`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from collections.abc import Callable
@@ -261,6 +262,8 @@ class Repl:
         p, names = self._model_and_names(arg, ":stats")
         p = p.only(names)
         number = number_valued(p.tensors[0].root)
+        if number:  # the numbers as computed, not rounded to the models' dtype
+            p.tensors = [dataclasses.replace(t, out_dtype=p.compute_dtype) for t in p.tensors]
         width = max(len(t.name) for t in p.tensors)
         self.say(stats_header(width, number))
         self.session.stream(p, lambda t, s: self.say(stats_row(t, s, width, number)))
