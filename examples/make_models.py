@@ -1,5 +1,11 @@
 #!/usr/bin/env python3
-"""Write the tiny Llama model family that mergelang's examples and tests merge.
+"""Write a synthetic tiny Llama model family: random weights, planted sign conflicts.
+
+The committed example models in examples/models/ are no longer these: they are trained
+by examples/train_skills.py, in the same shapes, with this family's config, tokenizer
+and writer. This script stays for tests that need a family whose task vectors have a
+known structure, and it writes only where it is told (it would otherwise replace the
+trained models).
 
 Why this script exists: the examples need real Hugging Face model folders to read,
 merge and load back into ``transformers`` — but they must be small enough to commit
@@ -31,8 +37,7 @@ written with sorted keys; nothing records a time, a path or a library version.
 
 Usage::
 
-    python examples/make_models.py            # writes examples/models/
-    python examples/make_models.py --out DIR  # somewhere else
+    python examples/make_models.py --out DIR
 """
 
 from __future__ import annotations
@@ -295,12 +300,7 @@ def build(out: Path) -> list[Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--out",
-        type=Path,
-        default=Path(__file__).resolve().parent / "models",
-        help="output folder (default: examples/models next to this script)",
-    )
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
     args = ap.parse_args()
     for folder in build(args.out):
         print(folder)

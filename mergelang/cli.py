@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--diff", action="store_true", help="print the changes as a unified diff")
     fmt.set_defaults(handler=_fmt)
 
+    from .eval.command import add_parser as add_eval_parser
+    add_eval_parser(sub).set_defaults(handler=_eval)
+
     inspect = sub.add_parser("inspect", help="a model's structure, from its headers alone")
     inspect.add_argument("model", type=Path, help="a model folder or .safetensors file")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
@@ -350,6 +353,11 @@ def _diff(args: argparse.Namespace, console: Console) -> int:
     if args.plot is not None and not args.quiet:
         console.print(f"wrote {args.plot}")
     return 0
+
+
+def _eval(args: argparse.Namespace, console: Console) -> int:
+    from .eval.command import run as run_eval
+    return run_eval(args, console)
 
 
 def _bytes(n: int) -> str:

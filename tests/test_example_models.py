@@ -1,10 +1,12 @@
 """The committed example models are real, loadable HF Llama folders that merge cleanly.
 
 Why: the examples and end-to-end tests merge ``examples/models/{base,math,code,chat}``
-and load the result with ``transformers``. If those folders stopped loading, drifted
-from ``examples/make_models.py``, lost their sharding, or disagreed on tensor
-names/shapes, every example would fail for a reason that has nothing to do with
-mergelang — so this test pins them down.
+and load the result with ``transformers``. If those folders stopped loading, left the
+layout of the synthetic family in ``examples/make_models.py`` (whose config, tokenizer
+and writer ``examples/train_skills.py`` uses to write them), lost their sharding, or
+disagreed on tensor names/shapes, every example would fail for a reason that has
+nothing to do with mergelang — so this test pins them down. (That they have their
+skills is tests/test_eval.py's job.)
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def test_family_shares_names_shapes_and_dtype() -> None:
 
 
 def test_finetunes_have_sign_conflicts() -> None:
-    """Fine-tunes differ from base sparsely-large and densely-small, with disagreements."""
+    """Trained fine-tunes move every weight a little and some a lot, and disagree in sign:
+    what TIES trims and elects over."""
     base = load_state(MODELS / "base")
     deltas = [
         {k: v.float() - base[k].float() for k, v in load_state(MODELS / r).items()}
@@ -131,17 +134,19 @@ def test_finetunes_have_sign_conflicts() -> None:
     ]
     name = "model.layers.1.mlp.up_proj.weight"  # split across math's shards
     d = torch.stack([delta[name] for delta in deltas])
-    big = d.abs() > 0.004
-    assert 0.02 < big.float().mean() < 0.15  # a sparse set of larger entries
-    assert (d != 0).float().mean() > 0.5  # plus dense small noise
+    big = d.abs() > 4 * d.abs().median()  # the tail TIES keeps
+    assert 0.005 < big.float().mean() < 0.5
+    assert (d != 0).float().mean() > 0.5  # training moves almost every weight
     signs = torch.sign(d) * big
     conflict = (signs > 0).any(0) & (signs < 0).any(0)
     assert conflict.any()
     assert not torch.equal(deltas[0][name], deltas[1][name])
 
 
-def test_matches_generator(tmp_path: Path) -> None:
-    """Re-running examples/make_models.py reproduces the committed folders."""
+def test_synthetic_family_has_the_layout_of_the_skill_models(tmp_path: Path) -> None:
+    """examples/make_models.py writes folders interchangeable with the committed ones: the
+    same files, config, tokenizer, tensor names, shapes and dtypes (its weights are its
+    own: random, with planted sign conflicts)."""
     pytest.importorskip("tokenizers")
     spec = importlib.util.spec_from_file_location("make_models", EXAMPLES / "make_models.py")
     assert spec and spec.loader
@@ -162,7 +167,4 @@ def test_matches_generator(tmp_path: Path) -> None:
         new_tok = json.loads((new / "tokenizer.json").read_text())
         old_tok = json.loads((old / "tokenizer.json").read_text())
         assert new_tok["model"]["vocab"] == old_tok["model"]["vocab"]
-        a, b = load_state(new), load_state(old)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (role, k)
+        assert header(new) == header(old), role
