@@ -229,9 +229,9 @@ class Repl:
         self.say(f"current tensor: {self.focus}")
 
     def _tensors(self, arg: str) -> None:
-        for name in self._session_names():
-            if not arg or re.search(arg, name):
-                self.say(name)
+        names = self._session_names()
+        for name in matching(names, arg) if arg else names:
+            self.say(name)
 
     def _session_names(self) -> list[str]:
         names = self.session.tensor_names()
@@ -270,12 +270,12 @@ class Repl:
 
     def _type(self, arg: str) -> None:
         expr, _ = self.expression(arg)
-        value = self.session.lower(expr).value
-        if isinstance(value, Node) and value.kind != SCALAR:
-            p = self.session.plan(self.session.lower(expr))
+        lowered = self.session.lower(expr)
+        if isinstance(lowered.value, Node) and lowered.value.kind != SCALAR:
+            p = self.session.plan(lowered)
             self.say(f"a model expression: {len(p.tensors)} tensors")
         else:
-            self.say(describe(value))
+            self.say(describe(lowered.value))
 
     def _graph(self, arg: str) -> None:
         from .cli import _text as plan_text
@@ -318,7 +318,8 @@ class Repl:
         """`EXPR [REGEX]`: the whole argument if it is an expression, else all but its
         last word (the regex, quoted or not)."""
         if not arg:
-            raise error(f"{command} takes an expression", None, hint=HELP.split("\n")[0])
+            raise error(f"{command} takes an expression", None,
+                        hint=f"{command} EXPR [REGEX], e.g. {command} math - base mlp")
         try:
             expr, pattern = self.expression(arg)
             return expr, pattern
