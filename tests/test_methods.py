@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mergelang
+from mergelang.ops import PRIMITIVES, REQUIRED, Param, Primitive, declaration_errors, primitive
 from mergelang.ops.sparsify import drop, trim
 from mergelang.reduce import Chunk, RandomStream
 
@@ -209,3 +210,80 @@ def test_ties_paper_scope_trims_over_the_whole_model():
         torch.testing.assert_close(out[name], expected)
     # most of the top quarter lies in the larger-valued tensor
     assert (out["a.w"] != 0).sum() > 0.25 * 30
+
+
+# --- the registry: each primitive's parameters declared once ----------------------------
+
+
+def declared_values(prim: Primitive) -> tuple:
+    """A value for each number and string parameter, in declaration order, as the back end
+    passes them to make_reduction."""
+    values = []
+    for p in prim.params:
+        if p.kind in ("tensor", "tensors"):
+            continue
+        if p.default is not REQUIRED:
+            values.append(p.default)
+        elif p.kind == "string":
+            values.append(p.choices[0])
+        else:
+            values.append(min(max(0.5, p.range[0]), p.range[1]) if p.range else 0.5)
+    return tuple(values)
+
+
+def test_every_primitive_declares_its_parameters_once():
+    assert len(PRIMITIVES) >= 30  # the whole registry, not an empty one
+    for name, prim in PRIMITIVES.items():
+        assert declaration_errors(prim) == [], name
+        assert prim.statics == tuple(p.name for p in prim.params
+                                     if p.kind not in ("tensor", "tensors")), name
+        if prim.reduction is not None:  # the factory takes what the back end passes
+            prim.make_reduction(100, declared_values(prim))
+
+
+def test_a_primitive_whose_declarations_disagree_cannot_be_made():
+    def fn(x, d=0.5, *, chunk=None):
+        return x
+
+    def make(fn, *params, **options):
+        return Primitive("mismatched", params, fn, "", **options)
+
+    x, d = Param("x", "tensor"), Param("d", "number", 0.5)
+    refused = [
+        ("defaults to 0.5 in the function but to 0.25", lambda: make(
+            fn, x, Param("d", "number", 0.25), reduction=lambda numel: None)),
+        ("are not the declared", lambda: make(fn, Param("y", "tensor"), d, random=True)),
+        ("are not the declared", lambda: make(fn, x, d, Param("e", "number", 1.0),
+                                              random=True)),
+        ("takes exactly `chunk`", lambda: make(lambda x, d=0.5: x, x, d, random=True)),
+        ("it takes none", lambda: make(fn, x, d)),
+        ("not a declared number or string", lambda: make(
+            fn, x, d, reduction=lambda numel, x: None)),
+        ("has a default", lambda: make(fn, x, d, reduction=lambda numel, d=0.5: None)),
+        ("first parameter is not `numel`", lambda: make(fn, x, d, reduction=lambda d: None)),
+    ]
+    for message, build in refused:
+        with pytest.raises(TypeError, match=message):
+            build()
+    with pytest.raises(TypeError, match="mismatched_registration"):
+        @primitive("mismatched_registration", x, Param("d", "number", 0.25))
+        def registered(x, d=0.5):
+            return x
+    assert "mismatched_registration" not in PRIMITIVES
+
+
+def test_a_reduction_factory_gets_the_arguments_it_names():
+    seen = []
+
+    def fn(x, d, mode="a", e=1.0, *, chunk=None):
+        return x
+
+    prim = Primitive("named", (Param("x", "tensor"), Param("d", "number"),
+                               Param("mode", "string", "a", choices=("a", "b")),
+                               Param("e", "number", 1.0)),
+                     fn, "", reduction=lambda numel, e, mode: seen.append((numel, e, mode)))
+    prim.make_reduction(7, (0.3, "b", 2.0))
+    assert seen == [(7, 2.0, "b")]
+    with pytest.raises(ValueError):
+        prim.make_reduction(7, (0.3, "b"))  # the back end passes every declared value
+

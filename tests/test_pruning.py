@@ -12,12 +12,21 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import mergelang
 from mergelang.ops import PRIMITIVES
 from mergelang.ops.pruning import magprune, top_variance, trim_outliers
 from mergelang.reduce import Chunk, RandomStream
-from mergelang.selection import OrderStatistics
+from mergelang.selection import (
+    ModelKthMagnitude,
+    OrderStatistics,
+    Rank,
+    keep_band,
+    keep_top,
+    top_cut,
+)
 from tests.test_engine import four_models, same_bytes_in_chunks
 
 
@@ -494,3 +503,172 @@ def test_order_statistics_in_chunks_equal_the_whole(ranks):
         value, less, equal = found[r]
         assert value == float(ordered[r])
         assert less == int((ordered < value).sum()) and equal == int((ordered == value).sum())
+
+
+# --- the selection engine (mergelang/selection.py) -------------------------------------
+
+
+def select(reduction, parts, tensors=None):
+    """Feed a reduction the row blocks `parts` (one chunk each, of tensors named by
+    `tensors`) for as many sweeps as it asks, and return its result."""
+    names = tensors or [""] * len(parts)
+    for _ in range(reduction.sweeps(len(parts))):
+        for part, name in zip(parts, names, strict=True):
+            reduction.add(part, Chunk(part.numel(), 0, tensor=name))
+        done = reduction.finish_sweep()
+    assert reduction.sweeps(len(parts)) == 0 or done
+    return reduction.result()
+
+
+def tied(seed, shape):
+    """Values on a coarse grid (most of them tie), a fifth of them zero, NaN-free, with
+    some extremes: large, tiny (denormal) and negative."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-4, 5, shape, generator=g).float() / 8
+    x = torch.where(torch.rand(shape, generator=g) < 0.2, 0.0, x)
+    extremes = torch.tensor([3e38, 1e-40, -2.5, 7.0, -1e-3])
+    flat = x.reshape(-1)
+    at = torch.randint(0, flat.numel(), (min(5, flat.numel()),), generator=g)
+    flat[at] = extremes[:len(at)]
+    return x
+
+
+SPLITS = [None, 1, 3, 7]  # None: the whole tensor in one chunk; else rows per chunk
+
+
+def blocks(x, rows):
+    return [x] if rows is None else list(torch.split(x, rows))
+
+
+@pytest.mark.parametrize("magnitudes", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_every_rank_equals_a_stable_sort_in_any_chunking(seed, magnitudes):
+    x = tied(seed, (11, 5))
+    n = x.numel()
+    values = (x.abs() if magnitudes else x).reshape(-1)
+    ordered = torch.sort(values, stable=True).values
+    expected = {r: Rank(float(ordered[r]), int((values < ordered[r]).sum()),
+                        int((values == ordered[r]).sum())) for r in range(n)}
+    for rows in SPLITS:
+        found = select(OrderStatistics(n, range(n), magnitudes=magnitudes), blocks(x, rows))
+        assert found.ranks == expected and found.nonzero is None, rows
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ranks_chosen_from_the_count_of_nonzero_values(seed):
+    x = tied(seed, (9, 4))
+    nonzero = int((x != 0).sum())
+    seen = []
+
+    def wanted(count):
+        seen.append(count)
+        return [x.numel() - 1 - count // 2]
+    results = [select(OrderStatistics(x.numel(), wanted), blocks(x, rows)) for rows in SPLITS]
+    assert set(seen) == {nonzero}
+    assert all(r == results[0] for r in results) and results[0].nonzero == nonzero
+    empty = select(OrderStatistics(x.numel(), lambda count: []), blocks(x, 2))
+    assert empty.ranks == {} and empty.nonzero == nonzero
+
+
+def test_a_tensor_of_zeros_and_a_tensor_without_ranks():
+    zeros = torch.zeros(6, 3)
+    found = select(OrderStatistics(18, [0, 17]), blocks(zeros, 4)).ranks
+    assert found == {0: Rank(0.0, 0, 18), 17: Rank(0.0, 0, 18)}
+    nothing = OrderStatistics(18, [])
+    assert nothing.sweeps(3) == 0 and nothing.result().ranks == {}
+    with pytest.raises(ValueError):
+        OrderStatistics(18, [18])
+
+
+def stable_top(values, k):
+    keep = torch.zeros(values.numel(), dtype=torch.bool)
+    keep[torch.sort(values, descending=True, stable=True).indices[:k]] = True
+    return keep
+
+
+def stable_band(values, lo, hi):
+    keep = torch.zeros(values.numel(), dtype=torch.bool)
+    keep[torch.sort(values, stable=True).indices[lo:hi]] = True
+    return keep
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_ties_at_the_cut_off_go_as_in_a_stable_sort_in_any_chunking(seed):
+    x = tied(seed, (13, 4))
+    n = x.numel()
+    magnitude = x.abs()
+    for rows in SPLITS:
+        for k in (1, 5, n // 2, n - 1):
+            found = select(OrderStatistics(n, [n - k]), blocks(x, rows)).ranks
+            cut = top_cut(n, k, found[n - k])
+            state: dict = {}
+            got = torch.cat([keep_top(part.abs(), *cut, state).reshape(-1)
+                             for part in blocks(x, rows)])
+            assert torch.equal(got, stable_top(magnitude.reshape(-1), k)), (rows, k)
+        for lo, hi in ((0, 1), (3, 17), (10, n), (n - 1, n), (5, 6)):
+            found = select(OrderStatistics(n, [lo, hi - 1]), blocks(x, rows)).ranks
+            state = {}
+            got = torch.cat([keep_band(part.abs(), found, lo, hi, state).reshape(-1)
+                             for part in blocks(x, rows)])
+            assert torch.equal(got, stable_band(magnitude.reshape(-1), lo, hi)), (rows, lo, hi)
+
+
+@pytest.mark.parametrize("rows", SPLITS)
+def test_a_whole_model_top_k_gives_each_tensor_its_share_of_the_ties(rows):
+    tensors = {"a": tied(1, (5, 4)), "b": tied(2, (7, 3)), "c": tied(3, (2, 2))}
+    flat = torch.cat([t.reshape(-1) for t in tensors.values()])
+    n = flat.numel()
+    for k in (1, 9, n // 3, n - 2):
+        parts, names = [], []
+        for name, t in tensors.items():
+            for part in blocks(t, rows):
+                parts.append(part)
+                names.append(name)
+        selection = ModelKthMagnitude(k, n)
+        select(selection, parts, names)
+        expected = torch.split(stable_top(flat.abs(), k), [t.numel() for t in tensors.values()])
+        for (name, t), want in zip(tensors.items(), expected, strict=True):
+            state: dict = {}
+            cut = selection.result_for(name)
+            got = torch.cat([keep_top(part.abs(), *cut, state).reshape(-1)
+                             for part in blocks(t, rows)])
+            assert torch.equal(got, want), (k, name)
+
+
+@st.composite
+def tensors_with_ties(draw):
+    """A small tensor whose values come from a few distinct ones (zero among them, signs
+    mixed), and a number of rows per chunk (None: one chunk)."""
+    rows, cols = draw(st.integers(1, 9)), draw(st.integers(1, 5))
+    pool = draw(st.lists(st.sampled_from([0.0, 0.5, -0.5, 1.0, -2.0, 1e-40, 3e38, -7.25]),
+                         min_size=1, max_size=4, unique=True))
+    values = draw(st.lists(st.sampled_from(pool), min_size=rows * cols,
+                           max_size=rows * cols))
+    split = draw(st.one_of(st.none(), st.integers(1, rows)))
+    return torch.tensor(values).reshape(rows, cols), split
+
+
+@settings(max_examples=60, deadline=None)
+@given(tensors_with_ties(), st.booleans(), st.data())
+def test_the_selection_is_a_stable_sort(case, magnitudes, data):
+    x, rows = case
+    n = x.numel()
+    values = (x.abs() if magnitudes else x).reshape(-1)
+    order = torch.sort(values, stable=True)
+    found = select(OrderStatistics(n, range(n), magnitudes=magnitudes), blocks(x, rows)).ranks
+    for r in range(n):
+        value = order.values[r]
+        assert found[r] == (float(value), int((values < value).sum()),
+                            int((values == value).sum()))
+    k = data.draw(st.integers(1, n))
+    lo = data.draw(st.integers(0, n - 1))
+    hi = data.draw(st.integers(lo + 1, n))
+    key = [part.abs() if magnitudes else part for part in blocks(x, rows)]
+    state: dict = {}
+    top = torch.cat([keep_top(part, *top_cut(n, k, found[n - k]), state).reshape(-1)
+                     for part in key])
+    assert torch.equal(top, stable_top(values, k))
+    state = {}
+    band = torch.cat([keep_band(part, found, lo, hi, state).reshape(-1) for part in key])
+    assert torch.equal(band, stable_band(values, lo, hi))
+

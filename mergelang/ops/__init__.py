@@ -150,6 +150,13 @@ BINARY: dict[str, Callable] = {
 
 
 # the primitives register themselves on import
-from . import consensus, elementwise, geometry, pruning, sparsify, subspace  # noqa: E402, F401
-from . import online  # noqa: E402, F401
-from . import analysis  # noqa: E402, F401
+from . import (  # noqa: E402, F401
+    analysis,
+    consensus,
+    elementwise,
+    geometry,
+    online,
+    pruning,
+    sparsify,
+    subspace,
+)

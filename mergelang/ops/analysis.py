@@ -28,9 +28,8 @@ import torch
 from ..ir import TENSOR, Node, Op, tensor_args
 from ..reduce import Chunk, Reduction, row_sums
 from . import Param, primitive
-from .common import NON_NEGATIVE, with_stats
+from .common import NON_NEGATIVE, SCOPE, with_stats
 
-SCOPE = Param("scope", "string", "tensor", choices=("tensor", "model"))
 NUMBER_VALUED = frozenset({"norm", "cosine", "sparsity", "energy_share"})
 # primitives that keep a number a number (applied entry by entry to a filled tensor)
 _ENTRYWISE = frozenset({"abs", "nonzero", "sign", "above", "clamp_min"})

@@ -14,6 +14,7 @@ from . import Param
 FRACTION = (0.0, 1.0)
 NON_NEGATIVE = (0.0, math.inf)
 DENSITY = Param("density", "number", range=FRACTION)
+SCOPE = Param("scope", "string", "tensor", choices=("tensor", "model"))  # or all tensors
 
 
 def sum_of(xs: list[torch.Tensor]) -> torch.Tensor:

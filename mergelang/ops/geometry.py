@@ -56,7 +56,7 @@ def slerp_tensor(a: torch.Tensor, b: torch.Tensor, t: float, dot_threshold: floa
 
 # --- NuSLERP -----------------------------------------------------------------------------
 
-SCOPE = Param("over", "string", "tensor", choices=("tensor", "rows", "columns"))
+OVER = Param("over", "string", "tensor", choices=("tensor", "rows", "columns"))
 
 
 def _nuslerp_reduction(numel: int, over: str) -> Gram:
@@ -64,7 +64,7 @@ def _nuslerp_reduction(numel: int, over: str) -> Gram:
 
 
 @primitive("nuslerp_vectors", Param("a", "tensor"), Param("b", "tensor"), Param("t", "number"),
-           SCOPE, Param("eps", "number", 1e-8, range=(0.0, 1.0)), reduction=_nuslerp_reduction)
+           OVER, Param("eps", "number", 1e-8, range=(0.0, 1.0)), reduction=_nuslerp_reduction)
 def nuslerp_vectors(a: torch.Tensor, b: torch.Tensor, t: float, over: str = "tensor",
                     eps: float = 1e-8, *, chunk: Chunk | None = None) -> torch.Tensor:
     """Spherical interpolation with mergekit 0.1.5 nuslerp's rule, over each vector of

@@ -18,15 +18,15 @@ An optimizer applies these at every step, to every parameter, so their cost is t
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 import torch
 
 from ..reduce import RANDOM_PAGE, Chunk, RandomStream, reduce_whole
 from . import PRIMITIVES, Param, primitive
+from .common import FRACTION, NON_NEGATIVE
 
-KEEP = Param("keep", "number", range=(0.0, 1.0))
+KEEP = Param("keep", "number", range=FRACTION)
 
 
 def _page_generator(key: str, page: int) -> np.random.Generator:
@@ -111,7 +111,7 @@ def top_fraction(x: torch.Tensor, keep: float, small: str = "one", *,
     return PRIMITIVES["trim"].fn(x, keep, "tensor", chunk=chunk)
 
 
-@primitive("clamp_abs", Param("x", "tensor"), Param("limit", "number", range=(0.0, math.inf)))
+@primitive("clamp_abs", Param("x", "tensor"), Param("limit", "number", range=NON_NEGATIVE))
 def clamp_abs(x: torch.Tensor, limit: float) -> torch.Tensor:
     """x clamped to [-limit, limit] (the reference code's `clip_val` on OnDARE's task vector
     and rescaled updates)."""

@@ -7,7 +7,7 @@ import torch
 from ..reduce import Chunk, L1Ratio
 from ..selection import KthMagnitude, ModelKthMagnitude, keep_top
 from . import Param, primitive
-from .common import DENSITY, with_stats
+from .common import DENSITY, SCOPE, with_stats
 
 
 def top_k(numel: int, density: float, scope: str) -> KthMagnitude:
@@ -17,8 +17,7 @@ def top_k(numel: int, density: float, scope: str) -> KthMagnitude:
     return (ModelKthMagnitude if scope == "model" else KthMagnitude)(k, numel)
 
 
-@primitive("trim", Param("x", "tensor"), DENSITY,
-           Param("scope", "string", "tensor", choices=("tensor", "model")), reduction=top_k)
+@primitive("trim", Param("x", "tensor"), DENSITY, SCOPE, reduction=top_k)
 def trim(x: torch.Tensor, density: float, scope: str = "tensor", *,
          chunk: Chunk | None = None) -> torch.Tensor:
     """Keep the k = max(1, int(density * numel)) entries of largest magnitude (none when
