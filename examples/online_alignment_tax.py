@@ -13,7 +13,8 @@ hidden 64, 2 layers) learns, on 4-letter words,
 
 The SFT model (base, then skill A) is the reference: tau = SFT - base is what SFT learned.
 Each run starts from the SFT model and trains on skill B only, with the same batches. The
-scores are exact match on 200 held-out words per skill, by greedy decoding.
+scores are exact match, and the fraction of answer letters right, on 200 held-out words per
+skill, by greedy decoding.
 
     python examples/online_alignment_tax.py [--steps-b 300] [--quick]
 
@@ -91,8 +92,8 @@ def train(net, task_mix, train_words, steps, make_opt, seed=1):
 
 
 @torch.no_grad()
-def score(net, task, test_words) -> float:
-    """Exact match of the greedy 4-letter answer."""
+def score(net, task, test_words) -> tuple[float, float]:
+    """(exact match, the fraction of answer letters right) of the greedy 4-letter answer."""
     net.eval()
     tag, fn = task
     ids = torch.tensor([list(f"{tag}:{w}=".encode()) for w in test_words])
@@ -100,7 +101,11 @@ def score(net, task, test_words) -> float:
         nxt = net(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
     got = ["".join(chr(c) for c in row[-4:].tolist()) for row in ids]
-    return sum(g == fn(w) for g, w in zip(got, test_words, strict=True)) / len(test_words)
+    want = [fn(w) for w in test_words]
+    exact = sum(g == w for g, w in zip(got, want, strict=True)) / len(want)
+    letters = sum(a == b for g, w in zip(got, want, strict=True)
+                  for a, b in zip(g, w, strict=True)) / (4 * len(want))
+    return exact, letters
 
 
 def main() -> None:
@@ -127,37 +132,43 @@ def main() -> None:
     ref, pre = sft.state_dict(), base.state_dict()
     rows = [("base", base), ("SFT (skill A): the reference", sft)]
 
-    def run(label, make_opt):
-        net = train(copy.deepcopy(sft), [tasks["B"]], train_words, args.steps_b, make_opt,
-                    seed=3)
+    def run(label, make_opt, steps):
+        net = train(copy.deepcopy(sft), [tasks["B"]], train_words, steps, make_opt, seed=3)
         rows.append((label, net))
         return net
 
-    lr = args.lr
-    trained = run("AdamW", adamw(lr))
-    for keep, alpha in ((0.5, 1e-3), (0.5, 1e-2), (0.1, 1e-2), (0.1, 3e-2)):
-        run(f"OnDARE keep={keep} alpha={alpha:g}", lambda m, k=keep, a=alpha: OnDAREAdamW(
-            m.named_parameters(), lr=lr, weight_decay=0.0, reference=ref, base=pre, keep=k,
-            alpha=a))
-    for keep, alpha in ((0.5, 1e-3), (0.5, 1e-2), (0.1, 1e-2), (0.1, 3e-2)):
-        run(f"OnTIES keep={keep} alpha={alpha:g}", lambda m, k=keep, a=alpha: OnTIESAdamW(
-            m.named_parameters(), lr=lr, weight_decay=0.0, reference=ref, base=pre, keep=k,
-            alpha=a))
-    for density in (0.5, 0.2):
-        merged = mergelang.evaluate(
-            f"base + ties(b - base, a - base, density={density})",
-            base=pre, a=ref, b=trained.state_dict())
+    def online(cls, keep, alpha, lr):
+        return lambda m: cls(m.named_parameters(), lr=lr, weight_decay=0.0, reference=ref,
+                             base=pre, keep=keep, alpha=alpha)
+
+    # two regimes: skill B learned fully (lr 3e-3, 300 steps) and a gentle start of it
+    # (lr 3e-4, 100 steps), each with AdamW, OnDARE and OnTIES, and AdamW + offline TIES
+    regimes = [(args.lr, args.steps_b, ((0.1, 1e-3), (0.1, 3e-3))),
+               (args.lr / 10, args.steps_b // 3, ((0.1, 1e-2), (0.5, 1e-2)))]
+    for lr, steps, sweep in regimes:
+        rows.append((f"**{steps} steps of skill B at lr {lr:g}**", None))
+        trained = run("AdamW", adamw(lr), steps)
+        for cls in (OnDAREAdamW, OnTIESAdamW):
+            for keep, alpha in sweep:
+                name = {"ondare": "OnDARE", "onties": "OnTIES"}[cls.rule]
+                run(f"{name} keep={keep} alpha={alpha:g}", online(cls, keep, alpha, lr), steps)
+        merged = mergelang.evaluate("base + ties(b - base, a - base, density=0.5)",
+                                    base=pre, a=ref, b=trained.state_dict())
         net = copy.deepcopy(sft)
         net.load_state_dict(merged)
-        rows.append((f"AdamW, then offline TIES with SFT (density {density})", net))
-    a_sft = score(sft, tasks["A"], test)
-    print(f"\n{args.steps_b} steps of skill B from the SFT model; exact match on 200 held-out "
-          f"words; {time.time() - started:.0f} s in all\n")
-    print("| run | skill B (reward) | skill A | tax (A lost) |")
+        rows.append(("AdamW, then offline TIES with SFT (density 0.5)", net))
+    a_sft = score(sft, tasks["A"], test)[1]
+    print(f"\nSkill B trained from the SFT model; 200 held-out words; exact match / letters "
+          f"right; {time.time() - started:.0f} s in all\n")
+    print("| run | skill B (reward) | skill A | tax (A letters lost) |")
     print("|---|---|---|---|")
     for label, net in rows:
-        a, b = score(net, tasks["A"], test), score(net, tasks["B"], test)
-        print(f"| {label} | {b:.3f} | {a:.3f} | {a_sft - a:+.3f} |")
+        if net is None:
+            print(f"| {label} | | | |")
+            continue
+        (a, a_letters), (b, b_letters) = score(net, tasks["A"], test), score(net, tasks["B"], test)
+        print(f"| {label} | {b:.2f} / {b_letters:.2f} | {a:.2f} / {a_letters:.2f} | "
+              f"{a_sft - a_letters:+.2f} |")
 
 
 if __name__ == "__main__":
