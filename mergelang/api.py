@@ -35,6 +35,8 @@ from .syntax import parse
 if TYPE_CHECKING:
     import networkx
 
+    from .cluster import Cluster
+
 DEFAULT_SHARD_SIZE = "5GB"
 
 
@@ -120,12 +122,14 @@ class Program:
             max_memory: int | str = DEFAULT_BUDGET,
             progress: Callable[[TensorPlan], None] | None = None,
             on_plan: Callable[[Plan], None] | None = None,
-            order: Order | None = None) -> list[Diagnostic]:
+            order: Order | None = None, cluster: Cluster | None = None) -> list[Diagnostic]:
         """Merge into the Hugging Face folder `out`. Returns warnings; raises MergeError.
 
         `max_memory` bounds the tensor data held at once (large tensors are computed in
         row blocks to stay under it). The folder appears only when the merge is
-        complete; on any error nothing is left at `out`."""
+        complete; on any error nothing is left at `out`. `cluster`: a
+        `mergelang.cluster.Cluster`, to compute the shards on its Dask workers
+        (the same bytes; `max_memory` then bounds each task)."""
         out = Path(out)
         shard_bytes = _size(shard_size, "--shard-size 5GB")
         budget = _size(max_memory, "--max-memory 2GB")
@@ -138,8 +142,9 @@ class Program:
             try:
                 output = OutputFolder(out, force, protect=[*reads, *p.bound.input_paths()])
                 with output as folder:
-                    warnings = _write(self, p, folder, device, shard_bytes, strict, progress,
-                                      budget, order)
+                    write = _write if cluster is None else cluster.write
+                    warnings = write(self, p, folder, device, shard_bytes, strict, progress,
+                                     budget, order)
                 return [Diagnostic(n, severity="warning") for n in output.notes] + warnings
             except ModelFileError as exc:
                 raise error(exc.message, None, hint=exc.hint) from None
@@ -175,7 +180,6 @@ def _check_target(out: Path, force: bool, reads: list) -> None:
 def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: int,
            strict: bool, progress, budget: int, order: Order | None) -> list[Diagnostic]:
     layout = [OutputTensor(t.name, t.shape, t.out_dtype) for t in p.tensors]
-    script_name = program.path.name if program.path else "merge.merge"
     writer = ShardedWriter(folder, layout, shard_bytes,
                            {"mergelang_script": program.source_text})
     try:
@@ -184,6 +188,14 @@ def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: in
     except MergeError as exc:
         raise MergeError(program._in_script(exc.diagnostics)) from None
     writer.close()
+    write_folder_files(program, p, folder)
+    return warnings
+
+
+def write_folder_files(program: Program, p: Plan, folder: Path) -> None:
+    """Everything in the output folder but the shards and index: config, tokenizer and
+    generation files from the donor, and the model card."""
+    script_name = program.path.name if program.path else "merge.merge"
     donor = p.bound.donor
     updates: dict = {"torch_dtype": _main_dtype(p.tensors)}
     if donor is not None and p.num_layers != donor.num_layers:  # a stack
@@ -192,7 +204,6 @@ def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: in
         updates[key] = p.num_layers
     write_donor_files(folder, donor.source.folder if donor else None, updates)
     write_model_card(folder, program.source_text, script_name)
-    return warnings
 
 
 def _main_dtype(tensors: list[TensorPlan]) -> str:

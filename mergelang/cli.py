@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true",
                      help="a NaN or infinite value in the result is an error, not a warning")
     run.add_argument("--quiet", action="store_true", help="no progress display")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="compute on the Dask cluster of this scheduler (tcp://HOST:8786, "
+                            "or its scheduler file); see docs/cluster.md")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="compute on a local Dask cluster of N worker processes")
     cli_params.add_define_option(run)
     run.set_defaults(handler=_run)
 
@@ -172,14 +178,22 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         state["done"] += 1
         progress.update(state["task"], advance=tensor.nbytes, done=state["done"])
 
+    cluster = None
+    if args.scheduler is not None or args.workers is not None:
+        from .cluster import Cluster
+        cluster = Cluster(args.scheduler, args.workers,
+                          say=None if args.quiet else lambda text: console.print(text,
+                                                                                 markup=False))
     try:
         warnings = program.run(args.output, args.device, force=args.force,
                                shard_size=args.shard_size, strict=args.strict, seed=args.seed,
                                dtype=args.dtype, out_dtype=args.out_dtype,
                                max_memory=args.max_memory,
-                               progress=advance, on_plan=started)
+                               progress=advance, on_plan=started, cluster=cluster)
     finally:
         progress.stop()
+        if cluster is not None:
+            cluster.close()
     _report(console, warnings)
     if not args.quiet:
         console.print(f"wrote {args.output}")

@@ -12,7 +12,7 @@ in place rather than copied.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -35,20 +35,25 @@ _BINARY = {Op.ADD: BINARY["+"], Op.SUB: BINARY["-"], Op.MUL: BINARY["*"],
 def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
             progress: Callable[[TensorPlan], None] | None = None,
             budget: int = DEFAULT_BUDGET, order: Order | None = None,
-            kernels: list[Kernel] | None = None) -> list[Diagnostic]:
+            kernels: list[Kernel] | None = None,
+            model_wide: Mapping[str, Any] | None = None) -> list[Diagnostic]:
     """Compute every output tensor into `sink`. Returns warnings (NaN/Inf); with
     strict=True a non-finite result is an error instead.
 
     `device` is one device or several GPUs ("cuda:0,cuda:1", "cuda:all"), which split
     the tensors between them; the results are the same bytes either way, and whatever
     `order` (see schedule) the tensors are computed in. `kernels`: the plan's schedule,
-    made earlier (a caller that runs one plan many times schedules it once)."""
+    made earlier (a caller that runs one plan many times schedules it once).
+    `model_wide`: the model-wide reductions' results, found elsewhere (call site ->
+    anything with `result_for(tensor name)`; a cluster task gets them from the client,
+    which swept the whole model): then this makes no sweep of its own."""
     devices = parse_devices(device)
     if kernels is None:
         kernels = schedule(plan, budget, order)
     non_finite: Counter[str] = Counter()
-    with _Run(plan, devices[0], sink, non_finite) as run:
-        model_wide = run.sweep_model(kernels)
+    if model_wide is None:
+        with _Run(plan, devices[0], sink, non_finite) as run:
+            model_wide = run.sweep_model(kernels)
     if len(devices) == 1:
         _run_kernels(plan, devices[0], kernels, sink, non_finite, progress, model_wide)
     else:
@@ -80,6 +85,35 @@ def _split(kernels: list[Kernel], parts: int) -> list[list[Kernel]]:
         owner[i] = part
         loads[part] += kernels[i].numel
     return [[k for i, k in enumerate(kernels) if owner[i] == part] for part in range(parts)]
+
+
+def model_reductions(kernels: list[Kernel], numel: Mapping[str, int] | None = None
+                     ) -> dict[str, Reduction]:
+    """A fresh reduction for each model-wide call site of the kernels, over the elements
+    of all the tensors it appears in; with `numel` (call site -> elements), only for
+    those sites and over that many elements (a cluster task holds part of the tensors)."""
+    sites: dict[str, Node] = {}
+    counts: Counter[str] = Counter()
+    for k in kernels:
+        for node in k.model_pass.reductions if k.model_pass else ():
+            sites.setdefault(node.attr[1], node)
+            counts[node.attr[1]] += k.numel
+    total = counts if numel is None else numel
+    return {site: reduction_of(node, total[site]) for site, node in sites.items()
+            if site in total}
+
+
+def feed_model_wide(plan: Plan, kernels: list[Kernel], reductions: Mapping[str, Reduction],
+                    device: str = "cpu") -> None:
+    """One sweep of the model-wide `reductions` (call site -> Reduction) over these
+    kernels' chunks, in order, without finishing it: a cluster task's part of a sweep
+    (see mergelang.cluster)."""
+    with _Run(plan, parse_devices(device)[0], _no_sink, Counter()) as run:
+        run.feed_model(kernels, reductions)
+
+
+def _no_sink(name: str, row0: int, part: torch.Tensor) -> None:
+    raise AssertionError("a sweep writes nothing")
 
 
 def run_tensor(plan: Plan, t: TensorPlan, device: str = "cpu",
@@ -134,31 +168,33 @@ class _Run:
 
     def sweep_model(self, kernels: list[Kernel]) -> dict[str, Reduction]:
         """Feed every kernel's model-wide reductions, in order, for as many sweeps as
-        they need; one reduction per call site, over all the tensors it appears in."""
-        sites: dict[str, list[Node]] = {}
-        numel: Counter[str] = Counter()
-        for k in kernels:
-            for node in k.model_pass.reductions if k.model_pass else ():
-                sites.setdefault(node.attr[1], []).append(node)
-                numel[node.attr[1]] += k.numel
-        made = {site: reduction_of(nodes[0], numel[site]) for site, nodes in sites.items()}
+        they need; one reduction per call site, over all the tensors it appears in. A
+        reduction whose result is known is not fed again (a sum would count twice)."""
+        made = model_reductions(kernels)
+        open_ = dict(made)
         for _ in range(max((r.sweeps(2) for r in made.values()), default=0)):
-            for k in kernels:
-                if k.model_pass is None:
-                    continue
-                randoms = self._randoms(k, [k.model_pass])
-                for rows in k.chunks:
-                    chunk = _ChunkContext(k, rows, {}, {}, randoms)
-                    loads = self.stager.load(k, k.model_pass, rows)
-                    values = self._compute(k.model_pass, loads, chunk)
-                    for node in k.model_pass.reductions:
-                        made[node.attr[1]].add(*(self.stager.widen(values[a])
-                                                 for a in tensor_args(node)),
-                                               chunk.at(node))
-                    loads.done()
-            for reduction in made.values():
-                reduction.finish_sweep()
+            self.feed_model(kernels, open_)
+            open_ = {site: r for site, r in open_.items() if not r.finish_sweep()}
         return made
+
+    def feed_model(self, kernels: list[Kernel], reductions: Mapping[str, Reduction]) -> None:
+        """One sweep: each kernel's chunks, in order, to those of its model-wide
+        reductions that are in `reductions` (by call site)."""
+        for k in kernels:
+            nodes = [n for n in (k.model_pass.reductions if k.model_pass else ())
+                     if n.attr[1] in reductions]
+            if not nodes:
+                continue
+            randoms = self._randoms(k, [k.model_pass])
+            for rows in k.chunks:
+                chunk = _ChunkContext(k, rows, {}, {}, randoms)
+                loads = self.stager.load(k, k.model_pass, rows)
+                values = self._compute(k.model_pass, loads, chunk)
+                for node in nodes:
+                    reductions[node.attr[1]].add(*(self.stager.widen(values[a])
+                                                   for a in tensor_args(node)),
+                                                 chunk.at(node))
+                loads.done()
 
     def _randoms(self, k: Kernel, passes) -> dict[Node, RandomStream]:
         return {n: RandomStream(self.plan.seed, k.tensor.name, n.attr[1]) for p in passes

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,6 +94,21 @@ class Reduction:
 
     def result(self) -> Any:
         raise NotImplementedError
+
+    # A model-wide reduction can also be fed in parts, by processes that each hold some of
+    # the tensors (mergelang.cluster): each part's `partial()` is sent back, and one
+    # reduction `merge`s them all before `finish_sweep`. Partials are plain data (numbers,
+    # lists, dicts, CPU tensors), never the reduction itself, which holds functions.
+
+    def partial(self) -> Any:
+        """What this reduction gathered in its current sweep, as plain picklable data."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be fed in parts")
+
+    def merge(self, partials: Sequence[Any]) -> None:
+        """Add the current sweep's partials of reductions of the same call, each fed some
+        other tensors, as if their chunks had been fed here, partial after partial (where
+        the order of the tensors matters, as for ties, give them in the plan's order)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be fed in parts")
 
 
 def reduce_whole(reduction: Reduction | None, tensors: list, chunk: Chunk | None) -> Any:

@@ -166,6 +166,36 @@ class OrderStatistics(Reduction):
         assert self.found is not None
         return Selection(self.found, self.nonzero if self.wanted is not None else None)
 
+    def partial(self) -> dict:
+        """The histograms so far (high bits; in the second sweep, the low bits of the wanted
+        bins), the nonzero count, and the tensors fed, in order, each with its own low-bit
+        counts (only where nonzero: a tensor rarely has many entries in a wanted bin)."""
+        return {"high": self.high, "nonzero": self.nonzero, "low": dict(self.low),
+                "tensors": {name: {b: _sparse(c) for b, c in bins.items()}
+                            for name, bins in self.tensors.items()}}
+
+    def merge(self, partials: Sequence[dict]) -> None:
+        """Take from each partial what this reduction's current sweep counts: the high bits
+        and nonzero count in the first, the low bits of the wanted bins in the second."""
+        for p in partials:
+            for name, bins in p["tensors"].items():
+                own = self.tensors.setdefault(name, {}) if self.per_tensor else {}
+                for b, sparse in bins.items() if self.sweep == 1 and self.per_tensor else ():
+                    dense = _dense(sparse)
+                    own[b] = dense if b not in own else own[b].add_(dense)
+            if self.found is not None:
+                continue
+            if self.sweep == 0:
+                self.nonzero += p["nonzero"]
+                if p["high"] is not None:
+                    self.high = p["high"].clone() if self.high is None \
+                        else self.high.add_(p["high"])
+                continue
+            for b, counts in p["low"].items():
+                if counts is not None and b in self.low:
+                    self.low[b] = counts.clone() if self.low[b] is None \
+                        else self.low[b].add_(counts)
+
     def equal_by_tensor(self, rank: int) -> dict[str, int]:
         """With `per_tensor`: each tensor's count of entries equal to the value at `rank`,
         in the order the tensors were first seen."""
@@ -199,6 +229,17 @@ def _count(histogram: torch.Tensor | None, keys: torch.Tensor, bins: int) -> tor
     elif keys.numel():
         histogram.index_add_(0, keys.long().cpu(), torch.ones(keys.numel(), dtype=torch.int64))
     return histogram
+
+
+def _sparse(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """A histogram as (where it is nonzero, the counts there, its length)."""
+    where = counts.nonzero().squeeze(1)
+    return where, counts[where], counts.numel()
+
+
+def _dense(sparse: tuple[torch.Tensor, torch.Tensor, int]) -> torch.Tensor:
+    where, values, length = sparse
+    return torch.zeros(length, dtype=torch.int64).index_put_((where,), values)
 
 
 # --- configurations -----------------------------------------------------------------------

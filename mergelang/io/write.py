@@ -15,6 +15,7 @@ import math
 import os
 import re
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -80,6 +81,10 @@ class ShardedWriter:
 
     `weight_map` (tensor name -> shard file name), `paths` (the shard files) and `total_size`
     (bytes of tensor data) are known as soon as the writer is made.
+
+    `shards` (indices into `paths`) makes a writer of those shards only, for one of several
+    processes that write a model together (mergelang.cluster): it lays out every shard
+    as the whole writer would, creates only its own, and writes no index (`write_index`).
     """
 
     def __init__(
@@ -88,6 +93,7 @@ class ShardedWriter:
         tensors: list[OutputTensor],
         shard_size: int,
         metadata: dict[str, str],
+        shards: Collection[int] | None = None,
     ) -> None:
         if shard_size <= 0:
             raise ValueError(f"shard size must be positive, not {shard_size}")
@@ -108,7 +114,8 @@ class ShardedWriter:
         self.weight_map: dict[str, str] = {}
         self.total_size = 0
         self._slots: dict[str, _Slot] = {}
-        for path, group in zip(self.paths, groups, strict=True):
+        self.whole = shards is None
+        for i, (path, group) in enumerate(zip(self.paths, groups, strict=True)):
             entries: list[HeaderEntry] = []
             position = 0
             for t in group:
@@ -116,9 +123,12 @@ class ShardedWriter:
                 entries.append(HeaderEntry(t.name, t.dtype, t.shape, position, position + nbytes))
                 position += nbytes
             header = encode_header(header_metadata, entries)
-            _create_shard(path, header, len(header) + position)
+            mine = shards is None or i in shards
+            if mine:
+                _create_shard(path, header, len(header) + position)
             for t, e in zip(group, entries, strict=True):
-                self._slots[t.name] = _Slot(t, path, len(header) + e.begin, e.end - e.begin)
+                if mine:
+                    self._slots[t.name] = _Slot(t, path, len(header) + e.begin, e.end - e.begin)
                 self.weight_map[t.name] = path.name
             self.total_size += position
         self._written: set[str] = set()
@@ -196,6 +206,11 @@ class ShardedWriter:
             shown = ", ".join(repr(n) for n in missing[:5])
             more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
             raise ValueError(f"{len(missing)} declared tensors were never written: {shown}{more}")
+        if self.whole:
+            self.write_index()
+
+    def write_index(self) -> None:
+        """The index of a model in several shards (none for one)."""
         if len(self.paths) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             text = json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

@@ -21,7 +21,7 @@ scope="model")` is the norm of the whole task vector.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -58,6 +58,17 @@ class Sums(Reduction):
 
     def result(self) -> float:
         return self.finish(*(math.fsum(s) for s in self.sums or ()))
+
+    def partial(self) -> list[list[float]] | None:
+        return self.sums
+
+    def merge(self, partials: Sequence[list[list[float]] | None]) -> None:
+        """The per-row sums of other tensors, added exactly at the end like these."""
+        for sums in partials:
+            if sums is not None:
+                self.sums = self.sums or [[] for _ in sums]
+                for acc, more in zip(self.sums, sums, strict=True):
+                    acc += more
 
 
 class ModelSums(Sums):
