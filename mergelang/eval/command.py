@@ -78,9 +78,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.json:
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
     else:
-        Console(highlight=False).print(_table(results, args.models, inputs))
-        if inputs:
-            _print_kept(results, args.models, inputs)
+        out = Console(highlight=False)
+        if not out.is_terminal:  # a file or a pipe: never cut a model's path
+            out = Console(highlight=False, width=200)
+        out.print(_table(results, args.models, inputs))
     return 0
 
 
@@ -137,12 +138,21 @@ def _inputs(results: dict[str, dict[str, dict]], inputs: list[str]) -> Inputs | 
 
 
 def _table(results: dict[str, dict[str, dict]], merges: list[str], inputs: list[str]) -> Table:
+    """Models as rows, tasks as columns; with --against, the inputs below the merges, a
+    "best input" row, and per merge the share of each fine-tune's gain it keeps."""
     tasks = list(dict.fromkeys(t for r in results.values() for t in r))
     em_tasks = [t for t in tasks if any("exact_match" in results[m].get(t, {}) for m in results)]
     other = [t for t in tasks if t not in em_tasks]
     info = _inputs(results, inputs)
-    table = Table(title="exact match (mean log-likelihood of the answer)", title_justify="left")
-    table.add_column("model")
+    caption = None
+    if info is not None:
+        caption = ("kept: (merge - base) / (fine-tune - base), pooled over the tasks the "
+                   "fine-tune leads the inputs on")
+    table = Table(title="exact match (mean log-likelihood of the answer)", title_justify="left",
+                  caption=caption, caption_justify="left")
+    table.add_column("model", no_wrap=True)
+    if info is not None:
+        table.add_column("role")
     for t in em_tasks:
         table.add_column(t, justify="right")
     if len(em_tasks) > 1:
@@ -150,10 +160,12 @@ def _table(results: dict[str, dict[str, dict]], merges: list[str], inputs: list[
     for t in other:
         first = next(results[m][t] for m in results if t in results[m])
         table.add_column(f"ppl {t}" if "perplexity" in first else t, justify="right")
+    if info is not None:
+        for ft in info.finetunes:
+            table.add_column(f"kept {Path(ft).name}", justify="right")
     order = list(merges) + [m for m in inputs if m not in merges]
     for i, m in enumerate(order):
-        role = _role(m, merges, info)
-        cells = [m + (f" [dim]({role})[/]" if role else "")]
+        cells = [m] + ([_role(m, merges, info)] if info is not None else [])
         for t in em_tasks:
             r = results[m].get(t)
             cells.append("-" if r is None else
@@ -162,10 +174,14 @@ def _table(results: dict[str, dict[str, dict]], merges: list[str], inputs: list[
             found = [results[m][t]["exact_match"] for t in em_tasks if t in results[m]]
             cells.append(f"{sum(found) / len(found):.3f}" if found else "-")
         cells += [_other(results[m].get(t)) for t in other]
+        if info is not None:
+            em = {t: r for t, r in results[m].items() if "exact_match" in r}
+            kept = kept_by_finetune(info, em) if m in merges else {}
+            cells += [_percent(kept.get(ft)) for ft in info.finetunes]
         table.add_row(*cells, end_section=(i == len(merges) - 1 and bool(inputs)))
     if info is not None:
         best = [info.best(t) for t in em_tasks]
-        cells = ["[italic]best input[/]"] + [
+        cells = ["[italic]best input[/]", ""] + [
             "-" if b is None else f"{b[1]:.3f} [dim]({Path(b[0]).name})[/]" for b in best]
         table.add_row(*cells, *[""] * (len(table.columns) - len(cells)))
     return table
@@ -173,8 +189,12 @@ def _table(results: dict[str, dict[str, dict]], merges: list[str], inputs: list[
 
 def _role(model: str, merges: list[str], info: Inputs | None) -> str:
     if info is None or model in merges:
-        return ""
+        return "merge"
     return "base" if model == info.base else "fine-tune"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
 
 
 def _other(r: dict | None) -> str:
@@ -182,24 +202,8 @@ def _other(r: dict | None) -> str:
         return "-"
     if "perplexity" in r:
         return f"{r['perplexity']:.2f}"
-    value = next((v for k, v in r.items() if isinstance(v, float)), None)
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _print_kept(results: dict[str, dict[str, dict]], merges: list[str],
-                inputs: list[str]) -> None:
-    """One line per merge: the share of each fine-tune's gain over the base it keeps."""
-    info = _inputs(results, inputs)
-    out = Console(highlight=False)
-    out.print("kept gain: (merge - base) / (fine-tune - base) on the tasks each fine-tune "
-              "leads")
-    for m in merges:
-        em = {t: r for t, r in results[m].items() if "exact_match" in r}
-        kept = kept_by_finetune(info, em)
-        owned = {ft: [t for t in em if info.owner(t) == ft] for ft in info.finetunes}
-        parts = [f"{Path(ft).name} ({', '.join(owned[ft]) or 'no task'}): "
-                 + ("-" if k is None else f"{k:.0%}") for ft, k in kept.items()]
-        out.print(f"  {m}: " + "; ".join(parts))
+    value = r.get("value")
+    return "-" if not isinstance(value, float) else f"{value:.3f}"
 
 
 def _quiet_transformers() -> None:
