@@ -18,6 +18,11 @@ skill, by greedy decoding.
 
     python examples/online_alignment_tax.py [--steps-b 300] [--quick]
 
+With `--skill-models`, the same comparison on the repository's skill models instead
+(examples/models/, made by examples/train_skills.py): the `chat` fine-tune (a letter code,
+"enc kavo=" -> "xqpl") is the SFT reference, and it is trained further on the `code` skill
+(reversal, "rev kqwz=" -> "zwqk") with that script's batches (10% corpus replay), lr 2e-3.
+
 Prints one table (Markdown). What it shows on this machine is in docs/online.md.
 """
 
@@ -108,6 +113,65 @@ def score(net, task, test_words) -> tuple[float, float]:
     return exact, letters
 
 
+def skill_models(args) -> None:
+    """The comparison on examples/models/: chat (letter code) is the SFT, code (reversal)
+    the new skill."""
+    import sys
+    from pathlib import Path
+
+    from transformers import LlamaForCausalLM
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    import train_skills as ts
+
+    def load(name):
+        return LlamaForCausalLM.from_pretrained(here / "models" / name, dtype=torch.float32)
+    skills = ts.make_skills(random.Random(ts.SEED))
+    base, sft = load("base"), load("chat")
+    ref, pre = sft.state_dict(), base.state_dict()
+    started = time.time()
+    rows = [("base", base), ("SFT: chat (letter code), the reference", sft)]
+    lr, steps = 2e-3, args.steps_b
+
+    def run(label, make):
+        net = copy.deepcopy(sft)
+        batches = ts.batches_finetune(random.Random(7), skills["code"], ts.BATCH, ts.REPLAY)
+        opt = make(net)
+        net.train()
+        for _ in range(steps):
+            ids, labels = next(batches)
+            loss = net(input_ids=ids, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+            opt.step()
+        net.eval()
+        rows.append((label, net))
+        return net
+
+    trained = run("AdamW", lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0))
+    for cls, name in ((OnDAREAdamW, "OnDARE"), (OnTIESAdamW, "OnTIES")):
+        for keep, alpha in ((0.1, 1e-3), (0.1, 1e-2)):
+            run(f"{name} keep={keep} alpha={alpha:g}", lambda m, c=cls, k=keep, a=alpha: c(
+                m.named_parameters(), lr=lr, weight_decay=0.0, reference=ref, base=pre,
+                keep=k, alpha=a))
+    merged = mergelang.evaluate("base + ties(b - base, a - base, density=0.5)", base=pre,
+                                a=ref, b=trained.state_dict())
+    net = copy.deepcopy(sft)
+    net.load_state_dict(merged)
+    rows.append(("AdamW, then offline TIES with SFT (density 0.5)", net))
+    n = 100
+    a_sft = ts.exact_match(sft, skills["chat"].test[:n])
+    print(f"\n{steps} steps of `code` (reversal) from the `chat` skill model at lr {lr:g}; "
+          f"exact match on {n} held-out prompts each; {time.time() - started:.0f} s in all\n")
+    print("| run | reversal (reward) | letter code | tax (letter code lost) |")
+    print("|---|---|---|---|")
+    for label, model_ in rows:
+        a = ts.exact_match(model_, skills["chat"].test[:n])
+        b = ts.exact_match(model_, skills["code"].test[:n])
+        print(f"| {label} | {b:.2f} | {a:.2f} | {a_sft - a:+.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps-base", type=int, default=600)
@@ -115,7 +179,14 @@ def main() -> None:
     parser.add_argument("--steps-b", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--quick", action="store_true", help="a few steps: does it run?")
+    parser.add_argument("--skill-models", action="store_true",
+                        help="on examples/models/ (chat -> code) instead of the stand-in")
     args = parser.parse_args()
+    if args.skill_models:
+        torch.set_num_threads(1)
+        if args.quick:
+            args.steps_b = 5
+        return skill_models(args)
     if args.quick:
         args.steps_base, args.steps_a, args.steps_b = 20, 20, 10
     torch.set_num_threads(1)
