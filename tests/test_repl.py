@@ -236,7 +236,6 @@ def test_the_command_line_reads_plain_lines_when_stdin_is_not_a_terminal(tmp_pat
 
 # --- in a pseudo-terminal, as a person uses it ------------------------------------------
 
-pexpect = pytest.importorskip("pexpect")
 PROMPT = "merge>"
 
 
@@ -244,9 +243,10 @@ class Terminal:
     """`mergelang repl` in a pseudo-terminal: type, wait for what it prints."""
 
     def __init__(self, cwd: Path, history: Path, *args: str):
+        self.pexpect = pytest.importorskip("pexpect")
         env = {**os.environ, "MERGELANG_HISTORY": str(history), "PROMPT_TOOLKIT_NO_CPR": "1",
                "TERM": "xterm", "NO_COLOR": "1"}
-        self.child = pexpect.spawn(sys.executable, ["-m", "mergelang", "repl", *args],
+        self.child = self.pexpect.spawn(sys.executable, ["-m", "mergelang", "repl", *args],
                                    cwd=str(cwd), env=env, encoding="utf-8", timeout=60,
                                    dimensions=(50, 200))
         self.wait(PROMPT)
@@ -272,7 +272,7 @@ class Terminal:
 
     def leave(self) -> int:
         self.child.sendcontrol("d")
-        self.child.expect(pexpect.EOF)
+        self.child.expect(self.pexpect.EOF)
         self.child.close()
         return self.child.exitstatus
 
