@@ -152,7 +152,7 @@ class Program:
 
 def _size(value: int | str, example: str) -> int:
     try:
-        return value if isinstance(value, int) else parse_size(value)
+        return parse_size(value if isinstance(value, str) else str(value), minimum=1)
     except ValueError as exc:
         raise error(str(exc), None, hint=f"e.g. {example}") from None
 

@@ -25,6 +25,7 @@ from rich.progress import (
 from . import api, cli_params
 from .builtins import DTYPES
 from .diagnostics import Diagnostic, MergeError
+from .io.interrupt import EXIT_TERMINATED, Terminated, sigterm_as_interrupt, stdout_closed
 from .ir import Op, walk
 from .plan import Plan
 from .schedule import DEFAULT_BUDGET_TEXT
@@ -37,13 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     console = Console(stderr=True, highlight=False)
     try:
-        return args.handler(args, console)
+        with sigterm_as_interrupt():
+            return args.handler(args, console)
     except MergeError as exc:
         _report(console, exc.diagnostics)
         return EXIT_INPUT_ERROR
+    except Terminated:
+        console.print("terminated; nothing was written")
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         console.print("interrupted; nothing was written")
         return 130
+    except BrokenPipeError:
+        return stdout_closed()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("script", type=Path)
     run.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     run.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    run.add_argument("--seed", type=int, help="overrides `set seed`")
+    run.add_argument("--seed", type=_seed, help="overrides `set seed`")
     run.add_argument("--dtype", choices=DTYPES, help="compute dtype; overrides `set dtype`")
     run.add_argument("--out-dtype", choices=DTYPES, help="overrides `set out_dtype`")
     run.add_argument("--shard-size", default=api.DEFAULT_SHARD_SIZE,
@@ -126,6 +133,14 @@ def _parser() -> argparse.ArgumentParser:
     diff.set_defaults(handler=_diff)
     cli_params.add_sweep_command(sub, _report)
     return parser
+
+
+def _seed(text: str) -> int:
+    """--seed takes what `set seed` takes: a whole number from 0 to 2**63 - 1."""
+    if not text.isdigit() or len(text) > 19 or int(text) > 2**63 - 1:
+        raise argparse.ArgumentTypeError(
+            f"the seed must be a whole number from 0 to {2**63 - 1}, not {text[:30]!r}")
+    return int(text)
 
 
 def _report(console: Console, diagnostics: list[Diagnostic]) -> None:

@@ -30,7 +30,9 @@ class Source:
     path: Path | None = None  # the file, when there is one: relative paths resolve against it
 
     def line(self, number: int) -> str:
-        lines = self.text.splitlines()
+        """Line `number` as the parser counts lines (only \\n ends one; str.splitlines
+        would also split at form feeds and other separators the lexer reads as spaces)."""
+        lines = self.text.split("\n")
         return lines[number - 1] if 0 < number <= len(lines) else ""
 
 
@@ -64,7 +66,7 @@ class Diagnostic:
         out = [f"{self.severity}: {self.message}"]
         if self.span is not None:
             out.append(f"  --> {self.span}")
-            text = self.span.source.line(self.span.line)
+            text = _visible(self.span.source.line(self.span.line))
             if text:
                 number = str(self.span.line)
                 pad = " " * len(number)
@@ -78,6 +80,15 @@ class Diagnostic:
         if self.hint:
             out.append(f"   = help: {self.hint}")
         return "\n".join(out)
+
+
+def _visible(line: str) -> str:
+    """A source line safe to print: each control character (a NUL, an escape sequence
+    that would drive the terminal) shown as one replacement character, so carets stay
+    under the same columns."""
+    if line.isprintable():
+        return line
+    return "".join(c if c.isprintable() or c == "\t" else "\ufffd" for c in line)
 
 
 class MergeError(Exception):

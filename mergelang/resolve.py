@@ -20,6 +20,7 @@ from pathlib import Path
 from . import ast
 from .builtins import BUILTINS, CONTEXT_NAMES, SETTINGS, Signature, signature_of_fn
 from .diagnostics import MergeError, Span, did_you_mean, error
+from .literals import check_path
 from .ops import PRIMITIVES
 from .params import check_declaration, declared
 from .resources import STDLIB_DIR
@@ -125,14 +126,23 @@ def _collect(module: ast.Module, scope: Scope, settings: dict[str, ast.Set],
 def _import(stmt: ast.Import, module: ast.Module, scope: Scope, settings: dict[str, ast.Set],
             outputs: list[ast.Output], importing: tuple[Path, ...]) -> None:
     here = module.source.path.parent if module.source.path else Path.cwd()
-    path = (here / stmt.path).resolve()
-    chain = importing + ((module.source.path.resolve(),) if module.source.path else ())
+    shown = stmt.path if len(stmt.path) <= 80 else f"{stmt.path[:60]}... ({len(stmt.path)} " \
+        "characters)"
+    try:
+        path = (here / stmt.path).resolve()
+        chain = importing + ((module.source.path.resolve(),) if module.source.path else ())
+        found = path.is_file()
+    except (OSError, RuntimeError) as exc:  # too long a name; a loop of symbolic links
+        raise error(f'cannot import "{shown}": {getattr(exc, "strerror", None) or exc}',
+                    stmt.span, hint="check the path; paths are relative to the importing "
+                    "script's folder") from None
     if path in chain:
         cycle = " -> ".join(p.name for p in chain[chain.index(path):] + (path,))
         raise error(f"import cycle: {cycle}", stmt.span,
                     hint="move the shared definitions into a file that imports neither")
-    if not path.is_file():
-        raise error(f'cannot import "{stmt.path}": no such file ({path})', stmt.span,
+    if not found:
+        where = str(path) if len(str(path)) <= 200 else f"{str(path)[:180]}..."
+        raise error(f'cannot import "{shown}": no such file ({where})', stmt.span,
                     hint="paths are relative to the importing script's folder")
     try:
         text = path.read_text(encoding="utf-8")
@@ -266,6 +276,8 @@ class _Checker:
             self.expr(kw.value, local)
         sig = self.signature(name, node, local)
         check_call(sig, node)
+        if name == "model" and node.args and isinstance(node.args[0], ast.String):
+            check_path(node.args[0].value, node.args[0].span)  # a built-in: never redefined
 
     def signature(self, name: str, node: ast.Call, local: frozenset[str]) -> Signature:
         found = None if name in local else self.scope.lookup_function(name)

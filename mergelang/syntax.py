@@ -9,22 +9,17 @@ can be laid out over several lines).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import json
-import os
-import stat
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import lark
-import lark.grammar
-import lark.lexer
-from lark import Token, Transformer, v_args
+from lark import Token, v_args
+from lark.visitors import Transformer_NonRecursive
 
 from . import ast
 from .diagnostics import MergeError, Source, Span, error
+from .literals import check_path, number_value, string_value
+from .parser_tables import build_parser
 from .resources import GRAMMAR_FILE
 
 _OPENERS = {"LPAR": ")", "LSQB": "]"}
@@ -67,6 +62,8 @@ class _Continuations:
                 pending_newline = None
             if tok.type in _OPENERS:
                 self.open_brackets.append(tok)
+                if len(self.open_brackets) > MAX_NESTING:
+                    raise _TooDeep(tok)
             elif tok.type in _CLOSERS and self.open_brackets:
                 self.open_brackets.pop()
             yield self._remember(tok)
@@ -85,133 +82,58 @@ def _grammar() -> str:
 
 _OPTIONS: dict = {"parser": "lalr", "lexer": "basic", "start": ["start", "expr"],
                   "propagate_positions": True, "maybe_placeholders": True}
-_TABLES_FORMAT = 1  # bump when the way tables are written changes
+MAX_NESTING = 100
+"""Brackets nested deeper than this are an error: no merge needs them, and each level
+costs the later stages stack depth."""
 
 
 @cache
 def _parser() -> tuple[lark.Lark, _Continuations]:
-    """The LALR parser, from its tables in this user's cache when they are there.
-
-    Building the tables takes about 0.1 s; loading them, about 0.015 s. They are kept as
-    JSON (never pickle: a cache file is data, and loading it must not be able to run
-    code) in a folder only this user can write (see parser_cache_folder), under a name
-    that hashes the grammar, lark's version and the options, so a changed grammar
-    never meets stale tables."""
+    """The LALR parser; its tables come from this user's cache (see parser_tables)."""
     postlex = _Continuations()
-    grammar = _grammar()
-    key = hashlib.sha256("\0".join(
-        [str(_TABLES_FORMAT), lark.__version__, repr(sorted(_OPTIONS.items())), grammar]
-    ).encode()).hexdigest()[:32]
-    folder = parser_cache_folder()
-    path = folder / f"parser-{key}.json" if folder is not None else None
-    parser = _load_tables(path, key, postlex) if path is not None else None
-    if parser is None:
-        parser = lark.Lark(grammar, postlex=postlex, **_OPTIONS)
-        if path is not None:
-            _save_tables(parser, path, key)
-    return parser, postlex
+    return build_parser(_grammar(), _OPTIONS, postlex), postlex
 
 
-def parser_cache_folder() -> Path | None:
-    """`$XDG_CACHE_HOME/mergelang` (default `~/.cache/mergelang`), made private (0700),
-    or None when there is no such folder that this user alone owns and can write: then
-    the tables are built every time rather than trusted to a shared place."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    if not os.path.isabs(base):
-        return None
-    folder = Path(base) / "mergelang"
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.lstat(folder)
-        if not stat.S_ISDIR(info.st_mode):
-            return None
-        if hasattr(os, "getuid"):
-            if info.st_uid != os.getuid():
-                return None
-            if info.st_mode & 0o077:
-                os.chmod(folder, 0o700)
-    except OSError:
-        return None
-    return folder
+class _TooDeep(Exception):
+    """Raised by the post-lexer at the bracket that nests one level too deep."""
+
+    def __init__(self, token: Token) -> None:
+        super().__init__(token)
+        self.token = token
 
 
-def _load_tables(path: Path, key: str, postlex: _Continuations) -> lark.Lark | None:
-    """The parser from tables saved by _save_tables, or None if there are none usable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return None
-    try:
-        info = os.fstat(fd)
-        mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
-        if not stat.S_ISREG(info.st_mode) or not mine or info.st_mode & 0o022:
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            saved = json.loads(f.read())
-        if saved.get("key") != key:
-            return None
-        data, memo = _untag(saved["tables"])
-        return lark.Lark._load_from_dict(data, memo, postlex=postlex,
-                                         propagate_positions=True)
-    except Exception:  # a damaged or foreign file: build the tables instead
-        return None
-    finally:
-        os.close(fd)
+def normalize(text: str) -> str:
+    """The text as the parser reads it: without a UTF-8 byte-order mark, and with \r\n
+    and a lone \r as \n, so a script means the same from a file (read with universal
+    newlines) and from a string, whatever editor wrote it."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _save_tables(parser: lark.Lark, path: Path, key: str) -> None:
-    """Write the tables atomically (a private temporary file renamed into place)."""
-    data, memo = parser.memo_serialize([lark.lexer.TerminalDef, lark.grammar.Rule])
-    data["options"] = {k: v for k, v in data["options"].items() if k != "postlex"}
-    text = json.dumps({"key": key, "tables": _tag((data, memo))}, separators=(",", ":"))
-    try:
-        fd, temp = tempfile.mkstemp(prefix=".parser-", suffix=".tmp", dir=path.parent)
-    except OSError:
+def _check_encodable(source: Source) -> None:
+    """A script is saved as UTF-8 in the output (model card, shard metadata): a lone
+    surrogate, which only a str made in Python can hold, is refused where it is."""
+    bad = next((i for i, c in enumerate(source.text) if "\ud800" <= c <= "\udfff"), None)
+    if bad is None:
         return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(temp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(temp)
-
-
-def _tag(value: object) -> object:
-    """lark's serialised tables as JSON, keeping what JSON alone would lose: tuples, and
-    dictionaries with integer keys ("D", "T", "L" mark dicts, tuples and lists)."""
-    if isinstance(value, dict):
-        return ["D", [[_tag(k), _tag(v)] for k, v in value.items()]]
-    if isinstance(value, tuple):
-        return ["T", [_tag(v) for v in value]]
-    if isinstance(value, list):
-        return ["L", [_tag(v) for v in value]]
-    if value is None or type(value) in (bool, int, str):
-        return value
-    raise TypeError(f"cannot save a {type(value).__name__} in the parser tables")
-
-
-def _untag(value: object) -> object:
-    if not isinstance(value, list):
-        return value
-    tag, items = value
-    if tag == "D":
-        return {_untag(k): _untag(v) for k, v in items}
-    if tag == "T":
-        return tuple(_untag(v) for v in items)
-    return [_untag(v) for v in items]
+    line = source.text.count("\n", 0, bad) + 1
+    col = bad - (source.text.rfind("\n", 0, bad) + 1) + 1
+    raise error(f"the script holds a lone surrogate (U+{ord(source.text[bad]):04X}), which "
+                "UTF-8 cannot encode", Span(source, line, col, line, col + 1),
+                hint="remove it; the text was probably decoded with errors='surrogateescape'")
 
 
 def parse(text: str, name: str = "<script>", path: Path | None = None) -> ast.Module:
     """Parse a whole script. Raises MergeError with a located diagnostic on bad syntax."""
+    text = normalize(text)
     source = Source(name, text if text.endswith("\n") else text + "\n", path)
+    _check_encodable(source)
     return ast.Module(source, tuple(_parse(source, "start").children))
 
 
 def parse_expression(text: str, name: str = "<expression>") -> ast.Module:
     """Parse a bare expression; it becomes the module's `output` (spans stay those of
     the text as given)."""
-    source = Source(name, text.rstrip() + "\n")
+    source = Source(name, normalize(text).rstrip() + "\n")
     expr = _parse(source, "expr", source.text.rstrip("\n"))
     return ast.Module(source, (ast.Output(expr.span, expr),))
 
@@ -222,6 +144,10 @@ def _parse(source: Source, start: str, text: str | None = None):
         tree = parser.parse(source.text if text is None else text, start=start)
     except lark.exceptions.UnexpectedInput as exc:
         raise _syntax_error(exc, source, postlex) from None
+    except _TooDeep as exc:
+        raise error(f"brackets nested more than {MAX_NESTING} deep",
+                    _token_span(source, exc.token),
+                    hint="name the inner parts (x = ...) and combine the names") from None
     try:
         return _ToAst(source).transform(tree)
     except lark.exceptions.VisitError as exc:
@@ -260,7 +186,8 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: Source,
                          hint='close the string with " on the same line')
         if char == "'":
             return error("strings use double quotes", span, hint='write "text", not \'text\'')
-        return error(f'unexpected character "{char}"', span,
+        shown = f'"{char}"' if char.isprintable() else f"U+{ord(char):04X}"
+        return error(f"unexpected character {shown}", span,
                      hint="remove it, or check the operators in docs/language.md")
     tok: Token = exc.token
     if tok.type == "$END" or tok.line is None:
@@ -288,8 +215,9 @@ def _syntax_error(exc: lark.exceptions.UnexpectedInput, source: Source,
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
-    """Lark tree -> ast dataclasses, with spans."""
+class _ToAst(Transformer_NonRecursive):
+    """Lark tree -> ast dataclasses, with spans. Not recursive, so a long chain of
+    operators (a sum of 400 models) does not run out of Python's stack."""
 
     def __init__(self, source: Source):
         super().__init__()
@@ -297,6 +225,9 @@ class _ToAst(Transformer):
 
     def _span(self, meta) -> Span:
         return Span(self.source, meta.line, meta.column, meta.end_line, meta.end_column)
+
+    def _token_span(self, tok: Token) -> Span:
+        return _token_span(self.source, tok)
 
     # statements
     def start(self, meta, children):
@@ -309,7 +240,10 @@ class _ToAst(Transformer):
         return ast.Output(self._span(meta), c[0])
 
     def import_(self, meta, c):
-        return ast.Import(self._span(meta), _unquote(c[0]))
+        span = self._token_span(c[0])
+        path = string_value(str(c[0]), span)
+        check_path(path, span)
+        return ast.Import(self._span(meta), path)
 
     def set_(self, meta, c):
         return ast.Set(self._span(meta), str(c[0]), c[1])
@@ -394,12 +328,10 @@ class _ToAst(Transformer):
         return ast.Attr(self._span(meta), c[0], str(c[1]))
 
     def number(self, meta, c):
-        text = str(c[0])
-        value: int | float = int(text) if text.isdigit() else float(text)
-        return ast.Number(self._span(meta), value)
+        return ast.Number(self._span(meta), number_value(str(c[0]), self._span(meta)))
 
     def string(self, meta, c):
-        return ast.String(self._span(meta), _unquote(c[0]))
+        return ast.String(self._span(meta), string_value(str(c[0]), self._span(meta)))
 
     def true(self, meta, c):
         return ast.Bool(self._span(meta), True)
@@ -416,9 +348,3 @@ class _ToAst(Transformer):
     def list_(self, meta, c):
         return ast.ListExpr(self._span(meta), tuple(x for x in c if x is not None))
 
-
-def _unquote(tok: Token) -> str:
-    body = str(tok)[1:-1]
-    if "\\" not in body:
-        return body
-    return body.encode("latin-1", "backslashreplace").decode("unicode_escape")

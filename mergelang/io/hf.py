@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 
 from .errors import ModelFileError
-from .header import read_header
+from .header import FileIdentity, read_header
 from .jsonfile import read_json
 
 try:
@@ -174,8 +174,11 @@ def check_target(target: Path | str, force: bool, protect: Iterable[Path | str] 
 
 def _check_place(target: Path, protect: Iterable[Path | str]) -> None:
     real = Path(os.path.realpath(target))
-    here = Path(os.path.realpath(Path.cwd()))
-    if real == here or real in here.parents:
+    try:
+        here = Path(os.path.realpath(Path.cwd()))
+    except OSError:  # the current folder was deleted: there is nothing there to protect
+        here = None
+    if here is not None and (real == here or real in here.parents):
         what = "is the current folder" if real == here else "contains the current folder"
         raise ModelFileError(
             f"output folder {str(target) or '(empty)'} {what}; replacing it would delete it",
@@ -279,6 +282,7 @@ class OutputFolder:
         self.notes: list[str] = []
         self._made: list[Path] = []
         self._lock: _Lock | None = None
+        self._weights: dict[Path, FileIdentity] = {}
 
     def __enter__(self) -> Path:
         check_target(self.target, self.force, self.protect)
@@ -287,8 +291,18 @@ class OutputFolder:
             self._lock = _Lock.take(self.target)
             check_target(self.target, self.force, self.protect)  # again, now that it is ours
             self.notes = _remove_stale(self.target)
-            self.temp = _fresh_sibling(self.target, "tmp")
+            self._weights = _weight_files(self.protect)
+            while True:  # named before it is made, so an interrupt cannot orphan it
+                self.temp = _fresh_name(self.target, "tmp")
+                try:
+                    self.temp.mkdir()  # the usual permissions (mkdtemp's 0700 would stay)
+                    break
+                except FileExistsError:
+                    continue
         except BaseException as e:
+            if self.temp is not None:
+                shutil.rmtree(self.temp, ignore_errors=True)
+                self.temp = None
             self._release(failed=True)
             if isinstance(e, OSError):
                 raise ModelFileError(
@@ -312,7 +326,13 @@ class OutputFolder:
             self._release(failed=True)
             return False
         try:
-            self._move_into_place(temp)
+            _check_unchanged(self._weights)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            self._release(failed=True)
+            raise
+        try:
+            self._move_into_place(temp)  # on failure it says where the finished model is
         except BaseException:
             self._release(failed=True)
             raise
@@ -358,6 +378,33 @@ class OutputFolder:
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+
+
+def _weight_files(paths: Iterable[Path | str]) -> dict[Path, FileIdentity]:
+    """The identity of each .safetensors file among `paths`, as the merge starts."""
+    found = {}
+    for path in map(Path, paths):
+        if path.suffix == ".safetensors":
+            with contextlib.suppress(OSError):
+                found[path] = FileIdentity.of(os.stat(path))
+    return found
+
+
+def _check_unchanged(weights: dict[Path, FileIdentity]) -> None:
+    """The last check before a finished output is moved into place: no input weight file
+    was truncated, rewritten or replaced while the merge ran (a change after the last
+    tensor was read is caught here, not by the reader)."""
+    for path, before in weights.items():
+        try:
+            now = FileIdentity.of(os.stat(path))
+        except OSError:
+            now = None
+        if now != before:
+            raise ModelFileError(
+                f"{path} changed while the merge was reading it; the output was discarded",
+                hint="leave the input models unchanged until the merge has finished, then "
+                "run it again",
+            )
 
 
 def _make_parents(folder: Path) -> list[Path]:
@@ -465,16 +512,3 @@ def _fresh_name(target: Path, tag: str) -> Path:
         if not candidate.exists() and not candidate.is_symlink():
             return candidate
 
-
-def _fresh_sibling(target: Path, tag: str) -> Path:
-    """Create and return an empty hidden sibling folder with the usual permissions.
-
-    tempfile.mkdtemp would make it private (0700), and that mode would survive the rename.
-    """
-    while True:
-        candidate = _fresh_name(target, tag)
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        return candidate

@@ -9,13 +9,14 @@ The safetensors library only writes whole dictionaries of tensors, so the format
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
 import re
 import threading
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .dtypes import dtype_name
+from .errors import ModelFileError
 from .header import HeaderEntry, encode_header
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -56,8 +58,10 @@ _UNITS = {
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
-def parse_size(text: str) -> int:
-    """Bytes in a size such as "5GB" (powers of 1000), "2GiB" (powers of 1024) or "123"."""
+def parse_size(text: str, minimum: int = 0) -> int:
+    """Bytes in a size such as "5GB" (powers of 1000), "2GiB" (powers of 1024) or "123";
+    ValueError below `minimum` (1 for a shard size or a memory budget: 0 would make no
+    shard, or compute one row at a time)."""
     match = _SIZE.fullmatch(text)
     unit = match.group(2).lower() if match else ""
     if match is None or unit not in _UNITS:
@@ -65,7 +69,11 @@ def parse_size(text: str) -> int:
             f"invalid size {text!r}: write a number with an optional unit, such as 500MB, "
             "5GB or 2GiB (B, KB, MB, GB, TB count in 1000s; KiB, MiB, GiB, TiB in 1024s)"
         )
-    return int(Decimal(match.group(1)) * _UNITS[unit])
+    size = int(Decimal(match.group(1)) * _UNITS[unit])
+    if size < minimum:
+        raise ValueError(f"invalid size {text!r}: a size must be at least {minimum} "
+                         f"byte{'s' if minimum != 1 else ''}")
+    return size
 
 
 @dataclass(frozen=True)
@@ -101,7 +109,8 @@ class ShardedWriter:
             raise ValueError("safetensors metadata must map strings to strings")
         _check_declarations(tensors)
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        with _writing(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
         groups = _assign_shards(tensors, shard_size)
         count = len(groups)
         names = (
@@ -156,7 +165,7 @@ class ShardedWriter:
         try:
             data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
             if slot.nbytes:
-                with open(slot.path, "r+b") as f:
+                with _writing(slot.path), open(slot.path, "r+b") as f:
                     f.seek(slot.offset)
                     f.write(memoryview(data))
         finally:
@@ -187,7 +196,7 @@ class ShardedWriter:
             if name in self._written:
                 raise ValueError(f"tensor {name!r} was written twice")
         if len(data):
-            with open(slot.path, "r+b") as f:
+            with _writing(slot.path), open(slot.path, "r+b") as f:
                 f.seek(slot.offset + start)
                 f.write(memoryview(data))
         with self._lock:
@@ -214,7 +223,8 @@ class ShardedWriter:
         if len(self.paths) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             text = json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-            (self.folder / INDEX_NAME).write_text(text, encoding="utf-8")
+            with _writing(self.folder / INDEX_NAME):
+                (self.folder / INDEX_NAME).write_text(text, encoding="utf-8")
 
     def abort(self) -> None:
         """Stop without checks or index; the caller discards the folder (see OutputFolder)."""
@@ -264,7 +274,7 @@ def _assign_shards(tensors: list[OutputTensor], shard_size: int) -> list[list[Ou
 
 def _create_shard(path: Path, header: bytes, size: int) -> None:
     """Write the header and reserve the file's full size, so a full disk shows up now."""
-    with open(path, "wb") as f:
+    with _writing(path, size), open(path, "wb") as f:
         f.write(header)
         f.truncate(size)
         f.flush()
@@ -273,6 +283,20 @@ def _create_shard(path: Path, header: bytes, size: int) -> None:
                 os.posix_fallocate(f.fileno(), len(header), size - len(header))
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
-                    raise OSError(
-                        e.errno, f"cannot reserve {size} bytes for {path}: {e.strerror}"
-                    ) from e
+                    raise
+
+
+@contextlib.contextmanager
+def _writing(path: Path, size: int | None = None) -> Iterator[None]:
+    """OSErrors while writing output (a full disk, a read-only folder) as ModelFileError,
+    which the command reports as a diagnostic, naming the file, with exit status 2."""
+    try:
+        yield
+    except OSError as e:
+        what = f"reserve {size} bytes for" if size is not None else "write"
+        full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise ModelFileError(
+            f"cannot {what} {path}: {e.strerror or e}",
+            hint="free some space or choose an output folder on another disk" if full
+            else "check that the output location is writable",
+        ) from None
