@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 from prompt_toolkit import PromptSession
 from prompt_toolkit.completion import CompleteEvent, Completer, Completion
 from prompt_toolkit.document import Document
-from prompt_toolkit.history import FileHistory
+from prompt_toolkit.history import FileHistory, History, InMemoryHistory
 from prompt_toolkit.key_binding import KeyBindings
 from prompt_toolkit.lexers import PygmentsLexer
 
@@ -143,7 +143,13 @@ def reader(repl: Repl) -> Callable[[str], str]:
     from .repl import incomplete
 
     path = history_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+        history: History = FileHistory(str(path))
+    except OSError as exc:  # an unwritable home: this session's history only
+        repl.say(f"history is not kept: cannot write {path} ({exc.strerror})")
+        history = InMemoryHistory()
     bindings = KeyBindings()
 
     @bindings.add("enter")
@@ -162,7 +168,7 @@ def reader(repl: Repl) -> Callable[[str], str]:
         event.current_buffer.validate_and_handle()
 
     session: PromptSession = PromptSession(
-        history=FileHistory(str(path)), completer=MergeCompleter(repl),
+        history=history, completer=MergeCompleter(repl),
         lexer=PygmentsLexer(MergeReplLexer), multiline=True, key_bindings=bindings,
         prompt_continuation=lambda width, line, soft: "  ...> ".rjust(width),
         complete_while_typing=False, enable_history_search=False)
