@@ -37,7 +37,14 @@ from .lower import Lowered
 from .lower.values import describe
 from .ops.analysis import number_valued
 from .plan import Plan, scalar_for
-from .replview import model_summary, number_view, stats_header, stats_row, tensor_view
+from .replview import (
+    model_summary,
+    number_view,
+    stats_header,
+    stats_row,
+    stats_width,
+    tensor_view,
+)
 from .session import Session, matching, output_infos
 from .session import model_wide as _model_wide
 from .structure import bytes_text
@@ -264,7 +271,7 @@ class Repl:
         number = number_valued(p.tensors[0].root)
         if number:  # the numbers as computed, not rounded to the models' dtype
             p.tensors = [dataclasses.replace(t, out_dtype=p.compute_dtype) for t in p.tensors]
-        width = max(len(t.name) for t in p.tensors)
+        width = stats_width([t.name for t in p.tensors])
         self.say(stats_header(width, number))
         self.session.stream(p, lambda t, s: self.say(stats_row(t, s, width, number)))
 

@@ -88,22 +88,30 @@ def model_summary(s: Structure, planned: list[TensorPlan]) -> str:
     return "\n".join(lines)
 
 
+def stats_width(names: list[str]) -> int:
+    """The width of the module column of `:stats` for these tensors."""
+    return max(len(module_of(n)) for n in names)
+
+
 def stats_header(width: int, number: bool) -> str:
+    """`:stats` is a table by layer: a row per tensor, its layer first."""
+    head = f"{'layer':>6}  {'tensor':<{width}}  {'shape':>14}"
     if number:
-        return f"{'tensor':<{width}}  {'shape':>14}  {'value':>11}"
-    return (f"{'tensor':<{width}}  {'shape':>14}  {'mean':>11}  {'std':>10}  {'min':>11}  "
-            f"{'max':>11}  {'norm':>10}  {'nonzero':>8}")
+        return f"{head}  {'value':>11}"
+    return (f"{head}  {'mean':>11}  {'std':>10}  {'min':>11}  {'max':>11}  {'norm':>10}  "
+            f"{'nonzero':>8}")
 
 
 def stats_row(t: TensorPlan, s: Stats, width: int, number: bool) -> str:
     """One tensor of `:stats`: its statistics, or its number (an analysis function)."""
-    shape = str(list(t.shape))
+    place = place_of(t.name)
+    head = f"{place:>6}  {module_of(t.name):<{width}}  {str(list(t.shape)):>14}"
     if number:
-        return f"{t.name:<{width}}  {shape:>14}  {_g(s.first):>11}"
+        return f"{head}  {_g(s.first):>11}"
     nonzero = 100 * s.nonzero / s.count if s.count else 0.0
-    return (f"{t.name:<{width}}  {shape:>14}  {_g(s.mean):>11}  {_g(s.std):>10}  "
-            f"{_g(s.low):>11}  {_g(s.high):>11}  {_g(s.norm):>10}  {nonzero:>7.1f}%")
+    return (f"{head}  {_g(s.mean):>11}  {_g(s.std):>10}  {_g(s.low):>11}  {_g(s.high):>11}  "
+            f"{_g(s.norm):>10}  {nonzero:>7.1f}%")
 
 
 def _g(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4g}"
+    return "-" if x is None else f"{x + 0.0:.4g}"  # (+ 0.0: no "-0")

@@ -179,7 +179,7 @@ def test_asking_again_or_a_neighbour_loads_only_what_is_new():
 def test_stats_streams_every_matching_tensor():
     text = session(["d = math - base", ":stats trim(d, 0.25) up_proj", ":stats norm(d) up_proj",
                     ':stats d "layers\\.0\\..*norm"', ":stats 2"])
-    rows = [line for line in text.splitlines() if line.startswith("model.layers.")]
+    rows = [line for line in text.splitlines() if re.match(r" +\d+  [a-z]", line)]
     assert len(rows) == 4 + 4 + 2
     assert all(line.rstrip().endswith("25.0%") for line in rows[:4])
     assert "value" in text
@@ -298,8 +298,8 @@ def test_a_session_in_a_terminal_and_its_history(tmp_path):
     term.run("d = math - ba\t")
     out = term.run('d["layers.1.mlp.up"]', until="nonzero")  # a tensor view
     assert "tensor model.layers.1.mlp.up_proj.weight  shape [176, 64]  bfloat16" in out
-    out = term.run(":sta\t d up_proj", until="layers.3.mlp.up_proj.weight")
-    assert "layers.0.mlp.up_proj.weight" in out and "nonzero" in out
+    out = term.run(":sta\t d up_proj", until="     3  mlp.up_proj.weight")
+    assert "     0  mlp.up_proj.weight" in out and "nonzero" in out  # a row per layer
     term.run('ties(d, dens\t0.5)["layers.0.mlp.up"]', until="nonzero")
     out = term.run('d["model.layers.2.mlp.gate_p\t"]', until="nonzero")  # a tensor name
     assert "tensor model.layers.2.mlp.gate_proj.weight" in out
