@@ -139,7 +139,7 @@ class Repl:
             else:
                 self.show(*self.expression(text))
         except MergeError as exc:
-            self.console.print(exc.render(), markup=False, highlight=False)
+            self.console.print(exc.render(), markup=False, highlight=False, soft_wrap=True)
         except KeyboardInterrupt as exc:
             _stop_unless_ctrl_c(exc)
             self.say("interrupted")

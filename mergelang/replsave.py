@@ -74,7 +74,7 @@ def save(session: Session, expr: ast.Expr, out: Path, console: Console,
                                out_dtype=options.out_dtype, max_memory=options.max_memory,
                                progress=advance, on_plan=started)
     for w in warnings:
-        console.print(w.render(), markup=False, highlight=False)
+        console.print(w.render(), markup=False, highlight=False, soft_wrap=True)
     console.print(f"wrote {out}", markup=False, highlight=False)
 
 
