@@ -249,15 +249,16 @@ def load(path: str | Path, params: Mapping[str, object] | None = None) -> Progra
     return Program(text, path, params)
 
 
-def expression(text: str, /) -> Expression:
+def expression(text: str, /, library: str | Path | None = None) -> Expression:
     """Compile an expression once, to call on tensors or state dicts many times:
 
         merge = mergelang.expression("base + ties(a - base, b - base, density=d)")
         merge(base=..., a=..., b=..., d=0.3)
 
     Its free names are its inputs: tensors or state dicts (models), or numbers and
-    strings (values known at each call). Raises MergeError."""
-    return Expression(text)
+    strings (values known at each call). `library` names a .merge file of `fn`
+    definitions the expression may call. Raises MergeError."""
+    return Expression(text, library)
 
 
 def evaluate(text: str, /, *, seed: int = 0, device: str = "cpu",

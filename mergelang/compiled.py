@@ -53,8 +53,11 @@ class Expression:
         self._lowered: dict[frozenset[str], Lowered] = {}
         self._plans: dict[tuple, tuple[Plan, list[Kernel]]] = {}
 
+    @torch.no_grad()
     def __call__(self, *, seed: int = 0, device: str = "cpu", dtype: str = "float32",
                  **inputs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
+        """The merge of these inputs. Runs without autograd: the inputs may be
+        parameters that require grad (a merge is not differentiated)."""
         missing = sorted(self.names - inputs.keys())
         if missing:
             raise TypeError(f"this expression takes {', '.join(sorted(self.names))}; "

@@ -158,3 +158,9 @@ def test_no_module_of_the_package_is_longer_than_about_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in (ROOT / "mergelang").rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 520}
     assert long == {}
+
+
+def test_an_expression_takes_parameters_that_require_grad():
+    w = torch.nn.Parameter(torch.ones(3))
+    merged = mergelang.expression("a * 2 + b")(a=w, b=torch.ones(3))
+    assert torch.equal(merged, torch.full((3,), 3.0)) and not merged.requires_grad
