@@ -83,6 +83,13 @@ def add_sweep_command(sub, report: Callable[[Console, list[Diagnostic]], None]) 
                        help="draw the scores against each parameter (needs matplotlib)")
     sweep.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     sweep.add_argument("--quiet", action="store_true", help="no live display")
+    where = sweep.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS",
+                       help="merge and score points in parallel on the Dask cluster of this "
+                            "scheduler (tcp://HOST:8786, or its scheduler file)")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="merge and score points in parallel on a local Dask cluster of N "
+                            "worker processes")
     sweep.set_defaults(handler=lambda args, console: _sweep(args, console, report))
 
 
@@ -105,13 +112,22 @@ def _sweep(args: argparse.Namespace, console: Console,
         report(console, [Diagnostic(sweep.results.dropped, severity="warning")])
     total = sweep.size if args.search == "grid" else min(args.trials or 1, sweep.size)
     display = _Display(sweep, total, console, args.quiet)
+    cluster = None
+    if args.scheduler is not None or args.workers is not None:
+        from .cluster import Cluster
+        cluster = Cluster(args.scheduler, args.workers,
+                          say=None if args.quiet else lambda line: console.print(line,
+                                                                                 markup=False))
     try:
         with display:
-            sweep.run(args.search, args.trials, args.search_seed, display.add)
+            sweep.run(args.search, args.trials, args.search_seed, display.add, cluster=cluster)
     except KeyboardInterrupt:
         console.print(f"interrupted: {display.new} new points are in {args.results}; run the "
                       "same command again to go on from there")
         return 130
+    finally:
+        if cluster is not None:
+            cluster.close()
     out = Console(highlight=False)
     finished = sorted(sweep.finished(), key=lambda r: -r.objective)
     title = f"{args.results}: the best {_LISTED_ROWS} of {len(finished)} points" \

@@ -32,7 +32,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import api
 from .diagnostics import Diagnostic, MergeError, Source, Span, did_you_mean, error
@@ -46,6 +46,9 @@ SEARCHES = ("grid", "random", "tpe", "cma")
 MAX_REPEATS = 200
 """A search stops after proposing this many already-scored points in a row."""
 _CHECK_EVERY_VALUE = 200  # up to this many axis values, each is compiled before the sweep
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 Scorer = Callable[..., list[dict]]
 
@@ -213,19 +216,25 @@ class Sweep:
         return max(self.finished(), key=lambda r: r.objective, default=None)
 
     def run(self, search: str = "grid", trials: int | None = None, seed: int = 0,
-            on_point: Callable[[Record, bool], None] | None = None) -> list[Record]:
+            on_point: Callable[[Record, bool], None] | None = None,
+            cluster: Cluster | None = None) -> list[Record]:
         """Score the points not yet in the results file. `search`: `grid` (every point),
         or `random`, `tpe`, `cma` for `trials` points chosen by an optuna sampler
         seeded with `seed`. `on_point(record, new)` is called for each point, `new`
-        False for one read from the results file. Returns this run's records."""
+        False for one read from the results file. Returns this run's records.
+        `cluster`: a `mergelang.cluster.Cluster` whose workers merge and score points
+        in parallel (see docs/cluster.md)."""
         if search not in SEARCHES:
             raise error(f'unknown search "{search}"', None,
                         hint=did_you_mean(search, SEARCHES) or f"use one of {', '.join(SEARCHES)}")
-        if search == "grid":
-            return self._grid(on_point)
-        if trials is None or trials < 1:
+        if search != "grid" and (trials is None or trials < 1):
             raise error(f"--search {search} needs --trials N (N >= 1)", None,
                         hint=f"e.g. --search {search} --trials 20")
+        if cluster is not None:
+            from .cluster.sweep import run_sweep
+            return run_sweep(self, cluster, search, trials, seed, on_point)
+        if search == "grid":
+            return self._grid(on_point)
         from .sweep_search import search as run_search
         return run_search(self, search, trials, seed, on_point)
 
@@ -247,7 +256,10 @@ class Sweep:
     def evaluate(self, params: dict[str, Value], overrides: list[Override]) -> Record:
         """Merge and score one point, and append its line to the results file."""
         program = api.load(self.script, params=overrides)
-        rows = self._score(program)
+        return self.record(params, self._score(program))
+
+    def record(self, params: dict[str, Value], rows: list[dict]) -> Record:
+        """The record of a point from the scorer's rows, appended to the results file."""
         scores = {r["task"]: float(r["exact_match"]) for r in rows}
         missing = [t for t in self.task_names if t not in scores]
         if missing:
@@ -258,20 +270,8 @@ class Sweep:
         return record
 
     def _score(self, program: api.Program) -> list[dict]:
-        scorer = self.scorer or _default_scorer()
-        with program.plan() as p:
-            donor = p.bound.donor
-            folder = donor.source.folder if donor is not None else None
-            if (p.output_bytes <= self.in_memory_bytes and folder is not None
-                    and p.num_layers == donor.num_layers):
-                merged = Collector(p.tensors)
-                execute(p, merged.sink, self.device)
-                return scorer(merged.tensors, self.tasks, device=self.device, like=folder)
-        place = self.results.path.resolve().parent
-        with tempfile.TemporaryDirectory(prefix=".mergelang-sweep-", dir=place) as tmp:
-            out = Path(tmp) / "model"
-            program.run(out, self.device)
-            return scorer(out, self.tasks, device=self.device, like=None)
+        return score(program, self.tasks, self.scorer, self.device, self.in_memory_bytes,
+                     self.results.path.resolve().parent)
 
     def _check_values(self) -> None:
         """Compile the script with each value of each axis (the others at their first),
@@ -284,6 +284,25 @@ class Sweep:
             picks = range(1, n) if count <= _CHECK_EVERY_VALUE else [n - 1] if n > 1 else []
             for j in picks:
                 api.load(self.script, params=[*first[:i], axis.override(j), *first[i + 1:]])
+
+
+def score(program: api.Program, tasks: list[dict], scorer: Scorer | None, device: str,
+          in_memory_bytes: int, place: Path | None) -> list[dict]:
+    """Merge and score one point: in memory when small, else through a temporary folder
+    in `place` (None: the system's); the scorer's rows."""
+    scorer = scorer or _default_scorer()
+    with program.plan() as p:
+        donor = p.bound.donor
+        folder = donor.source.folder if donor is not None else None
+        if (p.output_bytes <= in_memory_bytes and folder is not None
+                and p.num_layers == donor.num_layers):
+            merged = Collector(p.tensors)
+            execute(p, merged.sink, device)
+            return scorer(merged.tensors, tasks, device=device, like=folder)
+    with tempfile.TemporaryDirectory(prefix=".mergelang-sweep-", dir=place) as tmp:
+        out = Path(tmp) / "model"
+        program.run(out, device)
+        return scorer(out, tasks, device=device, like=None)
 
 
 def _axes(axes: Sequence[Axis] | Mapping[str, Sequence[Any]]) -> list[Axis]:

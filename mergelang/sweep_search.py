@@ -50,15 +50,7 @@ def search(sweep: Sweep, kind: str, trials: int, seed: int,
     distributions = {name: space.distribution(optuna) for name, space in spaces.items()}
     with _quiet(optuna):
         study = optuna.create_study(direction="maximize", sampler=samplers[kind](seed=seed))
-        known: dict[str, Record] = {}
-        for record in sweep.finished():
-            indices = {n: s.index(record.params[n]) for n, s in spaces.items()}
-            fixed = all(record.params[a.name] == a.values[0] for a in sweep.axes
-                        if a.name not in spaces)
-            if fixed and None not in indices.values():
-                known[point_key(record.params)] = record
-                study.add_trial(optuna.trial.create_trial(
-                    params=indices, distributions=distributions, value=record.objective))
+        known = tell_history(optuna, study, sweep, spaces, distributions)
         wanted = min(trials, sweep.size)
         done: list[Record] = []
         repeats = 0
@@ -80,6 +72,21 @@ def search(sweep: Sweep, kind: str, trials: int, seed: int,
             if on_point is not None:
                 on_point(record, new)
     return done
+
+
+def tell_history(optuna, study, sweep: Sweep, spaces: dict[str, _Space],
+                 distributions: dict) -> dict[str, Record]:
+    """Tell the study every finished point of its space, as a trial; those points by key."""
+    known: dict[str, Record] = {}
+    for record in sweep.finished():
+        indices = {n: s.index(record.params[n]) for n, s in spaces.items()}
+        fixed = all(record.params[a.name] == a.values[0] for a in sweep.axes
+                    if a.name not in spaces)
+        if fixed and None not in indices.values():
+            known[point_key(record.params)] = record
+            study.add_trial(optuna.trial.create_trial(
+                params=indices, distributions=distributions, value=record.objective))
+    return known
 
 
 class _Space:

@@ -7,6 +7,7 @@ worker counts 1 and 3 use clusters of threads, which start at once."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -19,7 +20,11 @@ import torch
 import mergelang
 from mergelang.cli import main
 from mergelang.execute import Collector, execute
-from tests.helpers import compile_in, write_model
+from mergelang.sweep import Sweep
+from tests.helpers import compile_in, small_tensors, write_hf_folder, write_model
+from tests.test_sweep import SCRIPT as SWEPT
+from tests.test_sweep import TASKS as SWEEP_TASKS
+from tests.test_sweep import Stub
 
 distributed = pytest.importorskip("distributed")
 
@@ -125,6 +130,10 @@ def test_same_bytes_as_a_local_run_whatever_the_workers_and_partition(
     assert len(list(local.glob("*.safetensors"))) > 3
 
 
+def _warm() -> bool:
+    return bool(__import__("mergelang.cluster.tasks"))
+
+
 def _arm(marker: str) -> None:
     """In a worker: the first shard write on any worker kills that worker's process."""
     from mergelang.io import write
@@ -156,6 +165,7 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_output_is_the_same(
         assert marker.exists()
         client.wait_for_workers(2, timeout=120)
         assert set(client.run(os.getpid).values()) != before  # one was replaced
+        client.run(_warm)  # the new one imports now, not in the next test's run
     same_folders(local, tmp_path / "out")
 
 
@@ -260,6 +270,60 @@ def test_the_command_starts_a_local_cluster_with_workers(tmp_path, models, capsy
     assert made[0]["n_workers"] == 2 and made[0]["processes"] is True
     assert f"wrote {tmp_path / 'out'}" in capsys.readouterr().err
     same_folders(tmp_path / "local", tmp_path / "out")
+
+
+@pytest.fixture
+def lerp(tmp_path: Path) -> Path:
+    """test_sweep's script: base + scale * lam * (a - base), which is lam everywhere."""
+    shape = small_tensors()
+    write_hf_folder(tmp_path / "models" / "base", {k: v * 0 for k, v in shape.items()})
+    write_hf_folder(tmp_path / "models" / "a", {k: v * 0 + 1 for k, v in shape.items()})
+    path = tmp_path / "lerp.merge"
+    path.write_text(SWEPT)
+    return path
+
+
+def results_of(path: Path) -> dict[str, dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len({json.dumps(r["params"], sort_keys=True) for r in lines}) == len(lines)
+    return {json.dumps(r["params"], sort_keys=True): r for r in lines}
+
+
+def test_a_grid_sweep_on_the_cluster_scores_what_a_local_one_does_and_resumes(
+        tmp_path, lerp, processes):
+    space = {"lam": [0.0, 0.25, 0.5, 0.75, 1.0], "scale": [1.0, 0.5]}
+    Sweep(lerp, space, SWEEP_TASKS, tmp_path / "local.jsonl", scorer=Stub()).run()
+    first = {"lam": space["lam"][:2], "scale": space["scale"]}  # a sweep stopped early
+    Sweep(lerp, first, SWEEP_TASKS, tmp_path / "r.jsonl", scorer=Stub()).run()
+    seen: list[bool] = []
+    with Cluster(processes.scheduler_address) as c:
+        Sweep(lerp, space, SWEEP_TASKS, tmp_path / "r.jsonl", scorer=Stub()).run(
+            on_point=lambda record, new: seen.append(new), cluster=c)
+    assert sorted(seen) == [False] * 4 + [True] * 6  # only the missing points were scored
+    assert results_of(tmp_path / "r.jsonl") == results_of(tmp_path / "local.jsonl")
+
+
+def test_a_parallel_search_scores_distinct_points_and_resumes(tmp_path, lerp, threads):
+    pytest.importorskip("optuna")
+    space = {"lam": [i / 10 for i in range(11)], "scale": [1.0, 0.5, 0.25]}
+    results = tmp_path / "r.jsonl"
+    with Cluster(threads[3].scheduler_address) as c:
+        for trials in (5, 5, 8):
+            Sweep(lerp, space, SWEEP_TASKS, results, scorer=Stub()).run(
+                "tpe", trials=trials, seed=1, cluster=c)
+            assert len(results_of(results)) == trials  # each point once; a rerun adds none
+    best = Sweep(lerp, space, SWEEP_TASKS, results, objective="up", scorer=Stub()).best()
+    assert best.scores["up"] == pytest.approx(best.params["lam"] * best.params["scale"])
+
+
+def test_the_sweep_command_refuses_a_bad_scheduler(tmp_path, lerp, capsys):
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text("".join(json.dumps(t) + "\n" for t in SWEEP_TASKS))
+    assert main(["sweep", str(lerp), "-D", "lam=[0,1]", "--tasks", str(tasks), "--results",
+                 str(tmp_path / "r.jsonl"), "--quiet", "--scheduler", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert 'invalid scheduler address "nonsense"' in err and "Traceback" not in err
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_a_model_wide_sum_is_fed_once_when_a_selection_sweeps_twice(tmp_path):

@@ -33,8 +33,10 @@ in: same bytes as a local run.
 
 The modules: `tasks` (what the workers run, and the plain data a task carries),
 `client` (the `Cluster`: plans the tasks, runs them, combines the partials, finishes
-the folder) and `connect` (reaching a scheduler, or starting a local cluster). dask is
-imported only when a `Cluster` is made, so `import mergelang` never needs it.
+the folder), `pool` (tasks submitted, answered as they finish, cancelled together),
+`sweep` (a sweep's points scored on the workers) and `connect` (reaching a scheduler,
+or starting a local cluster). dask is imported only when a `Cluster` is made, so
+`import mergelang` never needs it.
 """
 
 from .client import Cluster

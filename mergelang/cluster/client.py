@@ -10,7 +10,6 @@ import os
 import queue
 import secrets
 import shutil
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -23,17 +22,13 @@ from ..io.write import OutputTensor, ShardedWriter
 from ..plan import Plan, TensorPlan
 from ..schedule import Kernel, Order, schedule
 from .connect import connect, dashboard_link, import_dask, start_local
+from .pool import Pool
 from .tasks import PARTS, Job, Outcome, SweepTask, WriteTask, sweep_part, write_part
 
 if TYPE_CHECKING:
-    from distributed import Client, Future
+    from distributed import Client
 
     from ..api import Program
-
-STOP_WAIT_S = 30
-"""How long a failed or interrupted run waits for tasks already running to stop."""
-_POLL_S = 0.05  # how often the client looks for finished tasks and progress events
-
 
 class Cluster:
     """A Dask cluster that merges: the scheduler at `scheduler` (an address such as
@@ -90,15 +85,21 @@ class Cluster:
             with contextlib.suppress(Exception):
                 local.close()
 
+    def connected(self) -> Client:
+        """The Dask client; a MergeError once the cluster is closed."""
+        if self.client is None:
+            raise error("this cluster is closed", None, hint="use it inside its `with` block")
+        return self.client
+
     def write(self, program: Program, p: Plan, folder: Path, device: str, shard_bytes: int,
               strict: bool, progress: Callable[[TensorPlan], None] | None, budget: int,
               order: Order | None = None) -> list[Diagnostic]:
         """What `Program.run` does locally (`api._write`), done by the workers: the shards
         of `p` into `folder`, then the folder's other files. `order` is not used: each
         task computes its tensors in the order of the input files."""
-        if self.client is None:
-            raise error("this cluster is closed", None)
         from ..api import write_folder_files
+
+        self.connected()
 
         job = Job(program.source_text,
                   str(program.path.resolve()) if program.path is not None else None,
@@ -125,8 +126,7 @@ class Cluster:
                                     for site, by in found.items()}))
         by_name = {t.name: t for t in p.tensors}
         counts = _Progress(progress, by_name)
-        outcomes = self._run(write_part, tasks, job.topic, counts,
-                             lambda task: task.names)
+        outcomes = self._run(write_part, tasks, _what, job.topic, counts)
         non_finite: Counter[str] = Counter()
         for value in outcomes:
             non_finite.update(value)
@@ -156,7 +156,8 @@ class Cluster:
                 n.attr[1] in sweeping for n in k.model_pass.reductions)]
             runs = _runs([k.tensor.name for k in fed], [k.tensor.nbytes for k in fed], size)
             state = {site: (numel[site], list(combined[site])) for site in sweeping}
-            partials = self._run(sweep_part, [SweepTask(job, run, state) for run in runs])
+            partials = self._run(sweep_part, [SweepTask(job, run, state) for run in runs],
+                                 _what)
             for site, reduction in sweeping.items():
                 reduction.merge([part[site] for part in partials if site in part])
             sweeping = {site: r for site, r in sweeping.items() if not r.finish_sweep()}
@@ -170,75 +171,35 @@ class Cluster:
                     k.tensor.name)
         return found
 
-    def _run(self, fn: Callable[[Any], Outcome], tasks: list, topic: str | None = None,
-             progress: _Progress | None = None,
-             names: Callable[[Any], Iterable[str]] | None = None) -> list[Any]:
+    def _run(self, fn: Callable[[Any], Outcome], tasks: list, what: Callable[[Any], str],
+             topic: str | None = None, progress: _Progress | None = None) -> list[Any]:
         """Run the tasks on the cluster; their values in the tasks' order. The first
-        script or input error cancels the rest and is raised as a MergeError."""
-        from distributed import KilledWorker, as_completed
-
+        script or input error cancels the rest and is raised as a MergeError. Write
+        tasks report each tensor written on the events `topic` (to `progress`)."""
         client = self.client
         events: queue.SimpleQueue = queue.SimpleQueue()
         if topic is not None:
             client.subscribe_topic(topic, events.put)
-        token = secrets.token_hex(4)
-        futures = client.map(fn, tasks, pure=False,
-                             key=[f"mergelang-{fn.__name__}-{token}-{i}"
-                                  for i in range(len(tasks))])
-        place = {f.key: i for i, f in enumerate(futures)}
+
+        def tick() -> None:
+            while not events.empty():
+                _, (_index, name) = events.get()
+                progress.done([name])
+
         values: list[Any] = [None] * len(tasks)
-        pending: set[Future] = set(futures)
-        finished = as_completed(futures, loop=client.loop)
         try:
-            while pending:
-                done = finished.next_batch(block=False)
-                if progress is not None:
-                    while not events.empty():
-                        _, (_index, name) = events.get()
-                        progress.done([name])
-                if not done:
-                    time.sleep(_POLL_S)
-                for future in done:
-                    pending.discard(future)
-                    i = place[future.key]
-                    try:
-                        outcome = future.result()
-                    except KilledWorker as exc:
-                        raise MergeError(_lost(tasks[i], exc)) from None
-                    if outcome.diagnostics:
-                        raise MergeError(list(outcome.diagnostics))
-                    values[i] = outcome.value
-                    if progress is not None and names is not None:
-                        progress.done(names(tasks[i]))
+            with Pool(client, tick if progress is not None else None) as pool:
+                for i, task in enumerate(tasks):
+                    pool.submit(fn, task, i, what(task))
+                for i, value in pool.answers():
+                    values[i] = value
+                    if isinstance(tasks[i], WriteTask) and progress is not None:
+                        progress.done(tasks[i].names)  # events may come after the answer
         finally:
-            if pending:
-                client.cancel(list(pending))
-                _wait_stopped(client, {f.key for f in pending})
             if topic is not None:
                 with contextlib.suppress(Exception):
                     client.unsubscribe_topic(topic)
         return values
-
-
-def _wait_stopped(client: Client, keys: set) -> None:
-    """Wait (up to STOP_WAIT_S) until no worker is still running one of these cancelled
-    tasks: Dask cannot stop a running task, and one that went on writing while the
-    temporary folder is deleted could leave part of it behind. (One still running after
-    that is left to finish; a later run removes what it leaves.)"""
-    deadline = time.monotonic() + STOP_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            running = client.run(_running_any, keys, on_error="ignore")
-        except Exception:
-            return
-        if not any(value is True for value in running.values()):
-            return
-        time.sleep(_POLL_S)
-
-
-def _running_any(keys: set, dask_worker: Any = None) -> bool:
-    """On a worker: whether it is executing one of these tasks."""
-    return any(ts.key in keys for ts in dask_worker.state.executing)
 
 
 class _Progress:
@@ -258,13 +219,11 @@ class _Progress:
                     self.progress(self.tensors[name])
 
 
-def _lost(task: Any, exc: Exception) -> Diagnostic:
-    what = "a model-wide sweep" if isinstance(task, SweepTask) else \
-        f"the task writing shards {', '.join(str(i + 1) for i in task.shards)}"
-    return Diagnostic(f"{what} was lost with its Dask worker too many times",
-                      notes=(str(exc).splitlines()[0],) if str(exc) else (),
-                      hint="a worker that runs out of memory dies: lower --max-memory, or "
-                           "give the workers more memory")
+def _what(task: SweepTask | WriteTask) -> str:
+    if isinstance(task, SweepTask):
+        return "a task of a model-wide sweep"
+    return f"the task writing shard{'s' if len(task.shards) > 1 else ''} " + \
+        ", ".join(str(i + 1) for i in task.shards)
 
 
 def _runs(names: list[str], sizes: list[int], size: int) -> list[tuple[str, ...]]:

@@ -159,15 +159,15 @@ def _on_worker(job: Job, work: Callable[[Program, Plan], Any]) -> Outcome:
         # the client compiled and planned the same text without this error
         note = f"found on {_worker_address()}, which sees other files than the client"
         return Outcome(diagnostics=tuple(dataclasses.replace(d, notes=(*d.notes, note))
-                                         for d in _diagnostics(exc)))
+                                         for d in diagnostics_of(exc)))
     try:
         with plan as p:
             return Outcome(work(program, p))
     except (MergeError, ModelFileError) as exc:
-        return Outcome(diagnostics=tuple(_diagnostics(exc)))
+        return Outcome(diagnostics=tuple(diagnostics_of(exc)))
 
 
-def _diagnostics(exc: MergeError | ModelFileError) -> list[Diagnostic]:
+def diagnostics_of(exc: MergeError | ModelFileError) -> list[Diagnostic]:
     if isinstance(exc, ModelFileError):  # as Program.run reports a file's error
         return [Diagnostic(exc.message, hint=exc.hint)]
     return list(exc.diagnostics)
