@@ -775,3 +775,16 @@ def test_output_folder_creates_parents(tmp_path: Path) -> None:
     with OutputFolder(target) as work:
         (work / "f").write_text("")
     assert (target / "f").exists()
+
+
+def test_a_view_outlives_its_closed_model(tmp_path: Path) -> None:
+    """A view still held when the model is closed (e.g. by a traceback) stays readable:
+    closing drops the map rather than unmapping memory the view points at."""
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    model = open_model(path)
+    view = model.load("w", view=True)
+    model.close()
+    assert float(view.sum()) == float(sum(range(4096)))
+    with pytest.raises(ValueError, match="closed"):
+        model.load("w")

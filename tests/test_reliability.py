@@ -586,3 +586,24 @@ def test_graph_into_a_pipe_closed_early_exits_quietly(tmp_path):
     assert first.startswith(b"model.layers.")
     assert child.returncode == 141, err
     assert err == ""
+
+
+@pytest.mark.parametrize("output", [
+    pytest.param("clamp_min(a, 1e39)", marks=pytest.mark.xfail(
+        strict=False, reason="ops/pruning.py passes 1e39 to a float32 op: RuntimeError "
+        "'value cannot be converted to type float without overflow' in run (check "
+        "accepts it)"), id="clamp_min-1e39"),
+    pytest.param("a * (4294967296 * 4294967296 * 4294967296)", marks=pytest.mark.xfail(
+        strict=False, reason="a constant folded to an integer beyond 64 bits: "
+        "OverflowError in execute.py during run (check accepts it)"),
+        id="integer-product-beyond-64-bits"),
+    pytest.param("a * gradient([" + ", ".join(["0.5"] * 400) + "])", id="gradient-400"),
+    pytest.param("a * 9223372036854775807", id="largest-integer-weight"),
+])
+def test_what_check_accepts_run_does_not_crash_on(workspace, output):
+    program = api.compile(f'a = model("models/a")\noutput {output}\n', workspace / "m.merge")
+    program.check()
+    try:
+        program.run(workspace / "out")
+    except MergeError:
+        pass

@@ -179,11 +179,14 @@ class SafetensorsModel:
             for n, t in mine.items() for e in [header.entries[n]])
 
     def close(self) -> None:
-        """Unmap the files; loads after this are errors."""
+        """Let go of the files; loads after this are errors.
+
+        A map is not closed here but dropped: a view from load(view=True) that is still
+        alive (a value held in a traceback, or by the caller) keeps its map, so reading
+        it stays safe, where closing would unmap memory the view still points at and
+        crash the process. A map no view holds is unmapped as it is dropped."""
         with self._lock:
             self._closed = True
-            for mapped in self._maps.values():
-                mapped.close()
             self._maps.clear()
 
     def __enter__(self) -> SafetensorsModel:
