@@ -32,9 +32,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", type=Path, default=[], metavar="FILE.jsonl",
                    help='JSONL, one {"task", "prompt", "answer"} a line')
     p.add_argument("--text", type=Path, metavar="FILE", help="also: perplexity over a text file")
-    p.add_argument("--against", nargs="+", metavar="BASE FT", default=None,
-                   help="the merge's inputs: show each task's best input score and the share "
-                        "of each fine-tune's gain over the base that a MODEL keeps")
+    p.add_argument("--against", nargs="+", metavar="INPUT", default=None,
+                   help="BASE FT [FT...]: the merge's inputs, the base first; shows each "
+                        "task's best input score and the share of each fine-tune's gain "
+                        "over the base that a MODEL keeps")
     p.add_argument("--lm-eval", metavar="TASKS",
                    help="comma-separated lm-evaluation-harness tasks (names or local YAML "
                         "files); needs the lm-eval extra")
