@@ -75,38 +75,37 @@ def read_header(path: Path) -> Header:
     the identity of the file read (FileIdentity) is kept, so later reads can tell
     whether the file was changed or replaced since."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        f = open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
     except OSError as e:
         raise ModelFileError(
             f"cannot read {path}: {e.strerror or e}", hint="check that the file is readable"
         ) from e
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
+    with f:
+        try:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ModelFileError(
+                    f"{path} is not a regular file (a FIFO, device or socket cannot hold a "
+                    "model)", hint="name the model's .safetensors file or its folder",
+                )
+            size = info.st_size
+            if size < 8:
+                raise ModelFileError(
+                    f"{path} is not a safetensors file: it is only {size} bytes long",
+                    hint=_REDOWNLOAD,
+                )
+            (length,) = struct.unpack("<Q", _read_exactly(f, 8, path))
+            if length > size - 8 or length > HEADER_LIMIT:
+                raise ModelFileError(
+                    f"{path} is truncated or not a safetensors file: its header claims "
+                    f"{length} bytes but the file has only {size} bytes",
+                    hint=_REDOWNLOAD,
+                )
+            raw = _read_exactly(f, length, path)
+        except OSError as e:
             raise ModelFileError(
-                f"{path} is not a regular file (a FIFO, device or socket cannot hold a model)",
-                hint="name the model's .safetensors file or its folder",
-            )
-        size = info.st_size
-        if size < 8:
-            raise ModelFileError(
-                f"{path} is not a safetensors file: it is only {size} bytes long",
-                hint=_REDOWNLOAD,
-            )
-        (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
-        if length > size - 8 or length > HEADER_LIMIT:
-            raise ModelFileError(
-                f"{path} is truncated or not a safetensors file: its header claims "
-                f"{length} bytes but the file has only {size} bytes",
-                hint=_REDOWNLOAD,
-            )
-        raw = os.pread(fd, length, 8)
-    except OSError as e:
-        raise ModelFileError(
-            f"cannot read {path}: {e.strerror or e}", hint="check that the file is readable"
-        ) from e
-    finally:
-        os.close(fd)
+                f"cannot read {path}: {e.strerror or e}", hint="check that the file is readable"
+            ) from e
     parsed = parse_json(raw, path, _REDOWNLOAD, f"{path} has a corrupt header: it")
     if not isinstance(parsed, dict):
         raise ModelFileError(f"{path} has a corrupt header: it is not a JSON object", _REDOWNLOAD)
@@ -117,6 +116,15 @@ def read_header(path: Path) -> Header:
     _check_layout(path, entries, size - data_start, data_start)
     return Header(path, data_start, metadata, {e.name: e for e in entries},
                   FileIdentity.of(info))
+
+
+def _read_exactly(f, n: int, path: Path) -> bytes:
+    """n bytes from `f`; a file cut short while it is read is reported as truncated."""
+    data = f.read(n)
+    if len(data) != n:
+        raise ModelFileError(f"{path} is truncated: it ended while its header was read",
+                             hint=_REDOWNLOAD)
+    return data
 
 
 def _metadata(path: Path, value: object) -> dict[str, str]:
