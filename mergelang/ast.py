@@ -46,9 +46,13 @@ class ListExpr(Expr):
     items: tuple[Expr, ...]
 
 
+NEGATE = "-"  # the two unary operators, as Unary.op holds them
+NOT = "not"
+
+
 @dataclass(frozen=True)
 class Unary(Expr):
-    op: str  # "-" or "not"
+    op: str  # NEGATE or NOT
     operand: Expr
 
 

@@ -78,7 +78,8 @@ def literal(expr: ast.Expr, bare_names: bool = False) -> Value:
         return expr.value
     if isinstance(expr, ast.NoneLit):
         return None
-    if isinstance(expr, ast.Unary) and expr.op == "-" and isinstance(expr.operand, ast.Number):
+    negated = isinstance(expr, ast.Unary) and expr.op == ast.NEGATE
+    if negated and isinstance(expr.operand, ast.Number):
         return -expr.operand.value
     if isinstance(expr, ast.ListExpr):
         return tuple(literal(item, bare_names) for item in expr.items)

@@ -282,7 +282,7 @@ class _ToAst(Transformer_NonRecursive):
         return ast.Binary(self._span(meta), "and", c[0], c[1])
 
     def not_(self, meta, c):
-        return ast.Unary(self._span(meta), "not", c[0])
+        return ast.Unary(self._span(meta), ast.NOT, c[0])
 
     def compare(self, meta, c):
         return ast.Binary(self._span(meta), str(c[1]), c[0], c[2])
@@ -294,7 +294,7 @@ class _ToAst(Transformer_NonRecursive):
         return ast.Binary(self._span(meta), str(c[1]), c[0], c[2])
 
     def neg(self, meta, c):
-        return ast.Unary(self._span(meta), "-", c[1])
+        return ast.Unary(self._span(meta), ast.NEGATE, c[1])
 
     def call(self, meta, c):
         func, args = c

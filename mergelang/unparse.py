@@ -113,7 +113,7 @@ def _level(e: ast.Expr) -> int:
     if isinstance(e, ast.Binary):
         return _BINARY[e.op]
     if isinstance(e, ast.Unary):
-        return _NOT if e.op == "not" else _NEG
+        return _NOT if e.op == ast.NOT else _NEG
     if isinstance(e, ast.Call | ast.Index | ast.Slice | ast.Attr):
         return _POSTFIX
     if isinstance(e, ast.Number) and number_text(e.value).startswith("-"):
@@ -203,7 +203,7 @@ def _doc(e: ast.Expr, statement: bool = False) -> _Doc:
         operands.append(_operand(e, level))
         return _Ops(operands=tuple(reversed(operands)), ops=tuple(reversed(ops)))
     if isinstance(e, ast.Unary):
-        if e.op == "not":
+        if e.op == ast.NOT:
             return _row("not ", _operand(e.operand, _NOT))
         operand = _operand(e.operand, _NEG)
         return _row("- " if operand.flat.startswith("-") else "-", operand)
@@ -226,7 +226,7 @@ def _doc(e: ast.Expr, statement: bool = False) -> _Doc:
 
 def _is_literal(e: ast.Expr) -> bool:
     """A plain value, as in `[0.1, -0.5, "x", none]`: a list of them is filled."""
-    if isinstance(e, ast.Unary) and e.op == "-":
+    if isinstance(e, ast.Unary) and e.op == ast.NEGATE:
         e = e.operand
     return isinstance(e, ast.Number | ast.String | ast.Bool | ast.NoneLit | ast.Name)
 

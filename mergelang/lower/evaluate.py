@@ -25,7 +25,7 @@ from .values import ModelRef, Value, broadcast2, describe, is_number, is_tensor,
 _MAX_INLINE_DEPTH = 64
 _ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _ARITHMETIC_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV}
-_UNARY = {"-": "_negate", "not": "_not"}
+_UNARY = {ast.NEGATE: "_negate", ast.NOT: "_not"}
 _LOGICAL = {"and": Op.AND, "or": Op.OR}
 _DECIDES = {"and": False, "or": True}  # a left operand equal to this decides alone
 _COMPARE = {"==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
