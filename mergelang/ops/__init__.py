@@ -33,7 +33,7 @@ class Param:
 @dataclass(frozen=True)
 class Primitive:
     """A registered primitive. Its parameters are declared once, by `params`: the Python
-    function's positional parameters must be exactly they, in order, with the same
+    function's positional parameters must be exactly those, in order, with the same
     defaults, and the reduction factory names the number and string parameters it needs.
     A primitive whose declarations disagree cannot be made (see `declaration_errors`)."""
 
