@@ -607,3 +607,13 @@ def test_what_check_accepts_run_does_not_crash_on(workspace, output):
         program.run(workspace / "out")
     except MergeError:
         pass
+
+
+def test_the_repl_survives_a_bad_escape(tmp_path):
+    done = subprocess.run([PYTHON, "-m", "mergelang", "repl"], cwd=tmp_path, text=True,
+                          input='x = "C:\\users\\me"\n2 * 21\n', capture_output=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout + done.stderr
+    assert 'invalid escape "\\u" in a string' in out and "42" in out
+    assert "Traceback" not in out
