@@ -353,9 +353,6 @@ def test_a_model_path_that_is_a_symlink_loop_is_refused_when_opened(tmp_path):
         open_model("a\0b")
 
 
-@pytest.mark.xfail(strict=False, reason="lower/calls.py _model calls Path.resolve(), which "
-                   "raises RuntimeError on a symlink loop (Python 3.11); not in issue-11 "
-                   "files")
 @pytest.mark.parametrize("command", ["check", "run"])
 def test_a_model_path_that_is_a_symlink_loop_is_a_located_diagnostic(tmp_path, capsys,
                                                                      command):

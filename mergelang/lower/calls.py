@@ -5,6 +5,7 @@ list into additions."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -118,9 +119,18 @@ def _model(lo: Lowerer, node: ast.Call, frame: Frame, path: Value) -> Value:
                     hint='e.g. model("models/base")')
     source_path = node.span.source.path
     base = source_path.parent if source_path is not None else Path.cwd()
-    key = str((base / path).resolve())
+    key = _model_key(base / path)
     lo.models.setdefault(key, ModelRef(path, node.args[0].span))
     return lo.b.make(Op.MODEL, (), key, TENSOR, node.span)
+
+
+def _model_key(path: Path) -> str:
+    """A model's identity: its resolved path. A path that cannot be resolved (a loop of
+    symbolic links) keeps its absolute spelling; bind reports why it cannot be opened."""
+    try:
+        return str(path.resolve())
+    except (OSError, RuntimeError):
+        return os.path.abspath(path)
 
 
 def _sum(lo: Lowerer, node: ast.Call, frame: Frame, xs: Value) -> Value:
