@@ -180,12 +180,3 @@ class L1Ratio(Reduction):
 
 def l1_ratio(first: float, second: float) -> float:
     return first / second if first >= L1_EPS and second >= L1_EPS else 1.0
-
-
-def __getattr__(name: str) -> Any:
-    # trim's selections, defined with the selection engine in selection.py (which builds
-    # on this module), are still found here by their first callers
-    if name in ("KthMagnitude", "ModelKthMagnitude"):
-        from . import selection
-        return getattr(selection, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,13 +4,18 @@ a temporary folder, and runs of a plan at several chunkings and orders."""
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-import mergelang
+from mergelang import Program, load
+from mergelang.cli import main
 from mergelang.execute import Collector, execute
 from mergelang.plan import Plan
 from mergelang.schedule import Order, schedule
@@ -80,13 +85,13 @@ def write_hf_folder(folder: Path, tensors: dict[str, torch.Tensor],
     return folder
 
 
-def compile_in(tmp_path: Path, script: str, **models: dict) -> mergelang.Program:
+def compile_in(tmp_path: Path, script: str, **models: dict) -> Program:
     """`script` saved in tmp_path beside the models given as state dicts, and compiled."""
     for name, state in models.items():
         write_model(tmp_path / name, state)
     path = tmp_path / "script.merge"
     path.write_text(script)
-    return mergelang.load(path)
+    return load(path)
 
 
 def four_models(tmp_path: Path, expression: str, state=None, seed: int | None = None) -> Plan:
@@ -136,3 +141,130 @@ def same_bytes_in_chunks(p: Plan, some_budget: int = 20_000) -> dict[str, torch.
         assert torch.equal(whole[name], tiny[name]), name
         assert torch.equal(whole[name], some[name]), name
     return whole
+
+
+# --- the command line, as a user runs it: exit status and what it printed --------------
+
+
+@dataclass
+class Result:
+    code: int
+    text: str  # stdout and stderr together
+
+
+def mergelang(capsys: pytest.CaptureFixture, *args: object) -> Result:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return Result(code, captured.out + captured.err)
+
+
+def write(tmp_path: Path, text: str, name: str = "merge.merge") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def at(script: Path, line: int, col: int) -> str:
+    return f"{script}:{line}:{col}"
+
+
+def underlined(text: str) -> str:
+    """The source text under the first caret line of a rendered diagnostic."""
+    lines = text.splitlines()
+    for source, carets in zip(lines, lines[1:], strict=False):
+        if re.fullmatch(r" +\| *\^+", carets):
+            return source[carets.index("^"):carets.rindex("^") + 1]
+    raise AssertionError(f"no caret line in:\n{text}")
+
+
+def assert_error(result: Result, where: str | None, points_at: str | None, *words: str,
+                 hint: str | None = None) -> None:
+    """Exit status 2; `error:` at `where` with the caret under `points_at`; every one of
+    `words` in the output; `hint` in a `= help:` line; no traceback."""
+    text = result.text
+    assert result.code == 2, text
+    assert "Traceback" not in text
+    assert "error: " in text, text
+    if where is not None:
+        assert f"--> {where}\n" in text, text
+    if points_at is not None:
+        assert underlined(text) == points_at, text
+    for word in words:
+        assert word in text, f"{word!r} not in:\n{text}"
+    if hint is not None:
+        helps = [line for line in text.splitlines() if line.strip().startswith("= help:")]
+        assert any(hint in line for line in helps), f"hint {hint!r} not in:\n{text}"
+
+
+def run(capsys: pytest.CaptureFixture, script: Path, out: Path, *flags: str) -> Result:
+    return mergelang(capsys, "run", script, "-o", out, "--quiet", *flags)
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists() and not out.is_symlink()
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert leftovers == []
+
+
+# --- closed forms of mergekit 0.1.5's TIES, written independently ---------------------
+
+
+def ref_trim(d: torch.Tensor, density: float) -> torch.Tensor:
+    flat = d.flatten()
+    k = max(1, int(density * flat.numel())) if density > 0 else 0
+    order = torch.argsort(flat.abs(), descending=True, stable=True)
+    mask = torch.zeros_like(flat)
+    mask[order[:k]] = 1
+    return (flat * mask).view_as(d)
+
+
+def ref_consensus(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """mergekit's sign-consensus merge of stacked, weighted deltas."""
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    mask = weighted.sign() == elected
+    merged = (weighted * mask).sum(0)
+    if normalize:
+        divisor = (w * mask).sum(0)
+        divisor[divisor == 0] = 1
+        merged = merged / divisor
+    return merged
+
+
+def ref_ties(base, models, weights, density, normalize=True, lam=1.0):
+    deltas = torch.stack([ref_trim(m - base, density) for m in models])
+    w = torch.tensor(weights, dtype=base.dtype).view(-1, *[1] * base.dim())
+    return base + lam * ref_consensus(deltas * w, w, normalize)
+
+
+# --- a sweep whose scores are known: `base + lam * (a - base)` is `lam` everywhere ---
+
+
+SWEEP_SCRIPT = """\
+# interpolate from base towards a
+param lam = 0.5
+param scale = 1.0
+base = model("models/base")
+a = model("models/a")
+output base + scale * lam * (a - base)
+"""
+SWEEP_TASKS = [{"task": "up", "prompt": "x", "answer": "y"},
+               {"task": "down", "prompt": "x", "answer": "y"}]
+
+
+class SweepStub:
+    """Scores from the merged value: "up" is the value, "down" is 1 - value. Counts its
+    calls and remembers what it was given."""
+
+    def __init__(self, delay: float = 0.0):
+        self.calls: list[tuple[object, object]] = []
+        self.delay = delay
+
+    def __call__(self, model, tasks, *, device, like):
+        self.calls.append((model, like))
+        time.sleep(self.delay)
+        state = model if isinstance(model, dict) else load_file(str(model / "model.safetensors"))
+        value = float(state["model.norm.weight"][0])
+        names = list(dict.fromkeys(t["task"] for t in tasks))
+        scores = {"up": value, "down": 1 - value}
+        return [{"task": t, "n": 1, "exact_match": round(scores[t], 6), "loglik": 0.0}
+                for t in names]

@@ -154,6 +154,18 @@ def test_no_test_imports_a_private_name_of_the_package():
     assert offenders == []
 
 
+def test_shared_test_helpers_come_from_tests_helpers_only():
+    """A test module imports nothing from another test module or from conftest."""
+    offenders = []
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in pyast.walk(pyast.parse(path.read_text())):
+            if isinstance(node, pyast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                if "test_" in module or "conftest" in module:
+                    offenders.append(f"{path.name}: from {module}")
+    assert offenders == []
+
+
 def test_no_module_of_the_package_is_longer_than_about_500_lines():
     long = {str(p.relative_to(ROOT)): n for p in (ROOT / "mergelang").rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 520}

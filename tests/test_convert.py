@@ -25,8 +25,7 @@ from mergelang.convert import METHODS, convert, convert_file
 from mergelang.resolve import stdlib_scope
 from mergelang.syntax import parse
 from mergelang.unparse import unparse
-
-from .conftest import write_hf_folder
+from tests.helpers import write_hf_folder
 
 LAYERS = 4
 

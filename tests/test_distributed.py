@@ -21,10 +21,9 @@ import mergelang
 from mergelang.cli import main
 from mergelang.execute import Collector, execute
 from mergelang.sweep import Sweep
-from tests.helpers import compile_in, small_tensors, write_hf_folder, write_model
-from tests.test_sweep import SCRIPT as SWEPT
-from tests.test_sweep import TASKS as SWEEP_TASKS
-from tests.test_sweep import Stub
+from tests.helpers import SWEEP_SCRIPT as SWEPT
+from tests.helpers import SWEEP_TASKS, compile_in, small_tensors, write_hf_folder, write_model
+from tests.helpers import SweepStub as Stub
 
 distributed = pytest.importorskip("distributed")
 

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import mergelang
-from mergelang.reduce import Chunk, KthMagnitude
+from mergelang.reduce import Chunk
 from mergelang.schedule import peak_alive, schedule
+from mergelang.selection import KthMagnitude
 from tests.helpers import (
     METHODS,
     compile_in,

@@ -11,79 +11,26 @@ from __future__ import annotations
 import json
 import re
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from mergelang.cli import main
-
-from .conftest import small_tensors
+from tests.helpers import (
+    Result,
+    assert_error,
+    assert_nothing_written,
+    at,
+    mergelang,
+    run,
+    small_tensors,
+    underlined,
+    write,
+)
 
 MODELS = 'base = model("examples/base")\nmath = model("examples/math")\n'
 """Two lines that open example models; a script's own line then starts at line 3."""
-
-
-@dataclass
-class Result:
-    code: int
-    text: str  # stdout and stderr together
-
-
-def mergelang(capsys: pytest.CaptureFixture, *args: object) -> Result:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return Result(code, captured.out + captured.err)
-
-
-def write(tmp_path: Path, text: str, name: str = "merge.merge") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def at(script: Path, line: int, col: int) -> str:
-    return f"{script}:{line}:{col}"
-
-
-def underlined(text: str) -> str:
-    """The source text under the first caret line of a rendered diagnostic."""
-    lines = text.splitlines()
-    for source, carets in zip(lines, lines[1:], strict=False):
-        if re.fullmatch(r" +\| *\^+", carets):
-            return source[carets.index("^"):carets.rindex("^") + 1]
-    raise AssertionError(f"no caret line in:\n{text}")
-
-
-def assert_error(result: Result, where: str | None, points_at: str | None, *words: str,
-                 hint: str | None = None) -> None:
-    """Exit status 2; `error:` at `where` with the caret under `points_at`; every one of
-    `words` in the output; `hint` in a `= help:` line; no traceback."""
-    text = result.text
-    assert result.code == 2, text
-    assert "Traceback" not in text
-    assert "error: " in text, text
-    if where is not None:
-        assert f"--> {where}\n" in text, text
-    if points_at is not None:
-        assert underlined(text) == points_at, text
-    for word in words:
-        assert word in text, f"{word!r} not in:\n{text}"
-    if hint is not None:
-        helps = [line for line in text.splitlines() if line.strip().startswith("= help:")]
-        assert any(hint in line for line in helps), f"hint {hint!r} not in:\n{text}"
-
-
-def run(capsys: pytest.CaptureFixture, script: Path, out: Path, *flags: str) -> Result:
-    return mergelang(capsys, "run", script, "-o", out, "--quiet", *flags)
-
-
-def assert_nothing_written(out: Path) -> None:
-    assert not out.exists() and not out.is_symlink()
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
-    assert leftovers == []
 
 
 def check_or_run(capsys, command: str, script: Path, tmp_path: Path) -> Result:

@@ -25,8 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from mergelang import MergeError, api
-
-from .test_errors import assert_error, mergelang
+from tests.helpers import assert_error, mergelang
 
 PYTHON = sys.executable
 TENSORS = 48

@@ -16,7 +16,7 @@ import torch
 import mergelang
 from mergelang.ops import geometry, gram
 from mergelang.schedule import schedule
-from tests.test_engine import four_models, same_bytes_in_chunks
+from tests.helpers import four_models, same_bytes_in_chunks
 
 
 def ev(expression: str, **inputs):

@@ -13,33 +13,7 @@ import mergelang
 from mergelang.ops import PRIMITIVES, REQUIRED, Param, Primitive, declaration_errors, primitive
 from mergelang.ops.sparsify import drop, trim
 from mergelang.reduce import Chunk, RandomStream
-
-
-def ref_trim(d: torch.Tensor, density: float) -> torch.Tensor:
-    flat = d.flatten()
-    k = max(1, int(density * flat.numel())) if density > 0 else 0
-    order = torch.argsort(flat.abs(), descending=True, stable=True)
-    mask = torch.zeros_like(flat)
-    mask[order[:k]] = 1
-    return (flat * mask).view_as(d)
-
-
-def ref_consensus(weighted: torch.Tensor, w: torch.Tensor, normalize: bool) -> torch.Tensor:
-    """mergekit's sign-consensus merge of stacked, weighted deltas."""
-    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-    mask = weighted.sign() == elected
-    merged = (weighted * mask).sum(0)
-    if normalize:
-        divisor = (w * mask).sum(0)
-        divisor[divisor == 0] = 1
-        merged = merged / divisor
-    return merged
-
-
-def ref_ties(base, models, weights, density, normalize=True, lam=1.0):
-    deltas = torch.stack([ref_trim(m - base, density) for m in models])
-    w = torch.tensor(weights, dtype=base.dtype).view(-1, *[1] * base.dim())
-    return base + lam * ref_consensus(deltas * w, w, normalize)
+from tests.helpers import ref_consensus, ref_ties, ref_trim
 
 
 def family(shape=(8, 16), n=3, seed=0):

@@ -19,9 +19,8 @@ from mergelang.cli import main
 from mergelang.params import parse_axis, parse_define
 from mergelang.syntax import parse
 from mergelang.unparse import unparse
-from tests.helpers import small_tensors, write_hf_folder
-from tests.test_errors import assert_error, underlined
-from tests.test_errors import mergelang as cli
+from tests.helpers import assert_error, small_tensors, underlined, write_hf_folder
+from tests.helpers import mergelang as cli
 
 SCRIPT = """\
 # TIES with its knobs as parameters

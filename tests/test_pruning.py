@@ -27,7 +27,7 @@ from mergelang.selection import (
     keep_top,
     top_cut,
 )
-from tests.test_engine import four_models, same_bytes_in_chunks
+from tests.helpers import four_models, same_bytes_in_chunks
 
 
 def family(shape=(8, 16), n=3, seed=0, sparse=0.0):

@@ -26,9 +26,15 @@ from safetensors.torch import save_file
 from mergelang import MergeError, api
 from mergelang.io import ModelFileError, open_model
 from mergelang.resources import GRAMMAR_FILE
-
-from .conftest import small_tensors, write_hf_folder
-from .test_errors import assert_error, assert_nothing_written, mergelang, run, write
+from tests.helpers import (
+    assert_error,
+    assert_nothing_written,
+    mergelang,
+    run,
+    small_tensors,
+    write,
+    write_hf_folder,
+)
 
 PYTHON = sys.executable
 ROOT = Path(__file__).resolve().parent.parent

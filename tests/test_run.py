@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from mergelang.cli import main
-from tests.test_methods import ref_ties
+from tests.helpers import ref_ties
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 transformers = pytest.importorskip("transformers")

@@ -26,42 +26,13 @@ import mergelang
 from mergelang.cli import main
 from mergelang.sweep import Sweep
 from mergelang.sweep_output import keep_best, plot
-from tests.helpers import small_tensors, write_hf_folder
-from tests.test_errors import assert_error
-from tests.test_errors import mergelang as cli
+from tests.helpers import SWEEP_SCRIPT as SCRIPT
+from tests.helpers import SWEEP_TASKS as TASKS
+from tests.helpers import SweepStub as Stub
+from tests.helpers import assert_error, small_tensors, write_hf_folder
+from tests.helpers import mergelang as cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = """\
-# interpolate from base towards a
-param lam = 0.5
-param scale = 1.0
-base = model("models/base")
-a = model("models/a")
-output base + scale * lam * (a - base)
-"""
-TASKS = [{"task": "up", "prompt": "x", "answer": "y"},
-         {"task": "down", "prompt": "x", "answer": "y"}]
-
-
-class Stub:
-    """Scores from the merged value: "up" is the value, "down" is 1 - value. Counts its
-    calls and remembers what it was given."""
-
-    def __init__(self, delay: float = 0.0):
-        self.calls: list[tuple[object, object]] = []
-        self.delay = delay
-
-    def __call__(self, model, tasks, *, device, like):
-        self.calls.append((model, like))
-        time.sleep(self.delay)
-        state = model if isinstance(model, dict) else load_file(str(model / "model.safetensors"))
-        value = float(state["model.norm.weight"][0])
-        names = list(dict.fromkeys(t["task"] for t in tasks))
-        scores = {"up": value, "down": 1 - value}
-        return [{"task": t, "n": 1, "exact_match": round(scores[t], 6), "loglik": 0.0}
-                for t in names]
-
-
 @pytest.fixture
 def script(tmp_path: Path) -> Path:
     shape = small_tensors()
@@ -117,7 +88,7 @@ def test_a_killed_sweep_resumes_where_it_stopped(script, tmp_path):
     program = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-from tests.test_sweep import Stub, TASKS
+from tests.helpers import SWEEP_TASKS as TASKS, SweepStub as Stub
 from mergelang.sweep import Sweep
 
 class Stalls(Stub):  # the third point never finishes
