@@ -31,6 +31,7 @@ from .syntax import parse_expression
 
 _BARE = "tensor"  # the one name of a model given as a bare tensor
 _RESERVED = ("seed", "device", "dtype")
+_MAX_PLANS = 64  # plans kept per expression
 
 
 class Expression:
@@ -96,6 +97,8 @@ class Expression:
                      tuple((k, tuple(_headers(s))) for k, s in sorted(states.items())))
         if signature not in self._plans:
             made = plan(bound, values)
+            if len(self._plans) >= _MAX_PLANS:  # the oldest goes (a sweep over many values)
+                del self._plans[next(iter(self._plans))]
             self._plans[signature] = (made, schedule(made))
         cached, kernels = self._plans[signature]
         return dataclasses.replace(cached, bound=bound, seed=seed), kernels
