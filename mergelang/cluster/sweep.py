@@ -29,7 +29,7 @@ from ..io.errors import ModelFileError
 from ..params import Value, text
 from ..sweep import MAX_REPEATS, Record, Scorer, Sweep, objective_of, point_key
 from .pool import Pool
-from .tasks import Outcome, diagnostics_of
+from .tasks import Outcome, diagnostics_of, prepare_worker
 
 if TYPE_CHECKING:
     from .client import Cluster
@@ -52,13 +52,10 @@ class PointTask:
 
 def score_point(task: PointTask) -> Outcome:
     """On a worker: compile, merge and score one point; the scorer's rows."""
-    import torch
-
     from ..api import Program
     from ..sweep import score
 
-    if task.threads is not None:
-        torch.set_num_threads(task.threads)
+    prepare_worker(task.threads)
     try:
         program = Program(task.text, task.path, task.params)
         return Outcome(score(program, task.tasks, task.scorer, task.device,
