@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,6 +270,39 @@ def test_the_command_starts_a_local_cluster_with_workers(tmp_path, models, capsy
         torch.set_num_threads(threads)
     assert made[0]["n_workers"] == 2 and made[0]["processes"] is True
     assert f"wrote {tmp_path / 'out'}" in capsys.readouterr().err
+    same_folders(tmp_path / "local", tmp_path / "out")
+
+
+def test_the_command_on_a_scheduler_and_worker_started_as_commands(tmp_path, models, capsys):
+    """`dask scheduler` and `dask worker` as a user starts them, on loopback; the client
+    finds the scheduler through its scheduler file."""
+    dask = Path(sys.executable).with_name("dask")
+    if not dask.exists():
+        pytest.skip("the dask command is not installed beside this Python")
+    file = tmp_path / "scheduler.json"
+    started = [subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", "0",
+                                 "--dashboard-address", "127.0.0.1:0", "--scheduler-file",
+                                 str(file)], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not file.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        started.append(subprocess.Popen([str(dask), "worker", "--scheduler-file", str(file),
+                                         "--nthreads", "1", "--no-dashboard"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        with distributed.Client(scheduler_file=str(file), set_as_default=False) as client:
+            client.wait_for_workers(1, timeout=60)
+        program = program_in(tmp_path, models, MERGES["ties_model"])
+        program.run(tmp_path / "local", shard_size="1KB")
+        assert main(["run", str(tmp_path / "merge.merge"), "-o", str(tmp_path / "out"),
+                     "--shard-size", "1KB", "--scheduler", str(file)]) == 0
+    finally:
+        for process in reversed(started):
+            process.terminate()
+            process.wait(timeout=30)
+    err = capsys.readouterr().err
+    assert "Dask dashboard: http://127.0.0.1:" in err
     same_folders(tmp_path / "local", tmp_path / "out")
 
 
