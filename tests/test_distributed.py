@@ -170,6 +170,25 @@ def test_a_worker_killed_mid_task_is_replaced_and_the_output_is_the_same(
     same_folders(local, tmp_path / "out")
 
 
+def test_a_task_whose_workers_keep_dying_is_a_diagnostic(tmp_path, models):
+    import dask
+
+    program = program_in(tmp_path, models, MERGES["dare_ties"])
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                     dashboard_address=":0", memory_limit=0,
+                                     silence_logs=logging.ERROR) as cluster, \
+            distributed.Client(cluster, set_as_default=False) as client:
+        client.run(_arm, str(tmp_path / "killed"))
+        with Cluster(cluster.scheduler_address) as c, \
+                pytest.raises(mergelang.MergeError) as caught:
+            program.run(tmp_path / "out", shard_size="1KB", cluster=c)
+    [d] = caught.value.diagnostics
+    assert "was lost with its Dask worker too many times" in d.message
+    assert "--max-memory" in d.hint
+    no_leftovers(tmp_path / "out")
+
+
 def test_an_error_on_a_worker_is_a_located_diagnostic_and_nothing_is_left(
         tmp_path, models, processes, capsys):
     # an integer tensor that differs between the models is found only when it is read,
