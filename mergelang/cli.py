@@ -112,9 +112,6 @@ def _parser() -> argparse.ArgumentParser:
     fmt.add_argument("--diff", action="store_true", help="print the changes as a unified diff")
     fmt.set_defaults(handler=_fmt)
 
-    from .eval.command import add_parser as add_eval_parser
-    add_eval_parser(sub).set_defaults(handler=_eval)
-
     inspect = sub.add_parser("inspect", help="a model's structure, from its headers alone")
     inspect.add_argument("model", type=Path, help="a model folder or .safetensors file")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
@@ -131,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
                       help=f"tensor data held at once (default {DEFAULT_BUDGET_TEXT})")
     diff.add_argument("--quiet", action="store_true", help="no progress display")
     diff.set_defaults(handler=_diff)
+
+    from .eval.command import add_parser as add_eval_parser
+    add_eval_parser(sub).set_defaults(handler=_eval)
     cli_params.add_sweep_command(sub, _report)
     return parser
 
@@ -193,12 +193,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         state["done"] += 1
         progress.update(state["task"], advance=tensor.nbytes, done=state["done"])
 
-    cluster = None
-    if args.scheduler is not None or args.workers is not None:
-        from .cluster import Cluster
-        cluster = Cluster(args.scheduler, args.workers,
-                          say=None if args.quiet else lambda text: console.print(text,
-                                                                                 markup=False))
+    cluster = cli_params.cluster_of(args, console)
     try:
         warnings = program.run(args.output, args.device, force=args.force,
                                shard_size=args.shard_size, strict=args.strict, seed=args.seed,

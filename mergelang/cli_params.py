@@ -56,6 +56,15 @@ def params_line(program: api.Program) -> str | None:
     return ", ".join(shown)
 
 
+def cluster_of(args: argparse.Namespace, console: Console):
+    """The Dask cluster `--scheduler` or `--workers` names, or None for this process."""
+    if args.scheduler is None and args.workers is None:
+        return None
+    from .cluster import Cluster
+    say = None if args.quiet else (lambda text: console.print(text, markup=False))
+    return Cluster(args.scheduler, args.workers, say=say)
+
+
 def add_sweep_command(sub, report: Callable[[Console, list[Diagnostic]], None]) -> None:
     sweep = sub.add_parser("sweep", help="merge and score the script over a grid or a search "
                                          "of its parameters")
@@ -112,12 +121,7 @@ def _sweep(args: argparse.Namespace, console: Console,
         report(console, [Diagnostic(sweep.results.dropped, severity="warning")])
     total = sweep.size if args.search == "grid" else min(args.trials or 1, sweep.size)
     display = _Display(sweep, total, console, args.quiet)
-    cluster = None
-    if args.scheduler is not None or args.workers is not None:
-        from .cluster import Cluster
-        cluster = Cluster(args.scheduler, args.workers,
-                          say=None if args.quiet else lambda line: console.print(line,
-                                                                                 markup=False))
+    cluster = cluster_of(args, console)
     try:
         with display:
             sweep.run(args.search, args.trials, args.search_seed, display.add, cluster=cluster)

@@ -27,7 +27,7 @@ from mergelang.selection import (
     keep_top,
     top_cut,
 )
-from tests.helpers import four_models, same_bytes_in_chunks
+from tests.helpers import four_models, ref_consensus, same_bytes_in_chunks
 
 
 def family(shape=(8, 16), n=3, seed=0, sparse=0.0):
@@ -81,18 +81,6 @@ def ref_band(d, density, gamma):
 def ref_l1(kept, d):
     before, after = d.abs().sum(), kept.abs().sum()
     return kept if before < 1e-7 or after < 1e-7 else kept * (before / after)
-
-
-def ref_consensus(weighted, w, normalize):
-    """mergekit's get_mask(method="sum") merge of stacked, weighted deltas."""
-    sign = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
-    agree = weighted.sign() == sign
-    merged = (weighted * agree).sum(0)
-    if normalize:
-        divisor = (w * agree).sum(0)
-        divisor[divisor == 0] = 1
-        merged = merged / divisor
-    return merged
 
 
 def ref_ties_paper(deltas, density):

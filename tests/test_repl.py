@@ -25,17 +25,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def session(lines: list[str], script: Path | None = EXAMPLES / "quickstart.merge") -> str:
-    console = Console(record=True, width=200, force_terminal=False)
-    feed = iter(lines)
-
-    def read(prompt: str) -> str:
-        try:
-            return next(feed)
-        except StopIteration:
-            raise EOFError from None
-
-    assert Repl(script, console, read).loop() == 0
-    return console.export_text()
+    return repl_with(lines, script)[0]
 
 
 def test_explore_a_merge_on_one_tensor():
