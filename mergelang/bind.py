@@ -18,7 +18,8 @@ import torch
 
 from .diagnostics import Span, error
 from .io.errors import ModelFileError
-from .io.read import TensorInfo, open_model
+from .io.read import TensorInfo
+from .io.sources import is_derived, open_source, split_key
 from .lower import Lowered, ModelRef
 
 # `model.layers.12.`, `transformer.h.3.`, `encoder.layer.7.`, `blocks.0.`
@@ -118,7 +119,7 @@ class Bound:
         for key, model in self.models.items():
             if isinstance(model.source, InMemoryModel):
                 continue
-            paths.add(Path(key))
+            paths.add(split_key(key)[1])
             if model.source.folder is not None:
                 paths.add(Path(model.source.folder))
             paths.update(t.file for t in model.source.tensors.values())
@@ -167,23 +168,31 @@ def is_before_layers(name: str) -> bool:
 
 
 def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bound:
-    """Open the models' headers. `sources` supplies in-memory models by key."""
+    """Open the models' headers. `sources` supplies in-memory models by key.
+
+    Derived inputs (an adapter, a compressed task vector) are attached to the plain
+    models once every input is open: their tensors are defined relative to those."""
     sources = sources or {}
+    opened: dict[str, ModelSource] = {}
     models: dict[str, BoundModel] = {}
     try:
         for key, ref in lowered.models.items():
-            source = sources.get(key) or _open(key, ref.span)
+            opened[key] = sources.get(key) or _open(key, ref.span)
+        frame = [s for s in opened.values() if not is_derived(s)]
+        for key, ref in lowered.models.items():
+            source = opened[key]
             try:
+                if is_derived(source):
+                    source.attach(frame)
                 if key not in sources:
                     check_tensors(source)
                 layers = count_layers(source)
             except ModelFileError as exc:
-                source.close()
                 raise error(exc.message, ref.span, hint=exc.hint) from None
             models[key] = BoundModel(key, ref, source, layers)
     except BaseException:
-        for model in models.values():
-            model.source.close()
+        for source in opened.values():
+            source.close()
         raise
     donor = models.get(lowered.donor) if lowered.donor else None
     return Bound(lowered, models, donor)
@@ -191,7 +200,7 @@ def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bou
 
 def _open(key: str, span: Span) -> ModelSource:
     try:
-        return open_model(Path(key))
+        return open_source(key)
     except ModelFileError as exc:
         raise error(exc.message, span, hint=exc.hint) from None
 

@@ -39,7 +39,8 @@ from .builtins import COMPUTE_DTYPES
 from .diagnostics import error
 from .execute import Collector, execute
 from .io.errors import ModelFileError
-from .io.read import TensorInfo, open_model
+from .io.read import TensorInfo
+from .io.sources import open_source
 from .ir import SHAPE_RULES, TENSOR, Builder, Node, Op, static_args, tensor_args, walk
 from .lower import Lowered, ModelRef, lower
 from .ops import PRIMITIVES
@@ -226,7 +227,7 @@ class Session:
             if key in self.sources:
                 continue
             try:
-                source = open_model(Path(key))
+                source = open_source(key)
             except ModelFileError as exc:
                 raise error(exc.message, ref.span, hint=exc.hint) from None
             try:

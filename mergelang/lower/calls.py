@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from .. import ast
 from ..diagnostics import MergeError, Span, error, in_stdlib
+from ..io.sources import source_key
 from ..ir import SCALAR, TENSOR, Node, Op
 from ..ops import REQUIRED, Param, Primitive
 from .values import ModelRef, Value, broadcast2, describe, is_number, is_sliced, is_tensor
@@ -113,15 +114,19 @@ def user_facing_call(frame: Frame) -> str | None:
 # built-ins: (lowerer, call, frame, *argument values) -> value
 
 
-def _model(lo: Lowerer, node: ast.Call, frame: Frame, path: Value) -> Value:
-    if not isinstance(path, str):
-        raise error(f"model() takes a path string, not {describe(path)}", node.args[0].span,
-                    hint='e.g. model("models/base")')
-    source_path = node.span.source.path
-    base = source_path.parent if source_path is not None else Path.cwd()
-    key = _model_key(base / path)
-    lo.models.setdefault(key, ModelRef(path, node.args[0].span))
-    return lo.b.make(Op.MODEL, (), key, TENSOR, node.span)
+def input_builtin(kind: str, example: str) -> Callable[..., Value]:
+    """The built-in that names an input of `kind` (io/sources.py): `model("x")`,
+    `lora("x")`, ... The path is relative to the script's folder."""
+    def named(lo: Lowerer, node: ast.Call, frame: Frame, path: Value) -> Value:
+        if not isinstance(path, str):
+            raise error(f"{kind}() takes a path string, not {describe(path)}",
+                        node.args[0].span, hint=f'e.g. {kind}("{example}")')
+        source_path = node.span.source.path
+        base = source_path.parent if source_path is not None else Path.cwd()
+        key = source_key(kind, _model_key(base / path))
+        lo.models.setdefault(key, ModelRef(path, node.args[0].span))
+        return lo.b.make(Op.MODEL, (), key, TENSOR, node.span)
+    return named
 
 
 def _model_key(path: Path) -> str:
@@ -184,6 +189,6 @@ def _gradient(lo: Lowerer, node: ast.Call, frame: Frame, values: Value) -> Value
 
 
 BUILTINS: dict[str, Callable[..., Value]] = {
-    "model": _model, "sum": _sum, "broadcast": _broadcast, "len": _len, "stack": _stack,
-    "gradient": _gradient,
+    "model": input_builtin("model", "models/base"), "sum": _sum, "broadcast": _broadcast,
+    "len": _len, "stack": _stack, "gradient": _gradient,
 }
