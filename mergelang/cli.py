@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import ctypes.util
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -132,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     from .eval.command import add_parser as add_eval_parser
     add_eval_parser(sub).set_defaults(handler=_eval)
     cli_params.add_sweep_command(sub, _report)
+    from .compress import add_parser as add_compress_parser
+    add_compress_parser(sub)
     return parser
 
 
@@ -300,6 +303,10 @@ def _repl(args: argparse.Namespace, console: Console) -> int:
     out = Console(highlight=False)
     if not sys.stdin.isatty():  # scripted: plain lines, no prompt
         return Repl(args.script, out, read=lambda prompt: input()).loop()
+    # Ctrl-C stops an evaluation, so it must reach us even when we were started with
+    # SIGINT ignored (by `nohup`, or as a background job of a non-interactive shell,
+    # which is how `timeout` and CI runners start commands).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     repl = Repl(args.script, out, interactive=True)
     try:
         from .replui import reader
