@@ -7,8 +7,6 @@ traceback reaches the user and nothing is written to the output folder.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import re
 import signal
 import sys
@@ -26,13 +24,13 @@ from rich.progress import (
 from . import api, cli_params
 from .builtins import DTYPES
 from .diagnostics import Diagnostic, MergeError
+from .io.allocator import keep_freed_memory
 from .io.interrupt import EXIT_TERMINATED, Terminated, sigterm_as_interrupt, stdout_closed
 from .ir import Op, walk
 from .plan import Plan
 from .schedule import DEFAULT_BUDGET_TEXT
 
 EXIT_INPUT_ERROR = 2
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt (malloc.h)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,25 +158,8 @@ def _escape(text: str) -> str:
     return text.replace("[", r"\[")
 
 
-def _keep_freed_memory() -> None:
-    """Let glibc reuse freed blocks instead of returning them to the kernel and faulting
-    fresh zeroed pages in for the next tensor, in at most two arenas (the reader and
-    writer threads would otherwise each keep their own). Measured on the 270M-parameter
-    DARE-TIES merge (a one-off timing on the benchmarks/ family, not a benchmark):
-    system CPU time 3.8 s -> 1.7 s, peak memory 0.78 ->
-    0.82 GB. Only the command does this; a program embedding mergelang keeps its own
-    allocator settings."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 << 20)
-        libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)
-        libc.mallopt(_M_ARENA_MAX, 2)
-    except (OSError, AttributeError):
-        pass  # not glibc: nothing to tune
-
-
 def _run(args: argparse.Namespace, console: Console) -> int:
-    _keep_freed_memory()
+    keep_freed_memory()
     program = cli_params.load(args)
     progress = Progress(
         TextColumn("merging {task.fields[done]}/{task.fields[count]} tensors"), BarColumn(),

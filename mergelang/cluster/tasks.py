@@ -182,9 +182,9 @@ def prepare_worker(threads: int | None) -> None:
     when the cluster says how many (a local one does)."""
     global _PREPARED
     if not _PREPARED and "MALLOC_TRIM_THRESHOLD_" in os.environ:
-        from ..cli import _keep_freed_memory
+        from ..io.allocator import keep_freed_memory
 
-        _keep_freed_memory()
+        keep_freed_memory()
         _PREPARED = True
     if threads is not None:
         torch.set_num_threads(threads)
