@@ -21,8 +21,11 @@ from .compiled import Expression
 from .devices import parse_devices
 from .diagnostics import Diagnostic, MergeError, Source, Span, error, move_to_script
 from .execute import execute
+from .extraction.form import layout
+from .io.adapter import writer as adapter_writer
 from .io.errors import ModelFileError
 from .io.hf import OutputFolder, check_target, write_donor_files, write_model_card
+from .io.tokenizer import write_output_tokenizer
 from .io.write import OutputTensor, ShardedWriter, parse_size
 from .ir import walk
 from .lower import Lowered, lower
@@ -95,7 +98,10 @@ class Program:
         the model files open: use it in a `with` block, or close() it."""
         bound = bind(self._lowered(seed, dtype, out_dtype))
         try:
-            return plan(bound)
+            p = plan(bound)
+            if self.lowered.form is not None:
+                layout(self.lowered.form, p)  # the rank against the shapes, from headers
+            return p
         except MergeError as exc:
             bound.close()
             raise MergeError(self._in_script(exc.diagnostics)) from None
@@ -136,13 +142,17 @@ class Program:
         parse_devices(device)
         reads = [*self.lowered.models, *([self.path] if self.path else [])]
         _check_target(out, force, reads)
-        with self.plan(seed, dtype, out_dtype) as p:
+        form = self.lowered.form  # an adapter takes the deltas at compute precision
+        with self.plan(seed, dtype, out_dtype if form is None else
+                       dtype or self.lowered.dtype) as p:
             if on_plan is not None:
                 on_plan(p)
             try:
                 output = OutputFolder(out, force, protect=[*reads, *p.bound.input_paths()])
                 with output as folder:
                     write = _write if cluster is None else cluster.write
+                    if form is not None:
+                        write = adapter_writer(form, out_dtype, cluster)
                     warnings = write(self, p, folder, device, shard_bytes, strict, progress,
                                      budget, order)
                 return [Diagnostic(n, severity="warning") for n in output.notes] + warnings
@@ -202,7 +212,11 @@ def write_folder_files(program: Program, p: Plan, folder: Path) -> None:
         key = next((k for k in NUM_LAYERS_KEYS if k in (donor.source.config or {})),
                    "num_hidden_layers")
         updates[key] = p.num_layers
+    if p.bound.vocab is not None:   # `set vocab`: the tokenizer and rows of the output's
+        updates["vocab_size"] = p.bound.vocab.rows
     write_donor_files(folder, donor.source.folder if donor else None, updates)
+    if p.bound.vocab is not None:
+        write_output_tokenizer(folder, p.bound.vocab, donor.source.folder if donor else None)
     write_model_card(folder, program.source_text, script_name)
 
 

@@ -62,6 +62,13 @@ def _builtin(name: str, doc: str, *params: SigParam, rest_min: int = 0) -> tuple
 BUILTINS: dict[str, Builtin] = dict([
     _builtin("model", "A model: a Hugging Face folder or a .safetensors file, relative to the "
              "script's folder.", SigParam("path", True)),
+    _builtin("lora", "A PEFT LoRA adapter folder as the change it makes to its model: "
+             "scale * B @ A on each module it adapts, zero elsewhere (so model(\"base\") + "
+             "lora(\"adapter\") is the adapted model).", SigParam("path", True)),
+    _builtin("delta", "A compressed task vector written by `mergelang compress`, as the "
+             "dense change it makes (so model(\"base\") + delta(\"math.delta\") is the "
+             "fine-tune, approximately); its base is checked by content.",
+             SigParam("path", True)),
     _builtin("sum", "The sum of a list (of tensors or numbers), added left to right.",
              SigParam("xs", True)),
     _builtin("broadcast", "x as a list as long as `like`: a single value is repeated; a list "
@@ -72,6 +79,10 @@ BUILTINS: dict[str, Builtin] = dict([
     _builtin("stack", "A model whose layers are the given layer slices, one after another: "
              "embeddings from the first slice's model, final norm and head from the last's.",
              SigParam("slices", False, rest=True), rest_min=1),
+    _builtin("extract_lora", "The delta x written as a PEFT LoRA adapter of rank `rank` (or "
+             "the smallest keeping `energy` of it) onto `base`; only as the whole `output`.",
+             SigParam("x", True), SigParam("rank", False), SigParam("energy", False),
+             SigParam("keep", False), SigParam("base", False), SigParam("svd", False)),
 ])
 
 CONTEXT_NAMES = frozenset({"name", "layer", "num_layers", "depth"})
@@ -82,6 +93,12 @@ SETTINGS: dict[str, str] = {
     "seed": "integer seed of every random op (default 0)",
     "donor": "the model whose config.json and tokenizer files are copied "
              "(default: the first model in `output`)",
+    "vocab": 'the output\'s vocabulary when the models\' differ: "union", "base" (the '
+             "donor's) or a model (its tokenizer); default: the models must share one",
+    "vocab_default": 'a token a model lacks takes: "others" (default: the rows of the models '
+                     'that have it, the donor\'s first), "zero", "mean" or a model\'s row',
+    "vocab_tokens": 'per-token sources: [[token, source], [token, source, "force"], ...]',
+    "vocab_pad_to": "round the output's vocabulary rows up to a multiple of this",
 }
 
 COMPUTE_DTYPES: dict[str, torch.dtype] = {

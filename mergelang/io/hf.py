@@ -117,7 +117,7 @@ def write_model_card(out: Path, script_text: str, script_name: str) -> None:
 
 OUTPUT_FILES: frozenset[str] = frozenset(
     {"README.md", "config.json", "model.safetensors", "model.safetensors.index.json",
-     *DONOR_FILES}
+     "adapter_config.json", "adapter_model.safetensors", "extraction.json", *DONOR_FILES}
 )
 """The names a mergelang output folder holds, besides its numbered shards."""
 

@@ -21,9 +21,12 @@ from dataclasses import dataclass, field
 from .. import ast
 from ..builtins import DTYPES
 from ..diagnostics import Span, error
+from ..extraction.form import AdapterForm, lower_output
+from ..io.sources import MODEL, split_key
 from ..ir import TENSOR, Builder, Node, Op, nodes_of
 from ..params import Override, bind
 from ..resolve import Resolved
+from ..vocab import VocabSettings, apply_setting
 from .evaluate import Frame, Lowerer
 from .values import ModelRef, Value, describe
 
@@ -46,6 +49,8 @@ class Lowered:
     params: frozenset[str] = frozenset()  # names given a value at each evaluation
     setting_spans: dict[str, Span] = field(default_factory=dict)
     script_params: dict[str, Value] = field(default_factory=dict)  # `param` name -> value
+    vocab: VocabSettings = field(default_factory=VocabSettings)  # the `vocab*` settings
+    form: AdapterForm | None = None     # `output extract_lora(...)`: written as an adapter
 
 
 def lower(resolved: Resolved, inputs: Mapping[str, str] | None = None,
@@ -74,20 +79,22 @@ def lower(resolved: Resolved, inputs: Mapping[str, str] | None = None,
     top = Frame(resolved.scope, {})
     for name, stmt in resolved.scope.bindings.items() if session else ():
         lowerer.eval(ast.Name(stmt.span, name), top)
-    value = lowerer.eval(resolved.output.value, top) if resolved.output is not None else None
+    value, form = lower_output(lowerer, resolved.output.value, top) \
+        if resolved.output is not None else (None, None)
     is_model = isinstance(value, Node) and value.kind == TENSOR
     if resolved.output is not None and not (is_model or session):
         raise error(f"`output` must be a model expression, not {describe(value)}",
                     span, hint="e.g. `output base + ties(a - base, b - base)`")
     lowered = Lowered(value if is_model else None, lowerer.models, None, lowerer.b,
                       value=value, output_span=span, params=params,
-                      script_params=script_params)
+                      script_params=script_params, form=form)
     for key, stmt in resolved.settings.items():
         _setting(lowered, key, stmt, lowerer.eval(stmt.value, top))
-    if lowered.donor is None and isinstance(value, Node):
-        lowered.donor = next((n.attr for n in nodes_of(value, Op.MODEL)), None)
+    if lowered.donor is None and isinstance(value, Node):  # a model, not an adapter
+        lowered.donor = next((n.attr for n in nodes_of(value, Op.MODEL) if _plain(n.attr)),
+                             None)
     if lowered.donor is None and lowerer.models:
-        lowered.donor = next(iter(lowerer.models))
+        lowered.donor = next((key for key in lowerer.models if _plain(key)), None)
     return lowered
 
 
@@ -104,7 +111,17 @@ def _setting(lowered: Lowered, key: str, stmt: ast.Set, value: Value) -> None:
                         stmt.value.span, hint="e.g. set seed = 42")
         lowered.seed = value
     elif key == "donor":
-        if not (isinstance(value, Node) and value.op is Op.MODEL):
-            raise error(f"donor must name a model, not {describe(value)}", stmt.value.span,
+        if not (isinstance(value, Node) and value.op is Op.MODEL and _plain(value.attr)):
+            what = f"{split_key(value.attr)[0]}(...), which has no config" \
+                if isinstance(value, Node) and value.op is Op.MODEL else describe(value)
+            raise error(f"donor must name a model, not {what}", stmt.value.span,
                         hint='e.g. base = model("models/base") then set donor = base')
         lowered.donor = value.attr
+    elif key.startswith("vocab"):
+        apply_setting(lowered.vocab, key, value, stmt.value.span)
+
+
+def _plain(key: str) -> bool:
+    """Whether an input is a model, not a change to one (an adapter): only a model has
+    a config and tokenizer to copy."""
+    return split_key(key)[0] == MODEL

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING
 
 from .. import ast
 from ..diagnostics import MergeError, Span, error, in_stdlib
+from ..extraction.form import elsewhere as extract_lora_elsewhere
+from ..io.delta import KIND as DELTA
+from ..io.lora import KIND as LORA
 from ..io.sources import source_key
 from ..ir import SCALAR, TENSOR, Node, Op
 from ..ops import REQUIRED, Param, Primitive
@@ -190,5 +193,7 @@ def _gradient(lo: Lowerer, node: ast.Call, frame: Frame, values: Value) -> Value
 
 BUILTINS: dict[str, Callable[..., Value]] = {
     "model": input_builtin("model", "models/base"), "sum": _sum, "broadcast": _broadcast,
-    "len": _len, "stack": _stack, "gradient": _gradient,
+    LORA: input_builtin(LORA, "adapters/math"),
+    DELTA: input_builtin(DELTA, "math.delta"),
+    "len": _len, "stack": _stack, "gradient": _gradient, "extract_lora": extract_lora_elsewhere,
 }

@@ -1,0 +1,194 @@
+"""The adapter sink: finished deltas in, a PEFT LoRA adapter folder out.
+
+`output extract_lora(x, ...)` runs like any merge up to the last step: plan and execute
+compute x tensor by tensor and hand each finished one (in row blocks) to this sink in
+place of the sharded model writer. The sink assembles a tensor, factorises it if it is
+a LoRA target (the SVD runs on the writer thread, while the next tensor is computed),
+and keeps only the factors: rank-r A and B, small next to the tensor. Tensors kept whole
+(embeddings, head, norms: PEFT's `modules_to_save`) are written as base + x, the base
+tensor read here. At the end come `adapter_model.safetensors`, `adapter_config.json`
+(the fields mergekit-extract-lora writes), `extraction.json` (each tensor's rank and
+relative error) and a README model card holding the script; the folder is moved into
+place by OutputFolder like a model folder.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+
+from ..builtins import COMPUTE_DTYPES
+from ..devices import parse_devices
+from ..extraction.form import KEEP, LORA, AdapterForm, layout
+from ..extraction.svd import Factors, factorise
+from .hf import SCRIPT_KEY, _write_text
+from .write import _writing
+
+if TYPE_CHECKING:
+    from ..api import Program
+    from ..diagnostics import Diagnostic
+    from ..plan import Plan
+
+PREFIX = "base_model.model."
+REPORT = "extraction.json"
+
+
+class AdapterSink:
+    """Receives finished rows of each delta (execute's sink) and keeps the adapter's
+    tensors; `finish` writes the folder."""
+
+    def __init__(self, p: Plan, form: AdapterForm, dtype: str | None, device: str = "cpu"):
+        self.plan, self.form = p, form
+        self.roles = layout(form, p)
+        self.base = p.bound.models[form.base].source
+        self.device = parse_devices(device)[0]
+        self.shapes = {t.name: t.shape for t in p.tensors}
+        self.dtypes = {t.name: COMPUTE_DTYPES[dtype] if dtype else self.base.tensors[t.name].dtype
+                       if t.name in self.base.tensors else t.out_dtype for t in p.tensors}
+        self.partial: dict[str, tuple[torch.Tensor, int]] = {}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.factors: dict[str, Factors] = {}
+        self.lock = threading.Lock()
+
+    def write_rows(self, name: str, row0: int, part: torch.Tensor) -> None:
+        shape = self.shapes[name]
+        rows = shape[0] if shape else 1
+        if row0 == 0 and len(part) == rows or not shape:
+            self._finished(name, part.reshape(shape))
+            return
+        with self.lock:
+            whole, filled = self.partial.get(name) or (torch.empty(shape, dtype=part.dtype), 0)
+            whole[row0:row0 + len(part)] = part
+            filled += len(part)
+            self.partial[name] = (whole, filled)
+            if filled < rows:
+                return
+            del self.partial[name]
+        self._finished(name, whole)
+
+    def _finished(self, name: str, delta: torch.Tensor) -> None:
+        role, dtype = self.roles[name], self.dtypes[name]
+        if role == LORA:
+            f = factorise(delta.to(self.device), self.form.rank, self.form.energy,
+                          self.form.svd, self.plan.seed, name)
+            module = PREFIX + name.removesuffix(".weight")
+            with self.lock:
+                self.factors[name] = f
+                self.tensors[module + ".lora_A.weight"] = f.a.to(dtype).cpu().contiguous()
+                self.tensors[module + ".lora_B.weight"] = f.b.to(dtype).cpu().contiguous()
+        elif role == KEEP:
+            whole = self.base.load(name, None, delta.dtype) + delta
+            with self.lock:
+                self.tensors[PREFIX + name] = whole.to(dtype).contiguous()
+
+    def finish(self, folder: Path, script: str, script_name: str) -> None:
+        """Write the adapter files into `folder`."""
+        target = [n for n, r in self.roles.items() if r == LORA]
+        ranks = {n.removesuffix(".weight"): self.factors[n].rank for n in target}
+        top = max(ranks.values(), default=self.form.rank or 1)
+        config = adapter_config(self.plan, self.form, ranks, top, self.roles)
+        with _writing(folder / "adapter_model.safetensors"):
+            save_file(self.tensors, str(folder / "adapter_model.safetensors"),
+                      metadata={"format": "pt", SCRIPT_KEY: "see README.md"})
+        _write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+        _write_text(folder / REPORT, json.dumps(self.report(), indent=2) + "\n")
+        write_card(folder, script, script_name, config["base_model_name_or_path"])
+
+    def report(self) -> dict[str, Any]:
+        """Each factorised tensor's rank and relative error ||x - B A||_F / ||x||_F, and
+        the error over all of them together."""
+        rows = [{"name": n, "shape": list(self.shapes[n]), "rank": f.rank,
+                 "error": f.error, "norm": f.norm, "method": f.method}
+                for n, f in sorted(self.factors.items())]
+        total = sum(r["norm"] ** 2 for r in rows)
+        lost = sum((r["error"] * r["norm"]) ** 2 for r in rows)
+        return {"rank": self.form.rank, "energy": self.form.energy,
+                "overall_error": (lost / total) ** 0.5 if total > 0 else 0.0,
+                "parameters": sum(t.numel() for t in self.tensors.values()),
+                "tensors": rows,
+                "kept": sorted(n for n, r in self.roles.items() if r == KEEP)}
+
+
+def adapter_config(p: Plan, form: AdapterForm, ranks: dict[str, int], top: int,
+                   roles: dict[str, str]) -> dict[str, Any]:
+    """adapter_config.json as mergekit-extract-lora writes it: lora_alpha = r, so PEFT
+    applies B A at scale 1; modules of another rank (energy=) in rank_pattern and
+    alpha_pattern."""
+    modules = {n.removesuffix(".weight"): r for n, r in roles.items()}
+    different = {m: r for m, r in sorted(ranks.items()) if r != top}
+    config = p.bound.models[form.base].source.config or {}
+    causal = any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or ())
+    return {
+        "base_model_name_or_path": form.base,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if causal else None,
+        "r": top,
+        "lora_alpha": top,
+        "rank_pattern": different,
+        "alpha_pattern": different,
+        "target_modules": target_names(modules),
+        "modules_to_save": sorted(m for m, r in modules.items() if r == KEEP) or None,
+        "use_rslora": False,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+
+
+def target_names(modules: dict[str, str]) -> list[str]:
+    """target_modules: a module's last name (q_proj) where every module of that name is a
+    target, as mergekit writes them; the full name otherwise, so PEFT wraps no module
+    that is not (PEFT matches a name or a suffix after a dot)."""
+    by_suffix: dict[str, list[str]] = {}
+    for module in modules:
+        by_suffix.setdefault(module.rsplit(".", 1)[-1], []).append(module)
+    names: set[str] = set()
+    for suffix, group in by_suffix.items():
+        targets = [m for m in group if modules[m] == LORA]
+        names.update([suffix] if len(targets) == len(group) else targets)
+    return sorted(names)
+
+
+def write_card(folder: Path, script: str, script_name: str, base: str) -> None:
+    """README.md: Hub metadata (a PEFT adapter, tagged mergelang, so --force knows it as
+    a previous output) and the script that made it."""
+    fence = "```"
+    while fence in script:
+        fence += "`"
+    body = script if script.endswith("\n") else script + "\n"
+    _write_text(folder / "README.md", (
+        "---\ntags:\n- lora\n- mergelang\nlibrary_name: peft\n---\n\n"
+        f"# {Path(script_name).stem or 'adapter'}\n\n"
+        f"A LoRA adapter for `{Path(base).name}` extracted by mergelang from the script "
+        f"`{script_name}`:\n\n{fence}merge\n{body}{fence}\n"))
+
+
+def writer(form: AdapterForm, out_dtype: str | None, cluster: object = None
+           ) -> Callable[..., list[Diagnostic]]:
+    """The function Program.run calls in place of its model writer."""
+    if cluster is not None:
+        from ..diagnostics import error
+        raise error("extract_lora() writes its adapter from one process; a cluster run is "
+                    "not supported", form.span, hint="drop --scheduler / --workers")
+
+    def write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: int,
+              strict: bool, progress, budget: int, order) -> list[Diagnostic]:
+        from ..diagnostics import MergeError
+        from ..execute import execute
+        sink = AdapterSink(p, form, out_dtype or program.lowered.out_dtype, device)
+        try:
+            warnings = program._in_script(execute(p, sink.write_rows, device, strict,
+                                                  progress, budget, order))
+        except MergeError as exc:
+            raise MergeError(program._in_script(exc.diagnostics)) from None
+        name = program.path.name if program.path else "extract.merge"
+        sink.finish(folder, program.source_text, name)
+        return warnings
+    return write
