@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import ast
-from .bind import InMemoryModel, bind
+from .bind import Bound, BoundModel, InMemoryModel, bind
 from .builtins import CONTEXT_NAMES, DTYPES
 from .devices import parse_devices
 from .diagnostics import MergeError, error, move_to_script
@@ -77,7 +77,9 @@ class Expression:
             p, kernels = self._plan(states, values, seed, dtype)
             with p:
                 results = Collector(p.tensors)
-                execute(p, results.sink, device, kernels=kernels)
+                # a call returns tensors, not warnings: no pass over each result to count
+                # NaNs that nobody would be told of
+                execute(p, results.sink, device, kernels=kernels, check_finite=False)
         except MergeError as exc:
             raise MergeError(move_to_script(exc.diagnostics, self.span)) from None
         return results.tensors[_BARE] if bare else results.tensors
@@ -87,21 +89,33 @@ class Expression:
         """The plan and its schedule for these inputs, bound to their tensors: made on
         the first call with inputs of these names, shapes, dtypes and values; reused
         after."""
-        lowered = self._lower(frozenset(states), frozenset(values))
-        lowered = dataclasses.replace(lowered, seed=seed, dtype=dtype)
-        bound = bind(lowered, {_key(k): InMemoryModel(s) for k, s in states.items()
-                               if _key(k) in lowered.models})
         # the seed is not planned on (random draws read it when they run): one plan serves
         # every seed, as an optimizer calling with seed + step needs
         signature = (dtype, tuple(sorted((k, _value_key(v)) for k, v in values.items())),
                      tuple((k, tuple(_headers(s))) for k, s in sorted(states.items())))
-        if signature not in self._plans:
+        lowered = self._lower(frozenset(states), frozenset(values))
+        lowered = dataclasses.replace(lowered, seed=seed, dtype=dtype)
+        held = {_key(k): s for k, s in states.items()}
+        cached = self._plans.get(signature)
+        if cached is None or any(k not in held for k in cached[0].bound.models):
+            bound = bind(lowered, {k: InMemoryModel(s) for k, s in held.items()
+                                   if k in lowered.models})
             made = plan(bound, values)
             if len(self._plans) >= _MAX_PLANS:  # the oldest goes (a sweep over many values)
                 del self._plans[next(iter(self._plans))]
-            self._plans[signature] = (made, schedule(made))
-        cached, kernels = self._plans[signature]
-        return dataclasses.replace(cached, bound=bound, seed=seed), kernels
+            kept = {k: BoundModel(k, m.ref, _Held({}, m.source.tensors), m.num_layers)
+                    if isinstance(m.source, InMemoryModel) else m
+                    for k, m in bound.models.items()}  # the caller's tensors are not kept
+            self._plans[signature] = (dataclasses.replace(
+                made, bound=Bound(lowered, kept, bound.donor)), schedule(made))
+            return made, self._plans[signature][1]
+        template, kernels = cached
+        # the same names, shapes and dtypes as the plan's: bind's checks and layer count
+        # hold, so the new tensors take the old ones' place, headers and all
+        models = {k: BoundModel(k, m.ref, _Held(held[k], m.source.tensors), m.num_layers)
+                  for k, m in template.bound.models.items()}
+        bound = Bound(lowered, models, template.bound.donor)
+        return dataclasses.replace(template, bound=bound, seed=seed), kernels
 
     def _lower(self, models: frozenset[str], values: frozenset[str]) -> Lowered:
         key = models
@@ -113,6 +127,13 @@ class Expression:
     def cached_plans(self) -> int:
         """How many plans this expression has made (one per distinct way of calling it)."""
         return len(self._plans)
+
+
+class _Held(InMemoryModel):
+    """An in-memory model whose headers are already known (a call like an earlier one)."""
+
+    def __init__(self, state: dict[str, torch.Tensor], tensors: dict):
+        self.state, self.tensors, self.config, self.folder = state, tensors, None, None
 
 
 def _key(name: str) -> str:

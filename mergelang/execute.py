@@ -36,9 +36,11 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
             progress: Callable[[TensorPlan], None] | None = None,
             budget: int = DEFAULT_BUDGET, order: Order | None = None,
             kernels: list[Kernel] | None = None,
-            model_wide: Mapping[str, Any] | None = None) -> list[Diagnostic]:
+            model_wide: Mapping[str, Any] | None = None,
+            check_finite: bool = True) -> list[Diagnostic]:
     """Compute every output tensor into `sink`. Returns warnings (NaN/Inf); with
-    strict=True a non-finite result is an error instead.
+    strict=True a non-finite result is an error instead; check_finite=False skips the
+    check (a pass over each result) for a caller that would not report it.
 
     `device` is one device or several GPUs ("cuda:0,cuda:1", "cuda:all"), which split
     the tensors between them; the results are the same bytes either way, and whatever
@@ -50,7 +52,7 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
     devices = parse_devices(device)
     if kernels is None:
         kernels = schedule(plan, budget, order)
-    non_finite: Counter[str] = Counter()
+    non_finite: Counter[str] | None = Counter() if check_finite else None
     if model_wide is None:
         with _Run(plan, devices[0], sink, non_finite) as run:
             model_wide = run.sweep_model(kernels)

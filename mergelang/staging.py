@@ -108,7 +108,7 @@ class Writer:
     """Casts results to their output dtype and hands them to the sink, on a writer
     thread, counting non-finite values on the way."""
 
-    def __init__(self, sink: Sink, non_finite: Counter):
+    def __init__(self, sink: Sink, non_finite: Counter | None):  # None: no check
         self.sink, self.non_finite = sink, non_finite
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="mergelang-write")
         self.pending: deque[Future] = deque()
@@ -127,7 +127,8 @@ class Writer:
         out = part.to(t.out_dtype).cpu()
         # one reduction finds out whether any value is NaN or infinite (the sum would
         # be); only then are they counted
-        if out.is_floating_point() and out.numel() and not torch.isfinite(out.sum()):
+        if self.non_finite is not None and out.is_floating_point() and out.numel() \
+                and not torch.isfinite(out.sum()):
             bad = int((~torch.isfinite(out)).sum())
             if bad:
                 with _COUNTING:
