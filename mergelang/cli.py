@@ -130,6 +130,8 @@ def _parser() -> argparse.ArgumentParser:
 
     from .eval.command import add_parser as add_eval_parser
     add_eval_parser(sub).set_defaults(handler=_eval)
+    from .extraction.command import add_parser as add_extract_parser
+    add_extract_parser(sub)
     cli_params.add_sweep_command(sub, _report)
     from .compress import add_parser as add_compress_parser
     add_compress_parser(sub)
