@@ -20,7 +20,9 @@ from .diagnostics import Span, error
 from .io.errors import ModelFileError
 from .io.read import TensorInfo
 from .io.sources import is_derived, open_source, split_key
+from .ir import Op, nodes_of
 from .lower import Lowered, ModelRef
+from .vocab import VocabPlan, align
 
 # `model.layers.12.`, `transformer.h.3.`, `encoder.layer.7.`, `blocks.0.`
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|layer|blocks|block)\.(\d+)\.")
@@ -102,6 +104,7 @@ class Bound:
     lowered: Lowered
     models: dict[str, BoundModel]
     donor: BoundModel | None
+    vocab: VocabPlan | None = None   # with `set vocab`: the output's vocabulary
 
     def close(self) -> None:
         for model in self.models.values():
@@ -190,12 +193,15 @@ def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bou
             except ModelFileError as exc:
                 raise error(exc.message, ref.span, hint=exc.hint) from None
             models[key] = BoundModel(key, ref, source, layers)
+        merged = {n.attr for n in nodes_of(lowered.output, Op.MODEL)} \
+            if lowered.output is not None else set(models)
+        vocab = align(lowered.vocab, models, lowered.donor, merged)
     except BaseException:
         for source in opened.values():
             source.close()
         raise
     donor = models.get(lowered.donor) if lowered.donor else None
-    return Bound(lowered, models, donor)
+    return Bound(lowered, models, donor, vocab)
 
 
 def _open(key: str, span: Span) -> ModelSource:

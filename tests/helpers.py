@@ -268,3 +268,33 @@ class SweepStub:
         scores = {"up": value, "down": 1 - value}
         return [{"task": t, "n": 1, "exact_match": round(scores[t], 6), "loglik": 0.0}
                 for t in names]
+
+
+# --- tiny models with real tokenizers, for vocabulary alignment ------------------------
+
+VOCAB_WORDS = ("the", "cat", "sat", "on", "a", "mat", "dog", "ran")
+
+
+def write_tokenized_model(folder: Path, words=VOCAB_WORDS, added=(), special=(),
+                          seed: int = 0, tied: bool = False, layers: int = 2) -> Path:
+    """A tiny LlamaForCausalLM (float32) saved with a real WordLevel tokenizer over
+    `words`, then `added` tokens and `special` tokens added as transformers adds them."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", "<s>", "</s>", *words])}
+    inner = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    inner.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=inner, unk_token="<unk>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.add_tokens(list(added))
+    if special:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(special)})
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=8, intermediate_size=16,
+                         num_hidden_layers=layers, num_attention_heads=2,
+                         num_key_value_heads=2, max_position_embeddings=32,
+                         tie_word_embeddings=tied)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

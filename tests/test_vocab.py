@@ -1,0 +1,303 @@
+"""Models whose vocabularies differ: embedding and head rows aligned by token string.
+
+Each merged row is checked against an independent computation: each input model's row
+for the same token, found through that model's own tokenizer as transformers loads it,
+merged by the closed form of the script; and the output is loaded and used by
+transformers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mergelang
+from tests.helpers import (
+    VOCAB_WORDS,
+    assert_error,
+    assert_nothing_written,
+    at,
+    run,
+    write,
+    write_tokenized_model,
+)
+
+transformers = pytest.importorskip("transformers")
+
+EMBED, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("vocab")
+    write_tokenized_model(root / "base", seed=0)
+    write_tokenized_model(root / "a", added=["<x>", "zebra"], seed=1)
+    write_tokenized_model(root / "b", added=["zebra"], special=["<|im|>"], seed=2)
+    write_tokenized_model(root / "r", words=tuple(reversed(VOCAB_WORDS)), seed=3)
+    write_tokenized_model(root / "tied", seed=4, tied=True)
+    write_tokenized_model(root / "tied_x", added=["<x>"], seed=5, tied=True)
+    write_tokenized_model(root / "deep", added=["<x>"], seed=6, layers=3)
+    return root
+
+
+def rows(folder: Path) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+    """A model's vocabulary (as transformers reads it) and its tensors."""
+    vocab = transformers.AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+    return vocab, load_file(str(folder / "model.safetensors"))
+
+
+def row(folder: Path, token: str, name: str = EMBED) -> torch.Tensor | None:
+    vocab, state = rows(folder)
+    if token not in vocab:
+        return None
+    return state.get(name, state[EMBED])[vocab[token]]
+
+
+def merge(tmp_path: Path, models: Path, text: str) -> Path:
+    script = write(tmp_path, text.replace("MODELS", str(models)))
+    out = tmp_path / "out"
+    mergelang.load(script).run(out)
+    return out
+
+
+def others(token: str, folders: list[Path], name: str) -> torch.Tensor:
+    """mergekit's default for a token a model lacks: the base's row (the first folder),
+    else the only model's that has it, else the mean of those that have it."""
+    having = [r for r in (row(f, token, name) for f in folders) if r is not None]
+    first = row(folders[0], token, name)
+    if first is not None and len(having) > 1:
+        return first
+    return torch.stack(having).mean(0) if having else torch.zeros(8)
+
+
+def test_union_rows_match_token_strings(tmp_path, models):
+    out = merge(tmp_path, models, """
+set vocab = "union"
+base = model("MODELS/base")
+a = model("MODELS/a")
+b = model("MODELS/b")
+output base + task_arithmetic(a - base, b - base, weights=[1.0, 0.5])
+""")
+    folders = [models / n for n in ("base", "a", "b")]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(out))
+    vocab = tokenizer.get_vocab()
+    union = set().union(*(rows(f)[0] for f in folders))
+    assert set(vocab) == union and len(vocab) == 14
+    merged = load_file(str(out / "model.safetensors"))
+    for name in (EMBED, HEAD):
+        assert merged[name].shape == (14, 8)
+        for token, index in vocab.items():
+            base, a, b = (row(f, token, name) for f in folders)
+            fill = others(token, folders, name)
+            base, a, b = (fill if r is None else r for r in (base, a, b))
+            expected = base + 1.0 * (a - base) + 0.5 * (b - base)
+            torch.testing.assert_close(merged[name][index], expected, rtol=0, atol=1e-6)
+    config = json.loads((out / "config.json").read_text())
+    assert config["vocab_size"] == 14 and config["num_hidden_layers"] == 2
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    ids = tokenizer("the zebra <x> <|im|> cat")["input_ids"]
+    assert ids == [vocab[t] for t in ("the", "zebra", "<x>", "<|im|>", "cat")]
+    assert model(torch.tensor([ids])).logits.shape == (1, 5, 14)
+    assert "<|im|>" in tokenizer.all_special_tokens
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "the zebra <x> cat"
+
+
+def test_different_order_is_aligned_to_the_donors(tmp_path, models):
+    out = merge(tmp_path, models, """
+set vocab = "base"
+base = model("MODELS/base")
+r = model("MODELS/r")
+output linear(base, r, weights=[0.25, 0.75])
+""")
+    vocab, _ = rows(models / "base")
+    assert rows(models / "r")[0] != vocab   # the same tokens, numbered differently
+    merged = load_file(str(out / "model.safetensors"))
+    for name in (EMBED, HEAD):
+        for token, index in vocab.items():
+            expected = 0.25 * row(models / "base", token, name) + \
+                0.75 * row(models / "r", token, name)
+            torch.testing.assert_close(merged[name][index], expected, rtol=0, atol=1e-6)
+    assert (out / "tokenizer.json").read_bytes() == (models / "base/tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("default", ["zero", "mean", "a"])
+def test_defaults_for_a_missing_token(tmp_path, models, default):
+    value = default if default == "a" else f'"{default}"'
+    out = merge(tmp_path, models, f"""
+set vocab = a
+set vocab_default = {value}
+base = model("MODELS/base")
+a = model("MODELS/a")
+output base + 2 * (a - base)
+""")
+    merged = load_file(str(out / "model.safetensors"))
+    vocab, base_state = rows(models / "base")
+    out_vocab = rows(out)[0]
+    assert out_vocab == rows(models / "a")[0]
+    for token in ("<x>", "zebra"):
+        a_row = row(models / "a", token)
+        fill = {"zero": torch.zeros(8), "mean": base_state[EMBED].mean(0), "a": a_row}[default]
+        torch.testing.assert_close(merged[EMBED][out_vocab[token]], fill + 2 * (a_row - fill),
+                                   rtol=0, atol=1e-6)
+
+
+def test_per_token_sources_and_force(tmp_path, models):
+    out = merge(tmp_path, models, """
+set vocab = "union"
+set vocab_tokens = [["zebra", "zero"], ["cat", b, "force"]]
+base = model("MODELS/base")
+a = model("MODELS/a")
+b = model("MODELS/b")
+output linear(base, a, b)
+""")
+    merged = load_file(str(out / "model.safetensors"))
+    vocab = rows(out)[0]
+    folders = [models / n for n in ("base", "a", "b")]
+    # zebra: base lacks it and takes zero; a and b have their own rows
+    expected = (row(folders[1], "zebra") + row(folders[2], "zebra")) / 3
+    torch.testing.assert_close(merged[EMBED][vocab["zebra"]], expected, rtol=0, atol=1e-6)
+    # cat: every model takes b's row, even those that have one of their own
+    torch.testing.assert_close(merged[EMBED][vocab["cat"]], row(folders[2], "cat"),
+                               rtol=0, atol=1e-6)
+
+
+def test_tied_embeddings_stay_tied(tmp_path, models):
+    out = merge(tmp_path, models, """
+set vocab = "union"
+t = model("MODELS/tied")
+x = model("MODELS/tied_x")
+output linear(t, x)
+""")
+    merged = load_file(str(out / "model.safetensors"))
+    assert HEAD not in merged and merged[EMBED].shape == (12, 8)
+    config = json.loads((out / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["vocab_size"] == 12
+    vocab = rows(out)[0]
+    torch.testing.assert_close(merged[EMBED][vocab["<x>"]], row(models / "tied_x", "<x>"),
+                               rtol=0, atol=1e-6)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+
+
+def test_vocabulary_of_a_model_not_merged(tmp_path, models):
+    """The tokenizer's model gives the vocabulary only: the layer count and config.json
+    come from the merged models (a donor outside the merge used to give them)."""
+    out = merge(tmp_path, models, """
+set vocab = model("MODELS/deep")
+base = model("MODELS/base")
+a = model("MODELS/a")
+output linear(base, a)
+""")
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 12
+    assert rows(out)[0] == rows(models / "deep")[0]
+    merged = load_file(str(out / "model.safetensors"))
+    assert not any(".layers.2." in n for n in merged)
+    transformers.AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_pad_to_a_multiple(tmp_path, models):
+    out = merge(tmp_path, models, """
+set vocab = "union"
+set vocab_pad_to = 8
+base = model("MODELS/base")
+a = model("MODELS/a")
+output linear(base, a)
+""")
+    merged = load_file(str(out / "model.safetensors"))
+    assert merged[EMBED].shape == (16, 8)
+    assert torch.count_nonzero(merged[EMBED][13:]) == 0
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 16
+    transformers.AutoModelForCausalLM.from_pretrained(str(out))
+
+
+# --- errors, found before a tensor is loaded ---------------------------------------------
+
+
+def script_of(tmp_path: Path, models: Path, text: str) -> Path:
+    return write(tmp_path, text.replace("MODELS", str(models)))
+
+
+def test_different_vocabularies_without_a_setting(tmp_path, models, capsys):
+    script = script_of(tmp_path, models, 'base = model("MODELS/base")\n'
+                       'a = model("MODELS/a")\noutput base + (a - base)\n')
+    out = tmp_path / "out"
+    assert_error(run(capsys, script, out), at(script, 2, 11), f'"{models}/a"',
+                 "13 tokens", "11 tokens", "embedding 13 rows", '"<x>"',
+                 hint='set vocab = "union"')
+    assert_nothing_written(out)
+
+
+def test_different_order_without_a_setting(tmp_path, models, capsys):
+    script = script_of(tmp_path, models, 'base = model("MODELS/base")\n'
+                       'r = model("MODELS/r")\noutput linear(base, r)\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 2, 11), None,
+                 "differs from that of", "is token", hint="set vocab = base")
+
+
+def test_tokenizer_larger_than_the_embedding(tmp_path, models, capsys):
+    import shutil
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(models / "base", wrong)
+    shutil.copyfile(models / "a/tokenizer.json", wrong / "tokenizer.json")
+    script = script_of(tmp_path, models, f'w = model("{wrong}")\n'
+                       'a = model("MODELS/a")\noutput linear(w, a)\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 1, 11), None,
+                 "has 13 tokens", "has 11 rows", hint="tokenizer files")
+
+
+BAD_SETTINGS = [
+    ('set vocab = "all"', '"union", "base" or a model', 'set vocab = "union"'),
+    ('set vocab_default = "one"', "vocab_default must be", 'set vocab_default = "zero"'),
+    ("set vocab_pad_to = 0", "positive integer", "set vocab_pad_to = 64"),
+    ('set vocab_tokens = "x"', "list of [token, source] lists", "set vocab_tokens"),
+    ('set vocab_tokens = [["x", "b"]]', "each entry of vocab_tokens", "set vocab_tokens"),
+]
+
+
+@pytest.mark.parametrize(("line", "words", "hint"), BAD_SETTINGS)
+def test_bad_settings(tmp_path, models, capsys, line, words, hint):
+    script = script_of(tmp_path, models, f'{line}\nbase = model("MODELS/base")\n'
+                       "output base\n")
+    col = line.index("=") + 3
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 1, col), None, words,
+                 hint=hint)
+
+
+def test_setting_without_vocab(tmp_path, models, capsys):
+    script = script_of(tmp_path, models, 'set vocab_default = "zero"\n'
+                       'base = model("MODELS/base")\noutput base\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 1, 21), '"zero"',
+                 "no effect without `set vocab`", hint='set vocab = "union"')
+
+
+def test_token_rule_not_in_the_vocabulary(tmp_path, models, capsys):
+    script = script_of(tmp_path, models, 'set vocab = "union"\n'
+                       'set vocab_tokens = [["<nope>", "zero"]]\n'
+                       'base = model("MODELS/base")\noutput base\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 2, 20), None,
+                 '"<nope>"', "not in the output's vocabulary")
+
+
+def test_token_rule_from_a_model_without_the_token(tmp_path, models, capsys):
+    script = script_of(tmp_path, models, 'set vocab = "union"\n'
+                       'base = model("MODELS/base")\na = model("MODELS/a")\n'
+                       'set vocab_tokens = [["<x>", base]]\noutput linear(base, a)\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 4, 20), None,
+                 '"<x>"', "does not have it")
+
+
+def test_model_without_tokenizer_under_set_vocab(tmp_path, models, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copyfile(models / "base/model.safetensors", bare / "model.safetensors")
+    script = script_of(tmp_path, models, f'set vocab = "union"\nb = model("{bare}")\n'
+                       'a = model("MODELS/a")\noutput linear(b, a)\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 2, 11), None,
+                 "no tokenizer files", hint="tokenizer.json")
