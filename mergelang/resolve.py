@@ -226,33 +226,43 @@ class _Checker:
         self.expr(fn.result, local)
 
     def expr(self, node: ast.Expr, local: frozenset[str]) -> None:
-        if isinstance(node, ast.Name):
-            self.name(node, local)
-        elif isinstance(node, ast.Call):
-            self.call(node, local)
-        elif isinstance(node, ast.ListExpr):
-            for item in node.items:
-                self.expr(item, local)
-        elif isinstance(node, ast.Unary):
-            self.expr(node.operand, local)
-        elif isinstance(node, ast.Binary):
-            self.expr(node.left, local)
-            self.expr(node.right, local)
-        elif isinstance(node, ast.Cond):
-            for part in (node.test, node.then, node.orelse):
-                self.expr(part, local)
-        elif isinstance(node, (ast.Index, ast.Slice)):
-            if not (isinstance(node.value, ast.Attr) and node.value.name == "layers"):
-                raise error("only a model's layers can be indexed", node.span,
-                            hint="e.g. a.layers[0:24] or a.layers[3]")
-            bounds = [node.index] if isinstance(node, ast.Index) else [node.start, node.stop]
-            for part in [node.value, *(b for b in bounds if b is not None)]:
-                self.expr(part, local)
-        elif isinstance(node, ast.Attr):
-            if node.name != "layers":
-                raise error(f'unknown attribute ".{node.name}"', node.span,
-                            hint="a model has one attribute, `.layers` (e.g. a.layers[0:24])")
-            self.expr(node.value, local)
+        """Check an expression, parts in source order, on a stack of its own (an
+        expression may nest thousands deep: a sum of 400 models)."""
+        stack: list[tuple[ast.Expr, bool]] = [(node, False)]
+        while stack:
+            node, after_args = stack.pop()
+            if after_args:  # a call, once its arguments are checked
+                self.call(node, local)
+            elif isinstance(node, ast.Name):
+                self.name(node, local)
+            elif isinstance(node, ast.Call):
+                if not isinstance(node.func, ast.Name):
+                    raise error("only named functions can be called", node.func.span)
+                stack.append((node, True))
+                stack.extend((e, False) for e in reversed([*node.args,
+                                                            *(k.value for k in node.kwargs)]))
+            elif isinstance(node, ast.ListExpr):
+                stack.extend((e, False) for e in reversed(node.items))
+            elif isinstance(node, ast.Unary):
+                stack.append((node.operand, False))
+            elif isinstance(node, ast.Binary):
+                stack.extend([(node.right, False), (node.left, False)])
+            elif isinstance(node, ast.Cond):
+                stack.extend([(node.orelse, False), (node.then, False), (node.test, False)])
+            elif isinstance(node, (ast.Index, ast.Slice)):
+                if not (isinstance(node.value, ast.Attr) and node.value.name == "layers"):
+                    raise error("only a model's layers can be indexed", node.span,
+                                hint="e.g. a.layers[0:24] or a.layers[3]")
+                bounds = [node.index] if isinstance(node, ast.Index) else [node.start,
+                                                                           node.stop]
+                parts = [node.value, *(b for b in bounds if b is not None)]
+                stack.extend((e, False) for e in reversed(parts))
+            elif isinstance(node, ast.Attr):
+                if node.name != "layers":
+                    raise error(f'unknown attribute ".{node.name}"', node.span,
+                                hint="a model has one attribute, `.layers` (e.g. "
+                                     "a.layers[0:24])")
+                stack.append((node.value, False))
 
     def name(self, node: ast.Name, local: frozenset[str]) -> None:
         if node.id in local or node.id in CONTEXT_NAMES or self.scope.all_names() & {node.id}:
@@ -267,13 +277,8 @@ class _Checker:
                     or "define it first, e.g. `x = model(\"path\")`")
 
     def call(self, node: ast.Call, local: frozenset[str]) -> None:
-        if not isinstance(node.func, ast.Name):
-            raise error("only named functions can be called", node.func.span)
+        """A call's own checks (`expr` has checked its arguments)."""
         name = node.func.id
-        for arg in node.args:
-            self.expr(arg, local)
-        for kw in node.kwargs:
-            self.expr(kw.value, local)
         sig = self.signature(name, node, local)
         check_call(sig, node)
         if name == "model" and node.args and isinstance(node.args[0], ast.String):

@@ -5,16 +5,21 @@ constants, so conditions, `|` fallbacks, layer slices and gradients fold away: a
 not taken loads nothing. What remains is a small DAG of loads, constants and tensor
 operations. Each operation of the source phase has one entry in `SPECIALISE`; the
 scalar ones are computed by `SCALAR_EVAL`.
+
+An entry that needs an argument's value is a generator: it yields `(node, lookup)` and
+is sent the value, and `Specialiser.spec` runs them on a stack of its own, so an
+expression thousands of operations deep (a sum of 400 models) needs no Python recursion.
 """
 
 from __future__ import annotations
 
 import operator
-import re
 from collections import defaultdict
 from collections.abc import Callable
+from types import GeneratorType
 from typing import Any
 
+from . import matching
 from .bind import Bound, TensorContext, is_before_layers, layer_of, with_layer
 from .diagnostics import Diagnostic, Span, error
 from .ir import SCALAR, TENSOR, Node, Op, nodes_of
@@ -53,9 +58,49 @@ class Specialiser:
         """Specialise `node` for the output tensor `ctx`; models are read at the tensor
         name `lookup` (the output's name, unless a layer slice renumbers it)."""
         key = (node, lookup)
-        if key not in memo:
-            memo[key] = SPECIALISE[node.op](self, node, ctx, memo, lookup)
-        return memo[key]
+        if key in memo:
+            return memo[key]
+        result = SPECIALISE[node.op](self, node, ctx, memo, lookup)
+        if not isinstance(result, GeneratorType):
+            memo[key] = result
+            return result
+        stack = [(result, key)]
+        sent: Any = None
+        failed: Exception | None = None
+        while stack:
+            gen, at = stack[-1]
+            try:
+                if failed is not None:
+                    request = gen.throw(failed)
+                    failed = None
+                else:
+                    request = gen.send(sent)
+            except StopIteration as done:
+                stack.pop()
+                memo[at] = sent = done.value
+                continue
+            except Exception as exc:  # noqa: BLE001 - handed to the caller below
+                stack.pop()
+                if not stack:
+                    raise
+                failed = exc
+                continue
+            arg, arg_lookup = request
+            arg_key = (arg, arg_lookup)
+            if arg_key in memo:
+                sent = memo[arg_key]
+                continue
+            try:
+                result = SPECIALISE[arg.op](self, arg, ctx, memo, arg_lookup)
+            except Exception as exc:  # noqa: BLE001 - thrown into the entry that asked
+                failed = exc
+                continue
+            if isinstance(result, GeneratorType):
+                stack.append((result, arg_key))
+                sent = None
+            else:
+                memo[arg_key] = sent = result
+        return sent
 
     def missing_errors(self) -> list[Diagnostic]:
         errors = []
@@ -119,16 +164,16 @@ def _model(s: Specialiser, node: Node, ctx, memo, lookup: str) -> Any:
 
 
 def _cond(s: Specialiser, node: Node, ctx: TensorContext, memo, lookup) -> Any:
-    test = s.spec(node.args[0], ctx, memo, lookup)
+    test = yield node.args[0], lookup
     if not isinstance(test, bool):
         raise error(f'an `if` condition must be true or false; for "{ctx.name}" it is '
                     f"{test!r}", node.args[0].span or node.span)
-    return s.spec(node.args[1] if test else node.args[2], ctx, memo, lookup)
+    return (yield node.args[1] if test else node.args[2], lookup)
 
 
 def _fallback(s: Specialiser, node: Node, ctx, memo, lookup) -> Any:
-    first = s.spec(node.args[0], ctx, memo, lookup)
-    return s.spec(node.args[1], ctx, memo, lookup) if isinstance(first, Missing) else first
+    first = yield node.args[0], lookup
+    return (yield node.args[1], lookup) if isinstance(first, Missing) else first
 
 
 def _layers(s: Specialiser, node: Node, ctx, memo, lookup: str) -> Any:
@@ -136,10 +181,10 @@ def _layers(s: Specialiser, node: Node, ctx, memo, lookup: str) -> Any:
     layers (embeddings, head) pass through."""
     layer = layer_of(lookup)
     if layer is None:
-        return s.spec(node.args[0], ctx, memo, lookup)
+        return (yield node.args[0], lookup)
     if layer >= s.slice_length(node):
         return Missing(frozenset())
-    return s.spec(node.args[0], ctx, memo, with_layer(lookup, node.attr[0] + layer))
+    return (yield node.args[0], with_layer(lookup, node.attr[0] + layer))
 
 
 def _stack(s: Specialiser, node: Node, ctx, memo, lookup: str) -> Any:
@@ -149,17 +194,19 @@ def _stack(s: Specialiser, node: Node, ctx, memo, lookup: str) -> Any:
     layer = layer_of(lookup)
     if layer is None:
         part = node.args[0] if is_before_layers(lookup) else node.args[-1]
-        return s.spec(part, ctx, memo, lookup)
+        return (yield part, lookup)
     for part in node.args:
         length = s.slice_length(part)
         if layer < length:
-            return s.spec(part, ctx, memo, with_layer(lookup, layer))
+            return (yield part, with_layer(lookup, layer))
         layer -= length
     return Missing(frozenset())
 
 
 def _computed(s: Specialiser, node: Node, ctx: TensorContext, memo, lookup) -> Any:
-    args = [s.spec(a, ctx, memo, lookup) for a in node.args]
+    args = []
+    for a in node.args:
+        args.append((yield a, lookup))
     if node.kind == SCALAR:
         return _scalar(node, args, ctx)
     return _tensor_op(s, node, args, ctx)
@@ -256,7 +303,7 @@ SCALAR_EVAL: dict[Op, Callable[[Node, list, TensorContext], Any]] = {
     Op.NOT: lambda n, a, c: not _truth(a[0], n, c),
     Op.AND: lambda n, a, c: _truth(a[0], n, c) and _truth(a[1], n, c),
     Op.OR: lambda n, a, c: _truth(a[0], n, c) or _truth(a[1], n, c),
-    Op.MATCH: lambda n, a, c: isinstance(a[0], str) and re.search(a[1], a[0]) is not None,
+    Op.MATCH: lambda n, a, c: isinstance(a[0], str) and matching.search(a[1], a[0], n.span),
     Op.COMPARE: _compare,
     Op.GRADIENT: lambda n, a, c: interpolate(n.attr, a[0]),
     Op.CHECK_RANGE: _check_range,

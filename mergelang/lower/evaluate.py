@@ -4,6 +4,12 @@ errors point.
 `Lowerer.eval` evaluates one AST expression to a compile-time value (see values.py).
 Calls go to an inlined `fn`, a primitive (calls.py checks and maps its arguments) or a
 built-in (calls.py). Every node is made by the program's `ir.Builder`.
+
+The evaluation does not recurse in Python: a method that needs a sub-expression's value
+is a generator that yields `(expression, frame)` and is sent the value back, and `eval`
+runs them on a stack of its own. A sum of 400 models, 400 bindings each using the one
+before, or 500 nested operators are then as easy as 5; beyond MAX_DEPTH levels the
+expression is a located diagnostic, never Python's RecursionError.
 """
 
 from __future__ import annotations
@@ -12,17 +18,22 @@ import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import GeneratorType
 
-from .. import ast
+from .. import ast, matching
 from ..builtins import CONTEXT_NAMES
 from ..diagnostics import MergeError, Span, error, in_stdlib, move_to_script
 from ..ir import SCALAR, TENSOR, Builder, Node, Op
 from ..ops import PRIMITIVES
 from ..resolve import Resolved, Scope
 from . import calls
+from .inline import CallSites, depth, value_key
 from .values import ModelRef, Value, broadcast2, describe, is_number, is_tensor, map1
 
 _MAX_INLINE_DEPTH = 64
+_UNSEEN = object()
+MAX_DEPTH = 20_000
+"""The deepest evaluation (sub-expressions, bindings and inlined calls, each a level)."""
 _ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 _ARITHMETIC_OPS = {"+": Op.ADD, "-": Op.SUB, "*": Op.MUL, "/": Op.DIV}
 _UNARY = {ast.NEGATE: "_negate", ast.NOT: "_not"}
@@ -51,6 +62,8 @@ class Lowerer:
         self.globals: dict[str, Value] = {}
         self.in_progress: list[str] = []
         self.models: dict[str, ModelRef] = {}
+        self.inlined: dict[tuple, Value] = {}  # (function, scope, arguments) -> result
+        self.call_sites = CallSites()
 
     def model_node(self, key: str, written: str, span: Span | None) -> Node:
         if span is not None:
@@ -63,8 +76,48 @@ class Lowerer:
     # expressions
 
     def eval(self, node: ast.Expr, frame: Frame) -> Value:
-        method = getattr(self, "_" + type(node).__name__)
-        return method(node, frame)
+        """The value of `node`; the evaluation's own stack stands in for recursion."""
+        result = getattr(self, "_" + type(node).__name__)(node, frame)
+        if not isinstance(result, GeneratorType):
+            return result
+        stack = [result]
+        sent: Value = None
+        failed: Exception | None = None
+        while stack:
+            try:
+                if failed is not None:
+                    request = stack[-1].throw(failed)  # into the caller, as recursion would
+                    failed = None
+                else:
+                    request = stack[-1].send(sent)
+            except StopIteration as done:
+                stack.pop()
+                sent = done.value
+                continue
+            except Exception as exc:  # noqa: BLE001 - handed to the caller below
+                stack.pop()
+                if not stack:
+                    raise
+                failed = exc
+                continue
+            expr, where = request
+            try:
+                result = getattr(self, "_" + type(expr).__name__)(expr, where)
+            except Exception as exc:  # noqa: BLE001 - thrown into the generator that asked
+                failed = exc
+                continue
+            if not isinstance(result, GeneratorType):
+                sent = result
+            elif len(stack) >= MAX_DEPTH:
+                result.close()
+                failed = error(f"expression nested too deeply ({len(stack) + depth(expr)} "
+                               f"levels; the limit is {MAX_DEPTH})", expr.span,
+                               hint="name the inner parts (x = ...), or sum a list with "
+                                    "sum([...])")
+            else:
+                stack.append(result)
+                sent = None
+        return sent
 
     def _Number(self, node: ast.Number, frame: Frame) -> Value:
         return node.value
@@ -79,18 +132,21 @@ class Lowerer:
         return None
 
     def _ListExpr(self, node: ast.ListExpr, frame: Frame) -> Value:
-        return tuple(self.eval(item, frame) for item in node.items)
+        items = []
+        for item in node.items:
+            items.append((yield item, frame))
+        return tuple(items)
 
     def _Name(self, node: ast.Name, frame: Frame) -> Value:
         if node.id in frame.locals:
             return frame.locals[node.id]
         if node.id in CONTEXT_NAMES:
             return self.b.make(Op.CTX, (), node.id, SCALAR, node.span)
+        if node.id in self.globals:
+            return self.globals[node.id]
         return self._global(node, frame.scope)
 
     def _global(self, node: ast.Name, scope: Scope) -> Value:
-        if node.id in self.globals:
-            return self.globals[node.id]
         owner: Scope | None = scope
         while owner is not None and node.id not in owner.bindings:
             owner = owner.parent
@@ -100,13 +156,13 @@ class Lowerer:
             cycle = " -> ".join(self.in_progress[self.in_progress.index(node.id):] + [node.id])
             raise error(f"definition refers to itself: {cycle}", node.span)
         self.in_progress.append(node.id)
-        value = self.eval(owner.bindings[node.id].value, Frame(owner, {}))
+        value = yield owner.bindings[node.id].value, Frame(owner, {})
         self.in_progress.pop()
         self.globals[node.id] = value
         return value
 
     def _Unary(self, node: ast.Unary, frame: Frame) -> Value:
-        value = self.eval(node.operand, frame)
+        value = yield node.operand, frame
         apply = getattr(self, _UNARY[node.op])
         return map1(value, lambda v: apply(v, node))
 
@@ -125,13 +181,13 @@ class Lowerer:
         raise error(f"`not` needs true or false, not {describe(v)}", node.span)
 
     def _Binary(self, node: ast.Binary, frame: Frame) -> Value:
-        left = self.eval(node.left, frame)
+        left = yield node.left, frame
         if node.op in _LOGICAL and isinstance(left, bool):
             if left == _DECIDES[node.op]:
                 return left
-            right = self.eval(node.right, frame)
+            right = yield node.right, frame
             return self._logical(node, left, right)
-        right = self.eval(node.right, frame)
+        right = yield node.right, frame
         return broadcast2(left, right, node, lambda a, b: self._binary(node, a, b))
 
     def _binary(self, node: ast.Binary, a: Value, b: Value) -> Value:
@@ -169,7 +225,7 @@ class Lowerer:
         except re.error as exc:
             raise error(f"bad regular expression: {exc}", node.right.span) from None
         if isinstance(a, str):
-            return re.search(b, a) is not None
+            return matching.search(b, a, node.span)
         if isinstance(a, Node) and a.kind == SCALAR:
             return self.b.make(Op.MATCH, (a, self.b.const(b)), None, SCALAR, node.span)
         raise error(f"`~` matches a string such as `name`, not {describe(a)}", node.span)
@@ -199,14 +255,15 @@ class Lowerer:
         return self.b.make(_LOGICAL[node.op], (a, self.as_node(b)), None, SCALAR, node.span)
 
     def _Cond(self, node: ast.Cond, frame: Frame) -> Value:
-        test = self.eval(node.test, frame)
+        test = yield node.test, frame
         if isinstance(test, bool):
-            return self.eval(node.then if test else node.orelse, frame)
+            return (yield node.then if test else node.orelse, frame)
         if not (isinstance(test, Node) and test.kind == SCALAR):
             raise error(f"an `if` condition must be true or false, not {describe(test)}",
                         node.test.span, hint="conditions may use `name`, `layer`, `depth`, "
                         "numbers and settings; they are decided before tensors are loaded")
-        then, orelse = self.eval(node.then, frame), self.eval(node.orelse, frame)
+        then = yield node.then, frame
+        orelse = yield node.orelse, frame
         return broadcast2(then, orelse, node,
                           lambda a, b: self._cond_node(test, a, b, node), same_length=True)
 
@@ -221,31 +278,33 @@ class Lowerer:
 
     def _Attr(self, node: ast.Attr, frame: Frame) -> Value:
         """`x.layers`: all of x's layers, as a slice (resolve allows no other attribute)."""
-        value = self.eval(node.value, frame)
+        value = yield node.value, frame
         if not is_tensor(value):
             raise error(f"`.layers` is a model's, not {describe(value)}'s", node.span)
         return self.b.make(Op.LAYERS, (value,), (0, None), TENSOR, node.span)
 
     def _Index(self, node: ast.Index, frame: Frame) -> Value:
         """`x.layers[i]`: one layer."""
-        index = self._layer_bound(node.index, frame)
-        return self._layers(node, frame, index, index + 1)
+        index = yield from self._layer_bound(node.index, frame)
+        return (yield from self._layers(node, frame, index, index + 1))
 
     def _Slice(self, node: ast.Slice, frame: Frame) -> Value:
         """`x.layers[i:j]`: layers i to j - 1 (j omitted: to the last)."""
-        start = self._layer_bound(node.start, frame) if node.start is not None else 0
-        stop = self._layer_bound(node.stop, frame) if node.stop is not None else None
+        start = (yield from self._layer_bound(node.start, frame)) if node.start is not None \
+            else 0
+        stop = (yield from self._layer_bound(node.stop, frame)) if node.stop is not None \
+            else None
         if stop is not None and stop <= start:
             raise error(f"the layer range {start}:{stop} is empty", node.span,
                         hint="write a.layers[start:stop] with start < stop")
-        return self._layers(node, frame, start, stop)
+        return (yield from self._layers(node, frame, start, stop))
 
     def _layers(self, node, frame: Frame, start: int, stop: int | None) -> Node:
-        model = self.eval(node.value, frame)  # a `layers` node, from _Attr
+        model = yield node.value, frame  # a `layers` node, from _Attr
         return self.b.make(Op.LAYERS, model.args, (start, stop), TENSOR, node.span)
 
     def _layer_bound(self, expr: ast.Expr, frame: Frame) -> int:
-        value = self.eval(expr, frame)
+        value = yield expr, frame
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise error(f"a layer index is a whole number >= 0, not {describe(value)}",
                         expr.span)
@@ -258,9 +317,13 @@ class Lowerer:
         name = node.func.id
         found = frame.scope.lookup_function(name)
         if found is not None:
-            return self._inline(found[0], found[1], node, frame)
-        args = [self.eval(a, frame) for a in node.args]
-        kwargs = {kw.name: self.eval(kw.value, frame) for kw in node.kwargs}
+            return (yield from self._inline(found[0], found[1], node, frame))
+        args = []
+        for a in node.args:
+            args.append((yield a, frame))
+        kwargs = {}
+        for kw in node.kwargs:
+            kwargs[kw.name] = yield kw.value, frame
         if name in PRIMITIVES:
             return calls.primitive(self, PRIMITIVES[name], node, args, kwargs, frame)
         return calls.BUILTINS[name](self, node, frame, *args, **kwargs)
@@ -279,26 +342,37 @@ class Lowerer:
         rest = next((p for p in fn.params if p.rest), None)
         args = list(node.args)
         for param, arg in zip(positional, args, strict=False):
-            frame.locals[param.name] = self.eval(arg, caller)
+            frame.locals[param.name] = yield arg, caller
             frame.arg_exprs[param.name] = arg
         if rest is not None:
-            extra = args[len(positional):]
-            frame.locals[rest.name] = tuple(self.eval(a, caller) for a in extra)
+            extra = []
+            for a in args[len(positional):]:
+                extra.append((yield a, caller))
+            frame.locals[rest.name] = tuple(extra)
         for kw in node.kwargs:
-            frame.locals[kw.name] = self.eval(kw.value, caller)
+            frame.locals[kw.name] = yield kw.value, caller
             frame.arg_exprs[kw.name] = kw.value
         for param in params:
             if param.name not in frame.locals:
-                frame.locals[param.name] = self.eval(param.default, Frame(scope, {}))
+                frame.locals[param.name] = yield param.default, Frame(scope, {})
+        # equal arguments give an equal result: made once, unless the result depends on
+        # the call site (a random draw or a reduction inside; see inline.py)
+        key = None if self.call_sites.keyed(fn, scope) else (
+            id(fn), id(scope), tuple((n, value_key(v)) for n, v in frame.locals.items()))
+        if key is not None and self.inlined.get(key, _UNSEEN) is not _UNSEEN:
+            return self.inlined[key]
         try:
             for stmt in fn.body:
-                frame.locals[stmt.name] = self.eval(stmt.value, frame)
-            return self.eval(fn.result, frame)
+                frame.locals[stmt.name] = yield stmt.value, frame
+            result = yield fn.result, frame
         except MergeError as exc:
             if in_stdlib(node.span):
                 raise
             raise MergeError(move_to_script(exc.diagnostics, node.span,
                                             f"in {fn.name}()")) from None
+        if key is not None:
+            self.inlined[key] = result
+        return result
 
     # where errors point
 
