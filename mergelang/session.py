@@ -40,7 +40,7 @@ from .diagnostics import error
 from .execute import Collector, execute
 from .io.errors import ModelFileError
 from .io.read import TensorInfo
-from .io.sources import open_source
+from .io.sources import is_derived, open_source
 from .ir import SHAPE_RULES, TENSOR, Builder, Node, Op, static_args, tensor_args, walk
 from .lower import Lowered, ModelRef, lower
 from .ops import PRIMITIVES
@@ -222,19 +222,29 @@ class Session:
         return dataclasses.replace(lowered, **changes)
 
     def _open(self, lowered: Lowered) -> None:
-        """Open the models not opened yet, checking them as bind would."""
-        for key, ref in lowered.models.items():
-            if key in self.sources:
-                continue
+        """Open the models not opened yet, checking them as bind would. A derived input
+        (an adapter) is attached once the plain models are open, to the session's
+        first plain model, and stays attached to it."""
+        new = [(key, ref) for key, ref in lowered.models.items() if key not in self.sources]
+        opened = {}
+        for key, ref in new:
             try:
-                source = open_source(key)
+                opened[key] = open_source(key)
             except ModelFileError as exc:
+                for source in opened.values():
+                    source.close()
                 raise error(exc.message, ref.span, hint=exc.hint) from None
+        new.sort(key=lambda item: is_derived(opened[item[0]]))  # plain models first
+        for i, (key, ref) in enumerate(new):
+            source = opened[key]
             try:
+                if is_derived(source):
+                    source.attach([s for s in self.sources.values() if not is_derived(s)])
                 check_tensors(source)
                 count_layers(source)
             except ModelFileError as exc:
-                source.close()
+                for later, _ in new[i:]:
+                    opened[later].close()
                 raise error(exc.message, ref.span, hint=exc.hint) from None
             self.sources[key] = CountingSource(source, self.loads)
 

@@ -1,0 +1,348 @@
+"""`lora("folder")`: a PEFT LoRA adapter as the task vector it adds to its model.
+
+An adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. For each
+module it adapts, the file holds `lora_A` (r x in) and `lora_B` (out x r), and PEFT's
+`merge_and_unload` adds `scale * B @ A` to the module's weight (transposed for an
+embedding, and for a layer stored transposed, `fan_in_fan_out`). Other tensors in the
+file (`modules_to_save`, embedding layers saved whole) replace the model's.
+
+So the adapter denotes a delta, tensor by tensor: `scale * B @ A` on every targeted
+weight, `saved - M` on a saved one, zero on every other tensor of the model, where M
+is the model it is attached to: bind attaches it to the first plain `model(...)` of the
+program (the REPL: the first model of the session), which gives the tensor names and
+shapes; `M + lora(...)` is then what PEFT's merge makes of M. Nothing of the model is
+held: each delta (or a block of its rows) is computed in float32 when it is loaded, as
+the executor asks for it, from the few KB of A and B.
+
+Opening reads `adapter_config.json` and the safetensors header and checks their
+agreement (pairs of A and B of one rank, the rank the config gives, targets the config
+names); attaching checks every target against the model's headers. Neither reads a
+tensor, so `mergelang check` costs nothing more with adapters.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ModelFileError
+from .lora_config import CONFIG_NAME, LoraConfig, read_lora_config
+from .read import SafetensorsModel, TensorInfo, open_model
+from .sources import register_kind
+
+KIND = "lora"
+WEIGHTS_NAME = "adapter_model.safetensors"
+_PREFIX = "base_model.model."
+_LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<side>[AB])(?:\.[^.]+)?$")
+_EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings")
+_RESAVE = "the adapter is damaged; save it again with PEFT (peft_model.save_pretrained)"
+_WRONG_MODEL = "apply the adapter to the model it was trained for (base_model_name_or_path " \
+               "in adapter_config.json)"
+
+
+@dataclass(frozen=True)
+class _Pair:
+    """One adapted module: its A and B tensors in the adapter's file."""
+
+    module: str
+    a: TensorInfo
+    b: TensorInfo
+    embedding: bool
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What the delta of one model tensor is made of."""
+
+    pair: _Pair | None = None
+    scale: float = 0.0
+    transposed: bool = False
+    saved: str | None = None  # an adapter tensor replacing the model's
+
+
+class LoraSource:
+    """A LoRA adapter as a model source (bind.ModelSource) of deltas; see the module
+    docstring. `tensors` is empty until `attach`, then lists every tensor of the model."""
+
+    def __init__(self, path: Path, config: LoraConfig, weights: SafetensorsModel,
+                 pairs: dict[str, _Pair], saved: dict[str, str]) -> None:
+        self.path, self.lora, self.weights = path, config, weights
+        self.pairs, self.saved = pairs, saved
+        self.folder: Path | None = None  # not a model folder: never a donor's files
+        self.config: dict | None = None
+        self.tensors: dict[str, TensorInfo] = {}  # filled in place by attach
+        self.model: Any = None
+        self._parts: dict[str, _Part] = {}
+
+    def attach(self, frame: list[Any]) -> None:
+        """Take the tensor names and shapes of the first model of `frame`; an adapter
+        is attached once (a REPL session attaches it when it is first named). Raises
+        ModelFileError, naming the module, for an adapter that does not fit."""
+        if self.model is not None:
+            return
+        if not frame:
+            raise ModelFileError(
+                "an adapter is a change to a model, but there is no model(...) to take its "
+                "tensor names and shapes from",
+                hint='name the model it adapts too, e.g. model("base") + lora("adapter")')
+        model = frame[0]
+        parts = {f"{p.module}.weight": self._fit(p, model) for p in self.pairs.values()}
+        for name, stored in self.saved.items():
+            info, mine = model.tensors.get(name), self.weights.tensors[stored]
+            if info is None or info.shape != mine.shape:
+                found = f"has shape {list(info.shape)}" if info else "has no such tensor"
+                raise ModelFileError(
+                    f"{self.path} saves {name!r} whole, with shape {list(mine.shape)}, but "
+                    f"{_name(model)} {found}", hint=_WRONG_MODEL)
+            parts[name] = _Part(parts[name].pair, parts[name].scale, parts[name].transposed,
+                                stored) if name in parts else _Part(saved=stored)
+        tensors = {}
+        for name, info in model.tensors.items():
+            if not info.dtype.is_floating_point:
+                tensors[name] = info  # not a float: passed through (copied as it is)
+                continue
+            first = self._first(parts.get(name))
+            tensors[name] = TensorInfo(name, info.shape, torch.float32, self.weights.path,
+                                       first.offset if first else 0,
+                                       _numel(info.shape) * 4)
+        self.model, self._parts, self.config = model, parts, model.config
+        self.tensors.update(tensors)
+
+    def _fit(self, pair: _Pair, model: Any) -> _Part:
+        """The part of a targeted weight, checked against the model's header."""
+        name = f"{pair.module}.weight"
+        info = model.tensors.get(name)
+        if info is None:
+            raise ModelFileError(
+                f"{self.path} adapts {pair.module!r}, but {_name(model)} has no tensor "
+                f"{name!r}", hint=_WRONG_MODEL)
+        transposed = pair.embedding or self.lora.fan_in_fan_out
+        rows, cols = pair.b.shape[0], pair.a.shape[1]
+        shape = (cols, rows) if transposed else (rows, cols)
+        if info.shape != shape or not info.dtype.is_floating_point:
+            hint = _WRONG_MODEL
+            if info.shape == shape[::-1] and not pair.embedding:
+                hint = ("the layer stores its weight the other way round: correct "
+                        "fan_in_fan_out in adapter_config.json")
+            raise ModelFileError(
+                f"{self.path} adapts {pair.module!r} with B {list(pair.b.shape)} @ A "
+                f"{list(pair.a.shape)}{' transposed' if transposed else ''}, which makes "
+                f"{list(shape)}, but {name!r} of {_name(model)} is {list(info.shape)} "
+                f"({str(info.dtype).removeprefix('torch.')})", hint=hint)
+        return _Part(pair, self.lora.scale(pair.module), transposed)
+
+    def _first(self, part: _Part | None) -> TensorInfo | None:
+        if part is None:
+            return None
+        return self.weights.tensors[part.saved] if part.saved else part.pair.a
+
+    def load(self, name: str, rows: tuple[int, int] | None = None,
+             dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
+        """The delta of one model tensor (or rows [start, stop) of it), computed in
+        float32 and converted to `dtype` if given; always memory of its own."""
+        if self.model is None:
+            raise ValueError(f"adapter {self.path} is not attached to a model")
+        info = self.tensors[name]
+        if not info.dtype.is_floating_point:
+            return self.model.load(name, rows, dtype, view)
+        part = self._parts.get(name)
+        if part is None:
+            length = rows[1] - rows[0] if rows else (info.shape[0] if info.shape else None)
+            shape = (length, *info.shape[1:]) if length is not None else ()
+            delta = torch.zeros(shape, dtype=torch.float32)
+        else:
+            delta = self._delta(name, part, rows)
+        return delta if dtype is None or dtype == delta.dtype else delta.to(dtype)
+
+    def _delta(self, name: str, part: _Part, rows: tuple[int, int] | None) -> torch.Tensor:
+        f32 = torch.float32
+        delta = None
+        if part.pair is not None:
+            pair = part.pair
+            if part.transposed:  # rows of (B @ A)^T are columns of A: A[:, rows]^T @ B^T
+                a = self.weights.load(pair.a.name, dtype=f32)
+                a = a[:, rows[0]:rows[1]] if rows else a
+                delta = outer_sum(a.t(), self.weights.load(pair.b.name, dtype=f32).t())
+            else:
+                delta = outer_sum(self.weights.load(pair.b.name, rows, dtype=f32),
+                                  self.weights.load(pair.a.name, dtype=f32))
+            delta.mul_(part.scale)
+        if part.saved is not None:
+            change = self.weights.load(part.saved, rows, dtype=f32)
+            change.sub_(self.model.load(name, rows, dtype=f32))
+            delta = change if delta is None else delta.add_(change)
+        return delta
+
+    def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Let go of a view: only a passed-through tensor of the model is one."""
+        info = self.tensors.get(name)
+        if info is not None and not info.dtype.is_floating_point and self.model is not None:
+            self.model.release(name, rows)
+
+    def close(self) -> None:
+        """Close the adapter's file (the model is closed by whoever opened it)."""
+        self.weights.close()
+
+    def __repr__(self) -> str:
+        return f"LoraSource({str(self.path)!r}, {len(self.pairs)} modules)"
+
+
+def open_lora(path: Path) -> LoraSource:
+    """Open a PEFT LoRA adapter folder, reading its config and its header only.
+    Raises ModelFileError for a folder that is not a usable LoRA adapter."""
+    p = Path(path).expanduser()
+    _check_folder(p)
+    config = read_lora_config(p)
+    weights = open_model(p / WEIGHTS_NAME)
+    try:
+        pairs, saved = _read_tensors(p, config, weights)
+    except ModelFileError:
+        weights.close()
+        raise
+    return LoraSource(p, config, weights, pairs, saved)
+
+
+def _check_folder(p: Path) -> None:
+    try:
+        is_dir = p.is_dir()
+        exists = is_dir or p.exists()
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"cannot read adapter path {p}: {e}", hint="check the path") \
+            from None
+    if not exists:
+        raise ModelFileError(f"adapter path {p} does not exist",
+                             hint="check the path; a PEFT adapter is a folder saved by "
+                                  "peft_model.save_pretrained(folder)")
+    if not is_dir:
+        raise ModelFileError(
+            f"{p} is a file; lora() takes a PEFT adapter folder ({CONFIG_NAME} and "
+            f"{WEIGHTS_NAME})", hint=f"name the folder that holds it: {p.parent}")
+    if not (p / CONFIG_NAME).exists():
+        full = (p / "config.json").is_file()
+        raise ModelFileError(
+            f"{p} is not a LoRA adapter: it has no {CONFIG_NAME}",
+            hint="it holds a whole model: name it with model(...)" if full else
+            "a PEFT adapter folder holds adapter_config.json beside adapter_model.safetensors")
+    if not (p / WEIGHTS_NAME).exists():
+        pickled = (p / "adapter_model.bin").exists()
+        raise ModelFileError(
+            f"{p} has no {WEIGHTS_NAME}"
+            + (" (only adapter_model.bin: pickled weights are not loaded, they can run "
+               "code)" if pickled else ""),
+            hint="load the adapter with PEFT and save it with safe_serialization=True"
+            if pickled else "the adapter is incomplete; save or download it again")
+
+
+def _read_tensors(p: Path, config: LoraConfig, weights: SafetensorsModel
+                  ) -> tuple[dict[str, _Pair], dict[str, str]]:
+    """The adapted modules (A and B paired and checked) and the saved tensors (model
+    name -> name in the file), from the header."""
+    sides: dict[str, dict[str, TensorInfo]] = {}
+    embedding: dict[str, bool] = {}
+    saved: dict[str, str] = {}
+    for stored, info in weights.tensors.items():
+        key = stored.removeprefix(_PREFIX)
+        match = _LINEAR.match(key) or _EMBEDDING.match(key)
+        if match is None:
+            name = _model_name(p, config, stored, key)
+            saved[name] = stored
+            continue
+        module = match["module"]
+        if not config.targets(module):
+            raise ModelFileError(f"{p / WEIGHTS_NAME} holds LoRA weights for {module!r}, "
+                                 f"which target_modules in {CONFIG_NAME} does not name",
+                                 hint=_RESAVE)
+        if len(info.shape) != 2 or not info.dtype.is_floating_point:
+            raise ModelFileError(
+                f"{stored!r} in {p / WEIGHTS_NAME} is {list(info.shape)} "
+                f"{str(info.dtype).removeprefix('torch.')}; LoRA weights are float matrices",
+                hint="convolution adapters are not supported yet" if len(info.shape) == 4
+                else _RESAVE)
+        sides.setdefault(module, {})[match["side"]] = info
+        embedding[module] = match.re is _EMBEDDING
+    pairs = {}
+    for module, found in sides.items():
+        if set(found) != {"A", "B"}:
+            has, lacks = ("A", "B") if "A" in found else ("B", "A")
+            raise ModelFileError(f"{p / WEIGHTS_NAME} holds lora_{has} for {module!r} but "
+                                 f"no lora_{lacks}", hint=_RESAVE)
+        a, b = found["A"], found["B"]
+        rank = config.rank(module)
+        if a.shape[0] != b.shape[1]:
+            raise ModelFileError(
+                f"the ranks of {module!r} in {p} disagree: lora_A is {list(a.shape)} (rank "
+                f"{a.shape[0]}), lora_B is {list(b.shape)} (rank {b.shape[1]})", hint=_RESAVE)
+        if a.shape[0] != rank:
+            raise ModelFileError(
+                f"lora_A and lora_B of {module!r} in {p} have rank {a.shape[0]}, but "
+                f"{CONFIG_NAME} gives it rank {rank} (r, or rank_pattern)", hint=_RESAVE)
+        pairs[module] = _Pair(module, a, b, embedding[module])
+    return pairs, saved
+
+
+def _model_name(p: Path, config: LoraConfig, stored: str, key: str) -> str:
+    """The model's name of a tensor saved whole (`lm_head.modules_to_save.default.weight`
+    or `lm_head.weight` -> `lm_head.weight`; `embed_tokens.base_layer.weight` ->
+    `embed_tokens.weight`), refusing one the config gives no reason to hold."""
+    parts = key.split(".")
+    marked = "base_layer" in parts or "modules_to_save" in parts
+    if "modules_to_save" in parts:
+        i = parts.index("modules_to_save")
+        del parts[i:i + (2 if len(parts) - i > 2 else 1)]  # and the adapter's name
+    parts = [x for x in parts if x != "base_layer"]
+    name = ".".join(parts)
+    module = name.rpartition(".")[0]
+    if "lora_" in key or not (marked or config.saves(module)
+                              or module.rpartition(".")[2] in _EMBEDDING_LAYERS):
+        raise ModelFileError(
+            f"{p / WEIGHTS_NAME} holds {stored!r}, which is neither a LoRA weight "
+            f"(lora_A, lora_B) nor a module {CONFIG_NAME} saves (modules_to_save)",
+            hint="DoRA and other LoRA variants are not supported yet; " + _RESAVE)
+    return name
+
+
+def outer_sum(left: torch.Tensor, right: torch.Tensor, block: int = 1 << 15) -> torch.Tensor:
+    """left @ right (n x r times r x m) as the sum over k of the outer products of left's
+    column k and right's row k, added in the order of k.
+
+    Each entry is then the same float32 sums of the same products whichever rows are
+    asked for and however many threads run (a BLAS matmul chooses its kernel, and so its
+    rounding, by the shapes and the threads), so a merge gives the same bytes at every
+    memory budget. Blocks of about `block` entries keep the partial sums in cache."""
+    n, rank = left.shape
+    m = right.shape[1]
+    out = torch.empty((n, m), dtype=left.dtype)
+    step = max(1, block // max(m, 1))
+    scratch = torch.empty((min(step, n), m), dtype=left.dtype)
+    for start in range(0, n, step):
+        rows = out[start:start + step]
+        part = left[start:start + step]
+        torch.mul(part[:, :1], right[:1], out=rows)
+        for k in range(1, rank):
+            tmp = scratch[:rows.shape[0]]
+            torch.mul(part[:, k:k + 1], right[k:k + 1], out=tmp)
+            rows.add_(tmp)
+    return out
+
+
+def _name(model: Any) -> str:
+    return str(getattr(model, "path", None) or model.folder or "the model")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+register_kind(KIND, open_lora)

@@ -1,0 +1,324 @@
+"""lora("adapter"): a PEFT LoRA adapter as the task vector it adds to its model.
+
+The reference is PEFT itself: adapters are made by PEFT here, on tiny transformers
+models, and `model("base") + lora("adapter")` must be what PEFT's `merge_and_unload`
+makes of the base, and load back with transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import mergelang
+from mergelang.execute import run_tensor
+from mergelang.session import Session
+from mergelang.syntax import parse, parse_expression
+from tests.helpers import (
+    assert_error,
+    assert_nothing_written,
+    at,
+    ref_ties,
+    run,
+    run_all,
+    write,
+)
+from tests.helpers import mergelang as cli
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+LLAMA = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, vocab_size=64)
+ADAPTERS = {
+    # rsLoRA, an embedding adapted (PEFT then saves its base layer too), lm_head saved whole
+    "rslora": dict(r=4, lora_alpha=8, use_rslora=True, modules_to_save=["lm_head"],
+                   target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    # per-module ranks and alphas
+    "patterns": dict(r=2, lora_alpha=16, rank_pattern={"q_proj": 3}, alpha_pattern={"v_proj": 5},
+                     target_modules=["q_proj", "v_proj", "up_proj"]),
+}
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+def save_model(folder: Path, config, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    _quiet(model.save_pretrained, folder)
+    return folder
+
+
+def make_adapter(base: Path, folder: Path, seed: int, **settings) -> Path:
+    """A PEFT adapter on `base`, its weights random as after training (PEFT starts B,
+    or an embedding's A, at zero), saved by PEFT."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    adapted = _quiet(peft.get_peft_model, model, peft.LoraConfig(**settings))
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+            elif "modules_to_save" in name:
+                p.add_(torch.randn_like(p))
+    _quiet(adapted.save_pretrained, folder)
+    return folder
+
+
+def peft_merged(base: Path, adapter: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    return _quiet(peft.PeftModel.from_pretrained, model, adapter).merge_and_unload()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """base (a tiny Llama), two adapters on it, a full fine-tune c, a GPT-2 (whose Conv1D
+    layers store weights transposed) with an adapter, and a wider Llama."""
+    root = tmp_path_factory.mktemp("lora")
+    base = save_model(root / "base", transformers.LlamaConfig(**LLAMA), 0)
+    for i, (name, settings) in enumerate(ADAPTERS.items()):
+        make_adapter(base, root / name, 10 + i, **settings)
+    fine = transformers.AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for p in fine.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    _quiet(fine.save_pretrained, root / "c")
+    gpt2 = save_model(root / "gpt2", transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32), 1)
+    make_adapter(gpt2, root / "gpt2_adapter", 20, r=4, lora_alpha=6, fan_in_fan_out=True,
+                 target_modules=["c_attn", "c_fc"])
+    wide = save_model(root / "wide", transformers.LlamaConfig(**{**LLAMA, "hidden_size": 48}), 2)
+    make_adapter(wide, root / "wide_adapter", 30, r=4, lora_alpha=8,
+                 target_modules=["q_proj", "v_proj"])
+    return root
+
+
+@pytest.mark.parametrize("base,adapter", [("base", "rslora"), ("base", "patterns"),
+                                          ("gpt2", "gpt2_adapter")])
+def test_base_plus_lora_is_pefts_merge_and_unload(models, tmp_path, capsys, base, adapter):
+    script = write(tmp_path, f'output model("{models / base}") + lora("{models / adapter}")\n')
+    out = tmp_path / "merged"
+    assert run(capsys, script, out).code == 0
+    written = load_file(str(out / "model.safetensors"))
+    merged = peft_merged(models / base, models / adapter)
+    want = merged.state_dict()
+    original = load_file(str(models / base / "model.safetensors"))
+    assert set(written) == set(original)
+    changed = [n for n in written if not torch.equal(written[n], original[n])]
+    assert len(changed) >= 4  # the adapter changed something; each change is PEFT's
+    for name, tensor in written.items():
+        torch.testing.assert_close(tensor, want[name], msg=name)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, merged(ids).logits)
+
+
+def test_adapters_and_a_full_fine_tune_merge_alike(models, tmp_path):
+    """ties over two adapters and a fine-tune: mergekit's TIES closed form over the
+    models PEFT merges (base + adapter) and the fine-tune."""
+    base = models / "base"
+    script = write(tmp_path, f"""
+base = model("{base}")
+output base + ties(lora("{models / 'rslora'}"), lora("{models / 'patterns'}"),
+                   model("{models / 'c'}") - base, density=0.2)
+""")
+    with mergelang.load(script).plan() as p:
+        got = run_all(p, budget=10**9)
+        chunked = run_all(p, budget=1)  # one row per chunk: the adapter's rows
+    fulls = [peft_merged(base, models / "rslora").state_dict(),
+             peft_merged(base, models / "patterns").state_dict(),
+             load_file(str(models / "c" / "model.safetensors"))]
+    original = load_file(str(base / "model.safetensors"))
+    for name, tensor in got.items():
+        assert torch.equal(tensor, chunked[name]), name
+        want = ref_ties(original[name], [f[name] for f in fulls], [1, 1, 1], 0.2)
+        torch.testing.assert_close(tensor, want, rtol=0, atol=1e-5, msg=name)
+
+
+def test_an_adapter_alone_is_its_delta_and_zero_elsewhere(models):
+    base, adapter = models / "base", models / "patterns"
+    script = f'output 2 * lora("{adapter}") + 0 * model("{base}")\n'
+    with mergelang.compile(script).plan() as p:
+        got = run_all(p, budget=1)
+    merged = peft_merged(base, adapter).state_dict()
+    original = load_file(str(base / "model.safetensors"))
+    for name, tensor in got.items():
+        delta = merged[name] - original[name]
+        torch.testing.assert_close(tensor, 2 * delta, msg=name)
+        if "q_proj" not in name and "v_proj" not in name and "up_proj" not in name:
+            assert not tensor.any(), name
+
+
+def test_the_donor_is_a_model_never_an_adapter(models, tmp_path, capsys):
+    script = write(tmp_path, f'output lora("{models / "rslora"}") + model("{models / "base"}")\n')
+    out = tmp_path / "merged"
+    assert run(capsys, script, out).code == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    bad = write(tmp_path, f'a = lora("{models / "rslora"}")\nset donor = a\n'
+                f'output model("{models / "base"}") + a\n', "donor.merge")
+    assert_error(cli(capsys, "check", bad), at(bad, 2, 13), "a", "donor must name a model",
+                 "lora(...)")
+
+
+def test_check_reads_headers_only(models, tmp_path, capsys):
+    """check opens the adapter and plans against the model without reading a tensor:
+    the adapter's data can be garbage (its header intact), and check still succeeds."""
+    adapter = shutil.copytree(models / "rslora", tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    length = int.from_bytes(raw[:8], "little")
+    raw[8 + length:] = b"\xff" * (len(raw) - 8 - length)  # every weight is NaN
+    weights.write_bytes(bytes(raw))
+    script = write(tmp_path, f'output model("{models / "base"}") + lora("{adapter}")\n')
+    result = cli(capsys, "check", script)
+    assert result.code == 0, result.text
+    assert "ok:" in result.text
+
+
+# --- the REPL -------------------------------------------------------------------------
+
+
+def test_the_repl_attaches_an_adapter_to_the_sessions_model(models, tmp_path):
+    base, adapter = models / "base", models / "rslora"
+    session = Session(tmp_path / "session.merge")
+    try:
+        with pytest.raises(mergelang.MergeError) as caught:
+            session.define(parse(f'a = lora("{adapter}")\n'))
+        assert "no model(...) to take its tensor names" in caught.value.render()
+        session.define(parse(f'b = model("{base}")\n'))
+        session.define(parse(f'a = lora("{adapter}")\n'))
+        want = peft_merged(base, adapter).state_dict()
+        for expr in ("b + a", "a + b"):
+            lowered = session.lower(parse_expression(expr).statements[0].value)
+            names = ["model.layers.1.self_attn.q_proj.weight", "model.embed_tokens.weight",
+                     "lm_head.weight", "model.norm.weight"]
+            p = session.plan(lowered, names=names)
+            for t in p.tensors:
+                got = session.compute(p, t).to(t.out_dtype)
+                torch.testing.assert_close(got, want[t.name], msg=t.name)
+            lowered = session.lower(parse_expression("a").statements[0].value)
+            p = session.plan(lowered, names=names)
+            assert all(torch.equal(session.compute(p, t), run_tensor(p, t))
+                       for t in p.tensors)
+    finally:
+        session.close()
+
+
+# --- adapters that do not fit, or are not adapters ----------------------------------
+
+
+def _broken(models: Path, tmp_path: Path, change) -> Path:
+    """A copy of the "patterns" adapter with `change(config, tensors)` applied."""
+    folder = shutil.copytree(models / "patterns", tmp_path / "broken")
+    config = json.loads((folder / "adapter_config.json").read_text())
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    change(config, tensors)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def _rename(old: str, new: str):
+    def change(config, tensors):
+        for key in [k for k in tensors if old in k]:
+            tensors[key.replace(old, new)] = tensors.pop(key)
+    return change
+
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+BAD_ADAPTERS = {
+    "rank mismatch": (lambda c, t: t.update({f"{Q}.lora_B.weight": torch.zeros(32, 2)}),
+                      ["ranks of 'model.layers.0.self_attn.q_proj'", "lora_A is [3, 32]",
+                       "lora_B is [32, 2]"]),
+    "rank not the config's": (lambda c, t: c.update(rank_pattern={}),
+                              ["have rank 3", "adapter_config.json gives it rank 2"]),
+    "B without A": (lambda c, t: t.pop(f"{Q}.lora_A.weight"),
+                    ["holds lora_B", "but no lora_A"]),
+    "a target the model lacks": (_rename("layers.1.", "layers.7."),
+                                 ["adapts 'model.layers.7.", "has no tensor 'model.layers.7."]),
+    "a target the config does not name": (lambda c, t: c.update(target_modules=["v_proj"]),
+                                          ["which target_modules", "does not name"]),
+    "shapes that do not fit": (lambda c, t: t.update({f"{Q}.lora_A.weight": torch.zeros(3, 48)}),
+                               ["makes [32, 48]", "is [32, 32]"]),
+    "a tensor that is no LoRA weight": (lambda c, t: t.update(
+        {f"{Q}.lora_magnitude_vector.weight": torch.zeros(32)}), ["neither a LoRA weight"]),
+    "malformed r": (lambda c, t: c.update(r="four"), ['"r" in', "positive integer"]),
+    "no r": (lambda c, t: c.pop("r"), ['has no "r"']),
+    "DoRA": (lambda c, t: c.update(use_dora=True), ["sets use_dora", "cannot merge yet"]),
+    "another PEFT method": (lambda c, t: c.update(peft_type="IA3"), ["'IA3' adapter"]),
+    "malformed target_modules": (lambda c, t: c.update(target_modules=3),
+                                 ['"target_modules"', "a list of module names"]),
+}
+
+
+@pytest.mark.parametrize("case", BAD_ADAPTERS)
+def test_a_bad_adapter_is_a_located_error(models, tmp_path, capsys, case):
+    change, words = BAD_ADAPTERS[case]
+    adapter = _broken(models, tmp_path, change)
+    script = write(tmp_path, f'base = model("{models / "base"}")\n'
+                   f'output base + lora("{adapter}")\n')
+    out = tmp_path / "out"
+    for result in (cli(capsys, "check", script), run(capsys, script, out)):
+        assert_error(result, at(script, 2, 20), f'"{adapter}"', *words)
+    assert_nothing_written(out)
+
+
+def _no_config(folder: Path) -> None:
+    (folder / "adapter_config.json").unlink()
+
+
+def _pickled(folder: Path) -> None:
+    weights = folder / "adapter_model.safetensors"
+    weights.rename(folder / "adapter_model.bin")
+
+
+def _not_json(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text("{r: 4")
+
+
+BAD_FOLDERS = {
+    "missing": (lambda f: shutil.rmtree(f), ["adapter path", "does not exist"], None),
+    "no config": (_no_config, ["has no adapter_config.json"], "adapter_config.json beside"),
+    "pickled weights": (_pickled, ["no adapter_model.safetensors", "pickled"],
+                        "safe_serialization=True"),
+    "config not JSON": (_not_json, ["not valid JSON"], None),
+    "truncated weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"\x10" * 12),
+                          ["truncated"], None),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FOLDERS)
+def test_a_damaged_adapter_folder_is_a_located_error(models, tmp_path, capsys, case):
+    change, words, hint = BAD_FOLDERS[case]
+    adapter = shutil.copytree(models / "patterns", tmp_path / "adapter")
+    change(adapter)
+    base = models / "base"
+    script = write(tmp_path, f'output model("{base}") + lora("{adapter}")\n')
+    column = len(f'output model("{base}") + lora(') + 1
+    assert_error(cli(capsys, "check", script), at(script, 1, column), f'"{adapter}"', *words,
+                 hint=hint)
+
+
+def test_inputs_that_are_not_adapters_are_located_errors(models, tmp_path, capsys):
+    base = models / "base"
+    cases = {
+        f'lora("{base}")': ["is not a LoRA adapter", "name it with model(...)"],
+        f'lora("{base / "model.safetensors"}")': ["is a file", "takes a PEFT adapter folder"],
+        f'lora("{models / "wide_adapter"}")': ["which makes [", ", 48]", "but"],
+    }
+    for i, (call, words) in enumerate(cases.items()):
+        script = write(tmp_path, f'output model("{base}") + {call}\n', f"s{i}.merge")
+        assert_error(cli(capsys, "check", script), None, call[5:-1], *words)
+    alone = write(tmp_path, f'output lora("{models / "rslora"}")\n', "alone.merge")
+    assert_error(cli(capsys, "check", alone), at(alone, 1, 13), None, "no model(...)",
+                 hint='model("base") + lora("adapter")')
