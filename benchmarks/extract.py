@@ -78,7 +78,7 @@ def reconstruction(adapter: Path, base: Model, ft: Model) -> dict:
             "kept": kept, "bytes": (adapter / "adapter_model.safetensors").stat().st_size}
 
 
-def main(argv: list[str] | None = None) -> int:
+def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--ranks", default="32", help="comma-separated ranks (default 32)")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mergekit", default="auto", help="mergekit-extract-lora: path, auto or none")
     p.add_argument("--svd", default="auto", choices=("auto", "exact", "randomised"))
     add_family_args(p)
-    a = p.parse_args(argv)
+    a = p.parse_args()
     spec = spec_from_args(a)
     work = a.workdir.resolve()
     models = ensure_family(spec, work / family_name(spec))

@@ -378,8 +378,7 @@ chat_template: chatml
     assert 'base = model("org/base")' in text and "revision main" in text
     assert "name: my-merge" in text
     assert "density has no effect" in text
-    assert "set donor = tuned" in text
-    assert "full tokenizer surgery" in text and "out of scope and not done" in text
+    assert "set vocab = tuned" in text and "tokenizer surgery" not in text
     assert "chat_template: chatml is not applied" in text
     assert {w.severity for w in result.warnings} == {"warning"}
 
@@ -682,22 +681,6 @@ dtype: bfloat16
                        .bfloat16() for n in s["a"]}, atol=1e-2, rtol=1e-2)
 
 
-def test_tokenizer_source_is_the_donor(tmp_path, models):
-    (tmp_path / "b" / "tokenizer.json").write_text('{"from": "b"}')
-    script, _ = convert_and_run(tmp_path, """\
-merge_method: task_arithmetic
-base_model: base
-models:
-  - model: a
-    parameters: {weight: 1.0}
-  - model: b
-    parameters: {weight: 1.0}
-tokenizer_source: b
-""")
-    assert "set donor = b" in script
-    assert (tmp_path / "out" / "tokenizer.json").read_text() == '{"from": "b"}'
-
-
 def _minimal_config(method: str) -> str:
     m = METHODS[method]
     weight = {"weight": 0.5} if m.param("weight") else {}
@@ -785,8 +768,8 @@ def test_cli_prints_or_writes(tmp_path, capsys):
     ("merge_method: linear\nslices:\n  - sources:\n    - model: a\n      layer_range: [0, 2]\n"
      "    - model: b\n      layer_range: [0, 3]\n", "different numbers of layers", ":4:5"),
     ("merge_method: ties\nbase_model: c\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
-     "tokenizer:\n  source: base\n  tokens: {}\n", "tokenizer.tokens is not supported",
-     ":8:3"),
+     "tokenizer:\n  source: base\n  tokens:\n    x:\n      source: {kind: model_token, model: a"
+     ", token: y}\n", 'kind "model_token"', ":10:22"),
 ])
 def test_bad_configs(config, message, where):
     with pytest.raises(mergelang.MergeError) as info:

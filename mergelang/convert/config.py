@@ -8,6 +8,7 @@ rest), so the first error reported is the one to fix first.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import yaml
@@ -66,6 +67,18 @@ class Tokenizer:
     kind: str | None    # "union" or "base"; None: the model `ref`
     ref: ModelRef | None
     key: yaml.Node
+    tokens: tuple[TokenSource, ...] = ()   # `tokenizer.tokens`
+    pad_to: tuple[int, yaml.Node] | None = None   # `tokenizer.pad_to_multiple_of`
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """One entry of `tokenizer.tokens`: where the token's embedding row comes from."""
+
+    token: str
+    ref: ModelRef | None   # None: mergekit's `kind: zero`
+    force: bool
+    node: yaml.Node
 
 
 @dataclass
@@ -273,18 +286,22 @@ def _dtype(read: Reader, top: dict, key: str) -> tuple[str, yaml.Node] | None:
 def _tokenizer(read: Reader, top: dict) -> Tokenizer | None:
     if "tokenizer_source" in top and "tokenizer" in top:
         raise read.fail("give tokenizer_source or tokenizer, not both", top["tokenizer"][0])
+    tokens: tuple[TokenSource, ...] = ()
+    pad_to = None
     if "tokenizer" in top:
         key, node = top["tokenizer"]
         entries = read.mapping(node, "tokenizer", TOKENIZER_KEYS)
-        for unsupported in ("tokens", "pad_to_multiple_of"):
-            if unsupported in entries:
-                raise read.fail(f"tokenizer.{unsupported} is not supported: it changes the "
-                                "embedding matrices (tokenizer surgery)",
-                                entries[unsupported][0],
-                                hint="remove it, and merge models that share one vocabulary")
+        if "tokens" in entries:
+            tokens = _tokens(read, entries["tokens"][1])
+        if "pad_to_multiple_of" in entries and not read.is_null(entries["pad_to_multiple_of"][1]):
+            value_node = entries["pad_to_multiple_of"][1]
+            value = read.scalar(value_node) if isinstance(value_node, yaml.ScalarNode) else None
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise read.fail("pad_to_multiple_of must be a whole number >= 1", value_node)
+            pad_to = (value, value_node)
         what = "tokenizer.source"
         if "source" not in entries:   # mergekit's default source is "union"
-            return Tokenizer(what, "union", None, key)
+            return Tokenizer(what, "union", None, key, tokens, pad_to)
         source = entries["source"][1]
     elif "tokenizer_source" in top:
         key, source = top["tokenizer_source"]
@@ -294,5 +311,44 @@ def _tokenizer(read: Reader, top: dict) -> Tokenizer | None:
     else:
         return None
     if isinstance(source, yaml.ScalarNode) and read.scalar(source) in ("union", "base"):
-        return Tokenizer(what, read.scalar(source), None, key)
-    return Tokenizer(what, None, model_ref(read, source), key)
+        return Tokenizer(what, read.scalar(source), None, key, tokens, pad_to)
+    return Tokenizer(what, None, _legacy_model(model_ref(read, source)), key, tokens, pad_to)
+
+
+def _legacy_model(ref: ModelRef) -> ModelRef:
+    """mergekit's old spelling `model:PATH` of a tokenizer source: the prefix is dropped."""
+    if ref.path.startswith("model:"):
+        return dataclasses.replace(ref, path=ref.path.removeprefix("model:"))
+    return ref
+
+
+def _tokens(read: Reader, node: yaml.Node) -> tuple[TokenSource, ...]:
+    """`tokens: {TOKEN: {source: MODEL | {kind: zero}, force: BOOL}}`."""
+    if not isinstance(node, yaml.MappingNode):
+        raise read.fail("tokenizer.tokens must map each token to its `source:`", node,
+                        hint='e.g. `tokens: {"<|im_start|>": {source: chat_model}}`')
+    found = []
+    for key, value in node.value:
+        token = read.string(key, "a token")
+        entries = read.mapping(value, f'the token "{token}"', ("source", "force"))
+        if "source" not in entries:
+            raise read.fail(f'the token "{token}" has no `source:`', value,
+                            hint="give a model, or `{kind: zero}`")
+        force = read.scalar(entries["force"][1]) if "force" in entries else False
+        if not isinstance(force, bool):
+            raise read.fail("force must be true or false", entries["force"][1])
+        source = entries["source"][1]
+        ref = None
+        if isinstance(source, yaml.MappingNode) and "kind" in {read.scalar(k) for k, _ in
+                                                                source.value}:
+            kind = read.mapping(source, "a token source", ("kind", "model", "token",
+                                                             "token_id"))
+            name = read.scalar(kind["kind"][1])
+            if name != "zero":
+                raise read.fail(f'a token source of kind "{name}" (another token\'s row) is '
+                                "not supported", kind["kind"][1],
+                                hint="take the token's own row from a model, or `kind: zero`")
+        else:
+            ref = model_ref(read, source)
+        found.append(TokenSource(token, ref, force, key))
+    return tuple(found)

@@ -18,12 +18,12 @@ import yaml
 
 from .. import ast
 from ..bind import NUM_LAYERS_KEYS
-from ..diagnostics import error
 from .config import Config, ModelRef, SliceDef, SourceDef
 from .emit import Make, Script, text_of, wrap_comment
 from .methods import MERGEKIT_VERSION, MkParam
 from .params import Const, Params, Value
 from .reading import Reader
+from .tokenizer import vocab_settings
 from .values import Layers, Values
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -58,14 +58,6 @@ class Translator:
                               "output's tokenizer_config.json yourself")
             self.read.warn("chat_template is not applied: the donor's tokenizer files are "
                            "copied as they are", key)
-        if config.tokenizer is not None:
-            what = config.tokenizer.what
-            self.notes.append(f"{what}: full tokenizer surgery (mergekit's union or re-mapped "
-                              "vocabulary, with the embeddings re-ordered to match) is out of "
-                              "scope and not done here: the models must share one vocabulary, "
-                              "and the tokenizer files are copied from the donor")
-            self.read.warn(f"{what}: tokenizer surgery is not done; the tokenizer files are "
-                           "copied from the donor model", config.tokenizer.key)
         self._settings()
         output = self._output()
         self._head()
@@ -183,14 +175,8 @@ class Translator:
         for s in slices:
             for src in s.sources:
                 self._name(src.model, base is not None and src.model.key == base.key)
-        tokenizer = self.config.tokenizer
-        if tokenizer is not None and tokenizer.kind != "union":
-            if tokenizer.kind == "base" and base is None:
-                raise error("tokenizer source `base` needs a base_model")
-            donor = self._name(base, True) if tokenizer.kind == "base" else \
-                self._name(tokenizer.ref, False)
-            self.script.set("donor", self._at(tokenizer.key).name(donor),
-                            "tokenizer_source: its tokenizer files are copied")
+        if self.config.tokenizer is not None:
+            vocab_settings(self, self.config.tokenizer, base)
 
         make = self._at(self.config.method_node)
         if whole:
