@@ -133,7 +133,10 @@ def align(settings: VocabSettings | None, models: dict[str, Any], donor: str | N
     presents the output's vocabulary (in place, in `models`: key -> BoundModel). `merged`:
     the models the output reads, whose rows a missing row may take by default."""
     settings = settings or VocabSettings()
-    found = [m for m in map(_model, models.values()) if m is not None]
+    strict = settings.mode is not None   # else an unreadable tokenizer is not checked
+    cache: dict = {}
+    found = [m for m in (_model(b, cache, strict=strict) for b in models.values())
+             if m is not None]
     if settings.mode is None:
         for key in ("vocab_default", "vocab_tokens", "vocab_pad_to"):
             if key in settings.spans:
@@ -154,7 +157,7 @@ def align(settings: VocabSettings | None, models: dict[str, Any], donor: str | N
                       settings.pad_to)
     else:
         key = donor if settings.mode == "base" else settings.mode
-        source = by_key.get(key) or _model(models[key], need=True)
+        source = by_key.get(key) or _model(models[key], cache, need=True, strict=True)
         if source is None or source.vocab is None:
             raise error(f"{models[key].display} has no tokenizer files to take the vocabulary "
                         "from", span, hint="name a model whose folder has tokenizer.json")
@@ -164,8 +167,9 @@ def align(settings: VocabSettings | None, models: dict[str, Any], donor: str | N
     return plan
 
 
-def _model(bound: Any, need: bool = False) -> _Model | None:
-    """A model's embedding rows and vocabulary; None when it has no embedding."""
+def _model(bound: Any, cache: dict, need: bool = False, strict: bool = False) -> _Model | None:
+    """A model's embedding rows and vocabulary; None when it has no embedding. A tokenizer
+    that cannot be read is an error when `strict`, else it is not compared."""
     source = bound.source
     name = embedding_name(source)
     if is_derived(source) or (name is None and not need):
@@ -174,9 +178,10 @@ def _model(bound: Any, need: bool = False) -> _Model | None:
     vocab = None
     if has_tokenizer(folder):
         try:
-            vocab = read_vocabulary(folder)
+            vocab = read_vocabulary(folder, cache)
         except ModelFileError as exc:
-            raise error(exc.message, bound.ref.span, hint=exc.hint) from None
+            if strict:
+                raise error(exc.message, bound.ref.span, hint=exc.hint) from None
     rows = source.tensors[name].shape[0] if name is not None else 0
     m = _Model(bound.key, bound.display, bound.ref.span, source, rows, vocab)
     if vocab is not None and name is not None and vocab.size > rows:

@@ -15,12 +15,14 @@ import torch
 from safetensors.torch import load_file
 
 import mergelang
+from mergelang.schedule import schedule
 from tests.helpers import (
     VOCAB_WORDS,
     assert_error,
     assert_nothing_written,
     at,
     run,
+    run_all,
     write,
     write_tokenized_model,
 )
@@ -212,6 +214,68 @@ output linear(base, a)
     assert torch.count_nonzero(merged[EMBED][13:]) == 0
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 16
     transformers.AutoModelForCausalLM.from_pretrained(str(out))
+
+
+def test_row_blocks_give_the_same_bytes(tmp_path, models):
+    """The executor asks for rows in blocks when memory is short: each block of the
+    aligned rows is gathered on its own, fills included, with the same result."""
+    script = write(tmp_path, """
+set vocab = "union"
+set vocab_default = "mean"
+base = model("MODELS/base")
+a = model("MODELS/a")
+b = model("MODELS/b")
+output base + ties(a - base, b - base, density=0.5)
+""".replace("MODELS", str(models)))
+    with mergelang.load(script).plan() as p:
+        whole = run_all(p, budget=10**9)
+        tiny = run_all(p, budget=1)
+        chunks = {k.tensor.name: len(k.chunks) for k in schedule(p, 1)}
+        assert chunks[EMBED] == chunks[HEAD] == 14   # one row per block
+        for name in whole:
+            assert torch.equal(whole[name], tiny[name]), name
+
+
+def test_bfloat16_models(tmp_path, models):
+    """Rows are gathered in the models' dtype; the merge computes in float32 as always."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    for n in ("base", "a"):
+        shutil.copytree(models / n, tmp_path / n)
+        state = load_file(str(models / n / "model.safetensors"))
+        save_file({k: v.bfloat16() for k, v in state.items()},
+                  str(tmp_path / n / "model.safetensors"), metadata={"format": "pt"})
+    out = merge(tmp_path, tmp_path, """
+set vocab = "union"
+base = model("MODELS/base")
+a = model("MODELS/a")
+output linear(base, a, weights=[1, 3])
+""")
+    merged = load_file(str(out / "model.safetensors"))
+    assert merged[EMBED].dtype == torch.bfloat16
+    vocab = rows(out)[0]
+    for token in ("<x>", "cat"):
+        b, a = row(tmp_path / "base", token), row(tmp_path / "a", token)
+        b = a if b is None else b
+        expected = ((b.float() + 3 * a.float()) / 4).bfloat16()
+        assert torch.equal(merged[EMBED][vocab[token]], expected), token
+
+
+def test_unreadable_tokenizer_is_not_compared_without_set_vocab(tmp_path, models, capsys):
+    import shutil
+
+    odd = tmp_path / "odd"
+    shutil.copytree(models / "base", odd)
+    (odd / "tokenizer.json").write_text('{"t": 1}')
+    script = script_of(tmp_path, models, f'o = model("{odd}")\n'
+                       'base = model("MODELS/base")\noutput linear(o, base)\n')
+    assert run(capsys, script, tmp_path / "out").code == 0
+    (script.parent / "v.merge").write_text('set vocab = "union"\n' + script.read_text())
+    assert_error(run(capsys, script.parent / "v.merge", tmp_path / "out2"),
+                 at(script.parent / "v.merge", 2, 11), None, "has no vocabulary",
+                 hint="save_pretrained")
 
 
 # --- errors, found before a tensor is loaded ---------------------------------------------

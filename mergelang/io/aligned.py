@@ -10,6 +10,7 @@ other tensor passes through unchanged, so the executor's row blocks work as befo
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import threading
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class AlignedSource:
         self.rows = rows
         self.row_map = torch.tensor(row_map, dtype=torch.long)
         self.fills = fills
+        self._filled = sorted(r for r, f in fills.items() if f.mean or f.rows)  # not zero
         self.peers = peers          # source key -> the unwrapped source, for Fill.rows
         self.embedding = embedding  # the input embedding's name, for a tied peer's head
         self.config, self.folder = inner.config, inner.folder
@@ -68,10 +70,9 @@ class AlignedSource:
             out[present] = part[wanted - lo]
             del part
             self.inner.release(name, (lo, hi))
-        for row in range(start, stop):
-            fill = self.fills.get(row)
-            if fill is not None and (fill.mean or fill.rows):
-                out[row - start] = self._fill(name, fill).to(dtype)
+        filled = self._filled
+        for row in filled[bisect.bisect_left(filled, start):bisect.bisect_left(filled, stop)]:
+            out[row - start] = self._fill(name, self.fills[row]).to(dtype)
         return out
 
     def _fill(self, name: str, fill: Fill) -> torch.Tensor:

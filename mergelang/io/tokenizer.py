@@ -10,6 +10,7 @@ other in the way its own loader expects.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import shutil
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelFileError
-from .jsonfile import read_json
+from .jsonfile import JSON_LIMIT, parse_json, read_json, read_regular_file
 
 TOKENIZER_FILES: tuple[str, ...] = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -46,13 +47,21 @@ def has_tokenizer(folder: Path | None) -> bool:
     return folder is not None and any((Path(folder) / n).is_file() for n in TOKENIZER_FILES)
 
 
-def read_vocabulary(folder: Path) -> Vocabulary:
+def read_vocabulary(folder: Path, cache: dict | None = None) -> Vocabulary:
     """The vocabulary of the tokenizer in `folder`. Raises ModelFileError when it has none
-    that can be read without the tokenizer's own library (a sentencepiece model alone)."""
+    that can be read without the tokenizer's own library (a sentencepiece model alone).
+    `cache` (bytes' digest -> Vocabulary) parses a tokenizer.json that several models share
+    once: a real one is megabytes of JSON."""
     folder = Path(folder)
     path = folder / "tokenizer.json"
     if path.is_file():
-        data = _object(path)
+        raw = read_regular_file(path, JSON_LIMIT, hint=_HINT)
+        digest = hashlib.sha256(raw).digest()
+        if cache is not None and digest in cache:
+            return cache[digest]
+        data = parse_json(raw, path, hint=_HINT)
+        if not isinstance(data, dict):
+            raise ModelFileError(f"{path} is not a JSON object", hint=_HINT)
         model = data.get("model") if isinstance(data.get("model"), dict) else {}
         vocab = model.get("vocab")
         if isinstance(vocab, list):   # Unigram: [piece, score] pairs, the id is the index
@@ -69,7 +78,10 @@ def read_vocabulary(folder: Path) -> Vocabulary:
             tokens[entry["content"]] = entry.get("id")
             if entry.get("special"):
                 special.add(entry["content"])
-        return _checked(tokens, frozenset(special), path)
+        vocabulary = _checked(tokens, frozenset(special), path)
+        if cache is not None:
+            cache[digest] = vocabulary
+        return vocabulary
     if (folder / "vocab.json").is_file():
         path = folder / "vocab.json"
         tokens = dict(_object(path))
