@@ -48,6 +48,7 @@ class Stager:
         self.plan, self.device = plan, device
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="mergelang-read")
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.largest = torch.finfo(plan.compute_dtype).max
 
     def close(self) -> None:
         self.reader.shutdown()
@@ -96,11 +97,16 @@ class Stager:
         return compute
 
     def widen(self, value: Any) -> Any:
-        """A tensor (or the tensors of a list) in the compute dtype."""
+        """A tensor (or the tensors of a list) in the compute dtype; a number beyond the
+        compute dtype's largest as the value IEEE rounds it to there, mostly infinity
+        (torch refuses such a number beside a tensor of that dtype: clamp_min(x, 1e39)
+        in float32)."""
         if isinstance(value, list):
             return [self.widen(v) for v in value]
         if isinstance(value, torch.Tensor) and value.dtype != self.plan.compute_dtype:
             return value.to(self.plan.compute_dtype)
+        if isinstance(value, float) and abs(value) > self.largest and value == value:
+            return torch.tensor(value, dtype=torch.float64).to(self.plan.compute_dtype).item()
         return value
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from mergelang import MergeError, api
+from tests.helpers import small_tensors, write_hf_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -283,3 +284,46 @@ def test_fuzz_compile_check_and_run(tmp_path):
 def test_fuzz_heavy(tmp_path):
     ran, crashes = fuzz(1_000_000, HEAVY_CASES, budget=3600.0, out=tmp_path)
     _judge(ran, crashes, at_least=HEAVY_CASES)
+
+
+EXTREMES = ["1e39", "-1e308", "5e-324", "(4294967296 * 4294967296)"]
+"""Numbers beyond every compute dtype, below their smallest, beyond 64 bits."""
+
+
+def _constant_cases() -> list[str]:
+    """Every number parameter of every primitive, and the arithmetic operators, given
+    each extreme number."""
+    from mergelang.ops import PRIMITIVES
+
+    outputs = []
+    for name, prim in sorted(PRIMITIVES.items()):
+        for param in (p for p in prim.params if p.kind == "number"):
+            for value in EXTREMES:
+                args = [f"{p.name}=[a - b, b - a]" if p.kind == "tensors" else
+                        f"{p.name}=a - b" if p.kind == "tensor" else f"{p.name}={value}"
+                        for p in prim.params if p.kind != "number" or p is param]
+                outputs.append(f"a + {name}({', '.join(args)})")
+    for form in ["a * {v}", "a + {v}", "{v} / a", "a - {v}", "-a * gradient([{v}, 1])"]:
+        outputs += [form.format(v=v) for v in EXTREMES]
+    return outputs
+
+
+def test_extreme_numbers_through_check_and_run(tmp_path):
+    """A number check accepts never crashes run: it is the infinity (or zero) it rounds
+    to in the compute dtype, or refused at check time with a MergeError. float16 has
+    the smallest range, so it meets the most such numbers."""
+    for name, seed in (("a", 0), ("b", 1)):
+        write_hf_folder(tmp_path / name, small_tensors(seed, layers=1))
+    crashes = []
+    for i, output in enumerate(_constant_cases()):
+        text = (f'set dtype = "float16"\na = model("a")\nb = model("b")\n'
+                f"output {output}\n")
+        try:
+            program = api.compile(text, tmp_path / "extreme.merge")
+            program.check()
+            program.run(tmp_path / "out" / str(i))
+        except MergeError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - finding these is the point
+            crashes.append(f"{output}: {type(exc).__name__}: {exc}")
+    assert not crashes, "\n".join(crashes[:10])

@@ -9,6 +9,7 @@ written at the output, and no traceback.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import stat
@@ -624,14 +625,6 @@ def test_graph_into_a_pipe_closed_early_exits_quietly(tmp_path):
 
 
 @pytest.mark.parametrize("output", [
-    pytest.param("clamp_min(a, 1e39)", marks=pytest.mark.xfail(
-        strict=False, reason="ops/pruning.py passes 1e39 to a float32 op: RuntimeError "
-        "'value cannot be converted to type float without overflow' in run (check "
-        "accepts it)"), id="clamp_min-1e39"),
-    pytest.param("a * (4294967296 * 4294967296 * 4294967296)", marks=pytest.mark.xfail(
-        strict=False, reason="a constant folded to an integer beyond 64 bits: "
-        "OverflowError in execute.py during run (check accepts it)"),
-        id="integer-product-beyond-64-bits"),
     pytest.param("a * gradient([" + ", ".join(["0.5"] * 400) + "])", id="gradient-400"),
     pytest.param("a * 9223372036854775807", id="largest-integer-weight"),
 ])
@@ -642,6 +635,39 @@ def test_what_check_accepts_run_does_not_crash_on(workspace, output):
         program.run(workspace / "out")
     except MergeError:
         pass
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("output", ["clamp_min(a, 1e39)", "clamp_min(a, -1e39)",
+                                    "clamp_min(a, 70000.0)"])
+def test_a_number_beyond_the_compute_dtype_is_the_infinity_it_rounds_to(workspace, dtype,
+                                                                        output):
+    """torch refuses clamp(min=1e39) on a float32 tensor; IEEE rounds 1e39 to inf in
+    float32 (and in bfloat16), 70000 to inf in float16 only."""
+    text = (f'set dtype = "{dtype}"\nset out_dtype = "float32"\na = model("models/a")\n'
+            f"output {output}\n")
+    compute = getattr(torch, dtype)
+    floor = float(output.split(", ")[1].rstrip(")"))
+    rounded = torch.tensor(floor, dtype=torch.float64).to(compute).item()  # IEEE's rounding
+    assert math.isinf(rounded) == (floor != 70000.0 or dtype == "float16")
+    _runs_to_the_closed_form(workspace, text,
+                             lambda a: a.to(compute).float().clamp(min=rounded))
+
+
+@pytest.mark.parametrize(("output", "col", "shown"), [
+    ("a * (4294967296 * 4294967296 * 4294967296)", 13, "18446744073709551616"),
+    ("a + -(0 - 9223372036854775807 - 1)", 12, "9223372036854775808"),
+    ("a * sum([9223372036854775807, 1])", 12, "9223372036854775808"),
+])
+def test_an_integer_beyond_64_bits_made_by_arithmetic_is_a_located_diagnostic(
+        workspace, capsys, output, col, shown):
+    write(workspace, f'a = model("models/a")\noutput {output}\n', "big.merge")
+    for command in ("check", "run"):
+        args = ("big.merge",) if command == "check" else ("big.merge", "-o", "out")
+        result = mergelang(capsys, command, *args)
+        assert_error(result, f"big.merge:2:{col}", None, f"the integer {shown}",
+                     "is too large (at most 9223372036854775807", hint="as a float")
+    assert_nothing_written(workspace / "out")
 
 
 def test_the_repl_survives_a_bad_escape(tmp_path):

@@ -168,7 +168,7 @@ class Lowerer:
 
     def _negate(self, v: Value, node: ast.Unary) -> Value:
         if is_number(v):
-            return -v
+            return _in_int64(-v, node.span)
         if isinstance(v, Node):
             return self.b.make(Op.NEG, (v,), None, v.kind, node.span)
         raise error(f"cannot negate {describe(v)}", node.span)
@@ -236,7 +236,7 @@ class Lowerer:
             raise error("division by zero", span, hint="weights that sum to zero cannot be "
                         "normalized; pass normalize=false or change the weights")
         if is_number(a) and is_number(b):
-            return _ARITHMETIC[op](a, b)
+            return _in_int64(_ARITHMETIC[op](a, b), span)
         if kind is Op.ADD and isinstance(a, str) and isinstance(b, str):
             return a + b
         for v in (a, b):
@@ -402,6 +402,20 @@ class Lowerer:
 
 # binary operators that are neither logic, comparison nor arithmetic
 _SPECIAL = {"|": Lowerer._fallback, "~": Lowerer._match}
+
+
+def _in_int64(value: Value, span: Span) -> Value:
+    """A folded number; an integer beyond 64 bits is refused here, as in a literal (no
+    tensor operation can take it, and a float says what is meant)."""
+    if isinstance(value, int) and not -2**63 <= value <= 2**63 - 1:
+        digits = str(abs(value))
+        shown = ("-" if value < 0 else "") + (digits if len(digits) <= 24
+                                              else f"{digits[:12]}...({len(digits)} digits)")
+        raise error(f"the integer {shown} made here is too large (at most {2**63 - 1} "
+                    "in magnitude)", span,
+                    hint=f"write a number as a float (e.g. {float(2**32):.1f}) to compute "
+                         "in floating point")
+    return value
 
 
 def _after_rest(fn: ast.FnDef, param: ast.Param) -> bool:
