@@ -406,6 +406,39 @@ def test_online_merging_applies_the_compiled_rule_to_the_inner_update(models):
     assert default_prepare(rule) == "ondare_ref(tau, keep=0.3)"
 
 
+def test_online_merging_is_the_rule_at_every_step_whatever_the_batches(models):
+    """The dense task vectors live in buffers shared by the batches and kept between steps
+    (only what another parameter left there is zeroed): each step is still before + rule,
+    with the task vector the optimizer holds, also after a state dict brings other ones."""
+    base, sft, data = models
+    rule = "ondare(update, ref, keep=0.5, alpha=0.3)"
+    model = copy.deepcopy(sft)
+
+    def make(seed):
+        return OnlineMerging(torch.optim.SGD(model.named_parameters(), lr=0.1), rule,
+                             reference=sft, base=base, seed=seed, batch=150)  # 3 batches
+    opt, other = make(9), make(4)
+    for step in range(4):
+        if step == 3:  # the other draws of the task vector, loaded into the same optimizer
+            opt.load_state_dict(other.state_dict())
+        seed = 4 if step == 3 else 9
+        ref = mergelang.evaluate("ondare_ref(tau, keep=0.5)", tau=taus(base, sft), seed=seed)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = grads_of(model, data)
+        plain = copy.deepcopy(model)
+        for n, q in plain.named_parameters():
+            q.grad = grads[n]
+        torch.optim.SGD(plain.parameters(), lr=0.1).step()
+        update = {n: q.detach() - before[n] for n, q in plain.named_parameters()}
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        opt.step()
+        count = step + 1 if step < 3 else 1  # the loaded state's step count
+        merged = mergelang.evaluate(rule, update=update, ref=ref, seed=seed + count)
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name] + merged[name]), (step, name)
+
+
 def test_online_merging_runs_a_rule_of_ones_own(models, tmp_path):
     base, sft, data = models
     library = tmp_path / "rules.merge"

@@ -158,30 +158,22 @@ class OnlineAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss, stepping = begin_step(self.param_groups, closure)
         tally = self.monitor.tally()
         last, merged = 0, False
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse "
-                                       "gradients")
-                state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p,
-                                                           memory_format=torch.preserve_format)
-                    if self.every > 1:
-                        state["cached"] = torch.zeros_like(p, dtype=self._update_dtype(p))
-                state["step"] += 1
-                last = state["step"]
-                merged |= self._step_one(p, state, group, tally)
+        for group, p in stepping:
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if self.every > 1:
+                    state["cached"] = torch.zeros_like(p, dtype=self._update_dtype(p))
+            state["step"] += 1
+            last = state["step"]
+            merged |= self._step_one(p, state, group, tally)
         self.monitor.emit(tally, last, merged)
         return loss
 
@@ -286,6 +278,18 @@ class OnlineAdamW(torch.optim.Optimizer):
             if "cached" in state:
                 out["cached"] += state["cached"].numel() * state["cached"].element_size()
         return out
+
+
+def begin_step(groups: list[dict], closure: Callable[[], Any] | None
+               ) -> tuple[Any, list[tuple[dict, torch.Tensor]]]:
+    """What every online step starts with (the built-in classes' and OnlineMerging's):
+    the closure's loss, computed with autograd on (step() runs without), and the
+    parameters that have a gradient after it, with their groups."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    return loss, [(g, p) for g in groups for p in g["params"] if p.grad is not None]
 
 
 def _check_merge(keep: float, alpha: float) -> None:

@@ -34,9 +34,9 @@ from .. import syntax
 from ..ast import Call, Name
 from ..compiled import Expression
 from ..resolve import stdlib_scope
-from .adamw import _names_of
+from .adamw import _names_of, begin_step
 from .monitor import Monitor, StepStats, Tally
-from .sources import Source, dense, store, task_vectors
+from .sources import Source, store, task_vectors
 
 INPUTS = frozenset({"update", "ref", "param"})
 # the standard rules and the keywords their preparation shares with them
@@ -89,6 +89,7 @@ class OnlineMerging(torch.optim.Optimizer):
         self.device, self.dtype = device, dtype
         self.count = 0
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self.placed: dict[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.window: set[int] = set()
         self.monitor = Monitor(callback, stats)
         self.names = _names_of(self.param_groups, names)
@@ -136,15 +137,11 @@ class OnlineMerging(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss, stepping = begin_step(self.param_groups, closure)
         self.count += 1
-        stepping = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
         if (self.count - 1) % self.every == 0:
             self.window = set()  # the parameters the inner optimizer moves in this window
-        for p in stepping:
+        for _, p in stepping:
             if id(p) not in self.window:
                 anchor = self.state[p].get("anchor")
                 if anchor is None:
@@ -166,17 +163,17 @@ class OnlineMerging(torch.optim.Optimizer):
         for batch in self._batches(params):
             names = [self.names[id(p)] for p in batch]
             inputs: dict[str, dict[str, torch.Tensor]] = {"update": {}, "ref": {}, "param": {}}
-            at: dict[torch.dtype, int] = {}
-            for name, p in zip(names, batch, strict=True):
+            starts = self._layout(batch)
+            for name, p, start in zip(names, batch, starts, strict=True):
                 anchor = self.state[p]["anchor"]
-                update = self._scratch("update", p, at)
+                update = self._scratch("update", p, start)
                 inputs["update"][name] = torch.sub(p, anchor, out=update)
-                if "ref" in reads:
-                    inputs["ref"][name] = dense(self.state[p], p, self._scratch("ref", p, at))
                 inputs["param"][name] = anchor
-                at[p.dtype] = at.get(p.dtype, 0) + p.numel()
-            merged = self.rule(seed=self.seed + self.count, device=self._device(batch),
-                               dtype=self.dtype, **{k: v for k, v in inputs.items() if k in reads})
+            if "ref" in reads:
+                inputs["ref"] = self._refs(batch, names, starts)
+            call = {"seed": self.seed + self.count, "device": self._device(batch),
+                    "dtype": self.dtype, **{k: v for k, v in inputs.items() if k in reads}}
+            merged = self.rule(**call)
             for name, p in zip(names, batch, strict=True):
                 if name not in merged:
                     raise KeyError(f"the rule gives no value for parameter {name!r}")
@@ -187,16 +184,57 @@ class OnlineMerging(torch.optim.Optimizer):
             del inputs, merged
         self.monitor.emit(tally, self.count, True)
 
-    def _scratch(self, what: str, p: torch.Tensor, at: dict[torch.dtype, int]) -> torch.Tensor:
+    @staticmethod
+    def _layout(batch: list[torch.Tensor]) -> list[int]:
+        """Where each parameter of a batch lies in the buffers of its dtype."""
+        at: dict[torch.dtype, int] = {}
+        starts = []
+        for p in batch:
+            starts.append(at.get(p.dtype, 0))
+            at[p.dtype] = starts[-1] + p.numel()
+        return starts
+
+    def _scratch(self, what: str, p: torch.Tensor, start: int) -> torch.Tensor:
         """A tensor shaped like p in a buffer kept from step to step (one per input and
-        dtype, as large as a batch): no memory is asked for, and faulted in, at each step."""
+        dtype, as large as a batch): no memory is asked for, and faulted in, at each step.
+        A new buffer is zeros."""
         key = (what, p.dtype, p.device)
-        start = at.get(p.dtype, 0)
         buffer = self.buffers.get(key)
         if buffer is None or buffer.numel() < start + p.numel():
             size = max(self.batch, start + p.numel())
-            buffer = self.buffers[key] = torch.empty(size, dtype=p.dtype, device=p.device)
+            buffer = self.buffers[key] = torch.zeros(size, dtype=p.dtype, device=p.device)
+            self.placed.pop(key, None)
         return buffer[start:start + p.numel()].view(p.shape)
+
+    def _refs(self, batch: list[torch.Tensor], names: list[str], starts: list[int]
+              ) -> dict[str, torch.Tensor]:
+        """The kept task vectors of a batch, dense. A sparse one is scattered into a zeroed
+        buffer; the buffer keeps what it holds from call to call (nothing writes into an
+        input of the rule), so only the entries placed there for other parameters are
+        zeroed again: with one batch, nothing is written after the first step."""
+        out: dict[str, torch.Tensor] = {}
+        wanted: dict[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for name, p, start in zip(names, batch, starts, strict=True):
+            state = self.state[p]
+            if "ref_index" not in state:
+                out[name] = state["ref_values"]
+                continue
+            out[name] = self._scratch("ref", p, start)
+            wanted.setdefault(("ref", p.dtype, p.device), {})[start] = \
+                (state["ref_values"], state["ref_index"])
+        for key, entries in wanted.items():
+            flat = self.buffers[key]
+            placed = self.placed.get(key, {})
+            same = placed.keys() == entries.keys() and all(
+                placed[s][0] is v and placed[s][1] is i for s, (v, i) in entries.items())
+            if same:
+                continue
+            for start, (_, index) in placed.items():  # what other parameters left there
+                flat[start:][index] = 0
+            for start, (values, index) in entries.items():
+                flat[start:][index] = values
+            self.placed[key] = entries
+        return out
 
     @staticmethod
     def _tally(tally: Tally, update: torch.Tensor, merged: torch.Tensor, state: dict) -> None:
