@@ -151,6 +151,10 @@ def align(settings: VocabSettings | None, models: dict[str, Any], donor: str | N
                         "matched to token strings", m.span, hint="copy its tokenizer "
                         "(tokenizer.json) into the model's folder")
     by_key = {m.key: m for m in found}
+    if not any(m.key in merged for m in found):
+        raise error("set vocab, but no merged model has an input embedding (embed_tokens, "
+                    "wte, word_embeddings or embed_in) to align", span,
+                    hint="remove `set vocab`: these models have no vocabulary rows")
     if settings.mode == "union":
         plan = _union([by_key[k] for k in by_key if k == donor] +
                       [m for m in found if m.key != donor and m.key in merged],

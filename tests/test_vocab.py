@@ -24,6 +24,7 @@ from tests.helpers import (
     run,
     run_all,
     write,
+    write_model,
     write_tokenized_model,
 )
 
@@ -365,3 +366,10 @@ def test_model_without_tokenizer_under_set_vocab(tmp_path, models, capsys):
                        'a = model("MODELS/a")\noutput linear(b, a)\n')
     assert_error(run(capsys, script, tmp_path / "out"), at(script, 2, 11), None,
                  "no tokenizer files", hint="tokenizer.json")
+
+
+def test_set_vocab_without_any_embedding(tmp_path, capsys):
+    write_model(tmp_path / "m", {"model.layers.0.mlp.weight": torch.ones(2, 2)})
+    script = write(tmp_path, 'set vocab = "union"\nm = model("m")\noutput m\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 1, 13), '"union"',
+                 "no merged model has an input embedding", hint="remove `set vocab`")
