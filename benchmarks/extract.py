@@ -78,7 +78,7 @@ def reconstruction(adapter: Path, base: Model, ft: Model) -> dict:
             "kept": kept, "bytes": (adapter / "adapter_model.safetensors").stat().st_size}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", type=Path, required=True)
     p.add_argument("--ranks", default="32", help="comma-separated ranks (default 32)")
@@ -86,7 +86,7 @@ def main() -> int:
     p.add_argument("--mergekit", default="auto", help="mergekit-extract-lora: path, auto or none")
     p.add_argument("--svd", default="auto", choices=("auto", "exact", "randomised"))
     add_family_args(p)
-    a = p.parse_args()
+    a = p.parse_args(argv)
     spec = spec_from_args(a)
     work = a.workdir.resolve()
     models = ensure_family(spec, work / family_name(spec))
@@ -117,12 +117,13 @@ def main() -> int:
                 print(json.dumps(run))
                 if run["rc"] == 0 and i == a.repeats - 1:
                     quality[f"{tool}-r{rank}"] = reconstruction(out, Model(base), Model(ft))
-    rows = [["tool", "rank", "median s", "median peak RSS GB", "overall error",
+    rows = [["tool", "rank", "median s", "median CPU s", "median peak RSS GB", "overall error",
              "mean tensor error", "worst", "adapter MB", "kept whole"]]
     for key, q in quality.items():
         tool, rank = key.rsplit("-r", 1)
         mine = [r for r in runs if r["tool"] == tool and r["rank"] == int(rank)]
         rows.append([tool, rank, f"{statistics.median(r['wall_s'] for r in mine):.1f}",
+                     f"{statistics.median(r['user_s'] + r['sys_s'] for r in mine):.1f}",
                      f"{statistics.median(r['peak_rss_gb'] for r in mine):.2f}",
                      f"{q['overall']:.4f}", f"{q['mean']:.4f}", f"{q['worst']:.4f}",
                      f"{q['bytes'] / 1e6:.1f}", str(len(q["kept"]))])

@@ -5,6 +5,7 @@ and the language form write the same bytes, and bad inputs are located diagnosti
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,47 @@ def test_the_base_must_be_known(capsys, tmp_path):
     assert_nothing_written(tmp_path / "out")
     text = 'output extract_lora(model("ft") * 0.5, rank=2, base=model("base"))\n'
     assert run(capsys, write(tmp_path, text), tmp_path / "out").code == 0
+
+
+def test_the_benchmark_runs_without_mergekit(monkeypatch, tmp_path, capsys):
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    import importlib
+    modules = ("extract", "run", "families", "io_floor")
+    try:
+        extract_bench = importlib.import_module("extract")
+        argv = ["--workdir", str(tmp_path), "--hidden", "64", "--layers", "1", "--inter", "96",
+                "--vocab", "128", "--n-ft", "1", "--ranks", "4", "--mergekit", "none"]
+        assert extract_bench.main(argv) == 0
+    finally:
+        for name in modules:
+            sys.modules.pop(name, None)
+    printed = capsys.readouterr().out
+    assert "mergekit-extract-lora not found" in printed and "| mergelang | 4" in printed
+    results = json.loads((tmp_path / "extract_results.json").read_text())
+    assert [r["tool"] for r in results["runs"]] == ["mergelang"]
+    # the benchmark's error, measured from the adapter's files, is the one mergelang reports
+    report = json.loads((tmp_path / "extract-mergelang-r4" / "extraction.json").read_text())
+    assert results["quality"]["mergelang-r4"]["overall"] == pytest.approx(
+        report["overall_error"], rel=1e-3)
+
+
+def test_extract_then_lora_input_gives_the_fine_tune_back(capsys, tmp_path):
+    """model(BASE) + lora(ADAPTER) is the fine-tune, up to exactly the error reported."""
+    pair(tmp_path, DELTAS)
+    adapter, report = extract(capsys, tmp_path, "--rank", 3)
+    errors = {t["name"]: t["error"] for t in report["tensors"]}
+    text = f'output model("base") + lora("{adapter.name}")\n'
+    result = run(capsys, write(tmp_path, text), tmp_path / "back")
+    assert result.code == 0, result.text
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    fine = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    assert set(back) == set(fine)
+    for name, weight in back.items():
+        if name in errors:
+            lost = torch.linalg.norm(weight - fine[name]) / torch.linalg.norm(fine[name]
+                                                                             - base[name])
+            assert float(lost) == pytest.approx(errors[name], rel=1e-3)
+        else:
+            assert torch.allclose(weight, fine[name], atol=1e-6), name
