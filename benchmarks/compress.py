@@ -136,19 +136,21 @@ def table(results: dict) -> str:
              f"parameters, {results['family']['dtype']}; the fine-tune is "
              f"{results['fine_tune_bytes'] / gb:.3f} GB)", "",
              "| compression | file GB | / dense τ | rel. error | applied rel. error | "
-             "compress s | compress RSS GB | apply s | apply RSS GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "compress wall s | compress CPU s | compress RSS GB | apply wall s | "
+             "apply CPU s | apply RSS GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         applied = r.get("applied_relative_error")
         lines.append(
             f"| {r['compression']} | {r['file_bytes'] / gb:.3f} | "
             f"{r['file_bytes'] / r['dense_bytes']:.3f} | {r['relative_error']:.4f} | "
             f"{'-' if applied is None else f'{applied:.4f}'} | "
-            f"{r['compress']['wall_s']:.1f} | {r['compress']['peak_rss_gb']:.2f} | "
-            f"{r['apply']['wall_s']:.1f} | {r['apply']['peak_rss_gb']:.2f} |")
+            f"{r['compress']['wall_s']:.1f} | {r['compress']['cpu_s']:.1f} | "
+            f"{r['compress']['peak_rss_gb']:.2f} | {r['apply']['wall_s']:.1f} | "
+            f"{r['apply']['cpu_s']:.1f} | {r['apply']['peak_rss_gb']:.2f} |")
     c = results["copy"]
-    lines.append(f"\nfor scale, `output model(ft0)` (a copy): {c['wall_s']:.1f} s, "
-                 f"{c['peak_rss_gb']:.2f} GB peak RSS")
+    lines.append(f"\nfor scale, `output model(ft0)` (a copy): {c['wall_s']:.1f} s wall, "
+                 f"{c['cpu_s']:.1f} s CPU, {c['peak_rss_gb']:.2f} GB peak RSS")
     return "\n".join(lines)
 
 

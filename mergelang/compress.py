@@ -44,6 +44,7 @@ from .diagnostics import Diagnostic, MergeError, Source, Span, error
 from .io.delta import (
     DENSE,
     DIGEST_CHARS,
+    MASK,
     SIGN,
     TOPK,
     DeltaEntry,
@@ -52,6 +53,7 @@ from .io.delta import (
     header_digest,
     pack_bits,
     plan_entry,
+    sparse_form,
     tensor_digest,
 )
 from .io.dtypes import dtype_name
@@ -240,7 +242,8 @@ def _layout(base: SafetensorsModel, ft: SafetensorsModel, density: float | None,
         numel = math.prod(info.shape)
         if density is not None:
             k = min(numel, max(1, int(density * numel)))
-            plans.append(plan_entry(info.name, info.shape, other.dtype, TOPK, k))
+            plans.append(plan_entry(info.name, info.shape, other.dtype, sparse_form(numel, k),
+                                    k))
         else:
             form = SIGN if len(info.shape) >= 2 else DENSE
             plans.append(plan_entry(info.name, info.shape, other.dtype, form))
@@ -254,7 +257,7 @@ def _tensor(entry: DeltaEntry, base: SafetensorsModel, ft: SafetensorsModel,
     row_numel = numel // rows if rows else 0
     # float32 rows held at once: base, fine-tune, τ, |τ|, its keys and counts, the mask
     chunk_rows = max(1, min(rows, budget // max(1, row_numel * 4 * 8)))
-    if entry.form == SIGN:  # blocks start on a byte of signs
+    if entry.form in (SIGN, MASK):  # blocks start on a byte of bits
         step = 8 // math.gcd(row_numel or 8, 8)
         chunk_rows = min(rows, -(-chunk_rows // step) * step)
     chunks = [(r, min(r + chunk_rows, rows)) for r in range(0, rows, chunk_rows)]
@@ -269,7 +272,8 @@ def _tensor(entry: DeltaEntry, base: SafetensorsModel, ft: SafetensorsModel,
                             numel * entry.dtype.itemsize)
     hashes = [digest() for _ in entry.parts]
     parts = list(entry.parts)
-    encode = {TOPK: _encode_topk, SIGN: _encode_sign, DENSE: _encode_dense}[entry.form]
+    encode = {TOPK: _encode_topk, MASK: _encode_topk, SIGN: _encode_sign,
+              DENSE: _encode_dense}[entry.form]
     encode(entry, chunks, row_numel, load, density, figures,
            lambda i, first, values: (writer.write(parts[i], first, values),
                                      hashes[i].update(_raw(values))))
@@ -292,7 +296,8 @@ def _sq(x: torch.Tensor) -> float:
 
 def _encode_topk(entry, chunks, row_numel, load, density, figures, put) -> None:
     name, numel = entry.name, entry.numel
-    index_dtype = entry.parts[f"{name}/indices"][0]
+    masked = entry.form == MASK
+    index_dtype = None if masked else entry.parts[f"{name}/indices"][0]
     selection = top_k(numel, density, "tensor")
     stats = selection.result() if selection.sweeps(len(chunks)) == 0 else None
     while stats is None:  # the exact selection's sweeps (two for a tensor in blocks)
@@ -308,8 +313,12 @@ def _encode_topk(entry, chunks, row_numel, load, density, figures, put) -> None:
         at = keep.nonzero().squeeze(1)
         kept = tau[at]
         stored = kept.to(entry.dtype)
-        put(0, written, stored)
-        put(1, written, (at + r[0] * row_numel).to(index_dtype))
+        if masked:  # parts: the mask, then the values
+            put(0, r[0] * row_numel // 8, pack_bits(keep))
+            put(1, written, stored)
+        else:  # the values, then their positions
+            put(0, written, stored)
+            put(1, written, (at + r[0] * row_numel).to(index_dtype))
         written += at.numel()
         figures.norm_sq += _sq(tau)
         figures.error_sq += _sq(tau.masked_fill_(keep, 0)) + _sq(kept - stored.float())

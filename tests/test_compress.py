@@ -70,7 +70,7 @@ def stored(path: Path) -> dict[str, torch.Tensor]:
 # --- top-k: the entries trim keeps, exactly ---------------------------------------------
 
 
-@pytest.mark.parametrize("density", [0.3, 0.05, 1.0])
+@pytest.mark.parametrize("density", [0.3, 0.05, 0.01, 1.0])
 def test_topk_round_trip_keeps_the_top_entries_exactly(tmp_path, capsys, density):
     base = quantised_state(0)
     ft = fine_tune(base)
@@ -86,12 +86,18 @@ def test_topk_round_trip_keeps_the_top_entries_exactly(tmp_path, capsys, density
         k = max(1, int(density * tau.numel()))
         order = torch.argsort(tau.abs(), descending=True, stable=True)[:k]
         positions = order.sort().values
-        assert torch.equal(parts[f"{name}/indices"].long(), positions), name
+        mask_bytes, index_bytes = (tau.numel() + 7) // 8, 4 * k  # the smaller is stored
+        assert row["form"] == ("mask" if mask_bytes < index_bytes else "topk")
+        if row["form"] == "mask":
+            found = unpack_bits(parts[f"{name}/mask"])[:tau.numel()].nonzero().squeeze(1)
+        else:
+            found = parts[f"{name}/indices"].long()
+        assert torch.equal(found, positions), name
         assert torch.equal(parts[f"{name}/values"], tau[positions]), name
         kept = ref_trim(ft[name] - base[name], density)
         err = float((ft[name] - base[name] - kept).norm() / tau.norm())
         assert row["relative_error"] == pytest.approx(err, rel=1e-5, abs=1e-7)
-        assert row["stored_bytes"] == k * (4 + 4)
+        assert row["stored_bytes"] == min(mask_bytes, index_bytes) + 4 * k
         assert row["dense_bytes"] == tau.numel() * 4
         total_sq += float(tau.norm()) ** 2
         total_err += float((tau - kept.flatten()).norm()) ** 2
@@ -106,13 +112,13 @@ def test_blocks_of_rows_give_the_same_file_and_the_same_merge(tmp_path, capsys):
     base = quantised_state(0)
     ft = fine_tune(base)
     models(tmp_path, base, ft)
-    for flags in (("--density", "0.3"), ("--bits", "1")):
+    for flags in (("--density", "0.3"), ("--density", "0.01"), ("--bits", "1")):
         assert compress(capsys, tmp_path, *flags).code == 0
         assert compress(capsys, tmp_path, *flags, "--max-memory", "1", out="rows.delta").code == 0
         whole = (tmp_path / "task.delta").read_bytes()
         assert (tmp_path / "rows.delta").read_bytes() == whole
         one = apply(capsys, tmp_path)
-        (tmp_path / "merged").rename(tmp_path / f"merged-{flags[0]}")
+        (tmp_path / "merged").rename(tmp_path / f"merged-{'-'.join(flags)}")
         rows = apply(capsys, tmp_path, "--max-memory", "1")
         for name in one:
             assert torch.equal(one[name], rows[name])
@@ -129,7 +135,7 @@ def test_blocks_of_rows_give_the_same_file_and_the_same_merge(tmp_path, capsys):
 def test_a_delta_reads_back_in_any_block_of_rows(tmp_path, capsys):
     base = quantised_state(0)
     models(tmp_path, base, fine_tune(base))
-    for flags in (("--density", "0.2"), ("--bits", "1")):
+    for flags in (("--density", "0.2"), ("--density", "0.01"), ("--bits", "1")):
         assert compress(capsys, tmp_path, *flags, "--force").code == 0
         delta = open_delta(tmp_path / "task.delta")
         try:

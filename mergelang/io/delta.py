@@ -5,6 +5,9 @@ A delta file is one safetensors file. Each tensor of the base is stored in one f
 - "topk": the k = max(1, int(density * numel)) entries of largest |τ| (trim's exact
   selection), as `NAME/values` (the fine-tune's dtype) and `NAME/indices` (int32, or
   int64 past 2^31 entries: row-major positions, ascending);
+- "mask": the same entries, their positions as a bit mask instead (`NAME/mask`, uint8,
+  entry i at bit i % 8 of byte i // 8), then `NAME/values` in row-major order: chosen
+  per tensor when it is smaller, which it is when more than 1 entry in 32 is kept;
 - "sign": BitDelta's 1 bit per entry (`NAME/signs`, uint8, entry i at bit i % 8 of
   byte i // 8: 1 for τ >= 0, 0 for τ < 0) and one float32 scale per tensor
   (`NAME/scale`, mean |τ|); the entry is +scale or -scale;
@@ -52,7 +55,7 @@ from .sources import register_kind
 KIND = "delta"
 FORMAT = "mergelang_delta"
 VERSION = "1"
-TOPK, SIGN, DENSE = "topk", "sign", "dense"
+TOPK, MASK, SIGN, DENSE = "topk", "mask", "sign", "dense"
 DIGEST_CHARS = 32  # hex digits kept of each SHA-256 (128 bits)
 _UNSET = "0" * DIGEST_CHARS
 _REMAKE = "make the delta again with `mergelang compress`"
@@ -127,17 +130,27 @@ class DeltaEntry:
 
 def plan_entry(name: str, shape: tuple[int, ...], dtype: torch.dtype, form: str,
                k: int = 0) -> DeltaEntry:
-    """The parts a tensor of `shape` takes in `form` (`k` entries kept, for topk)."""
+    """The parts a tensor of `shape` takes in `form` (`k` entries kept, for topk and
+    mask)."""
     numel = math.prod(shape)
     if form == TOPK:
         index = torch.int32 if numel <= 2**31 - 1 else torch.int64
         parts = {f"{name}/values": (dtype, (k,)), f"{name}/indices": (index, (k,))}
+    elif form == MASK:
+        parts = {f"{name}/mask": (torch.uint8, ((numel + 7) // 8,)),
+                 f"{name}/values": (dtype, (k,))}
     elif form == SIGN:
         parts = {f"{name}/signs": (torch.uint8, ((numel + 7) // 8,)),
                  f"{name}/scale": (torch.float32, ())}
     else:
         parts = {f"{name}/dense": (dtype, tuple(shape))}
     return DeltaEntry(name, tuple(shape), dtype, form, parts)
+
+
+def sparse_form(numel: int, k: int) -> str:
+    """TOPK or MASK for k kept entries of numel: whichever stores the positions in
+    fewer bytes (the mask when more than 1 entry in 32 is kept)."""
+    return MASK if (numel + 7) // 8 < k * (4 if numel <= 2**31 - 1 else 8) else TOPK
 
 
 def _metadata(entries: Iterable[DeltaEntry], fields: Mapping[str, str]) -> dict[str, str]:
@@ -304,6 +317,29 @@ def _topk(file: SafetensorsModel, e: DeltaEntry, lo: int, hi: int) -> torch.Tens
     return out
 
 
+def _mask(file: SafetensorsModel, e: DeltaEntry, lo: int, hi: int) -> torch.Tensor:
+    mask_part, values_part = e.parts
+    packed = file.load(mask_part, view=True)
+    first = lo // 8
+    before = count_bits(packed[:first])
+    bits = unpack_bits(packed[first:(hi + 7) // 8])
+    file.release(mask_part)
+    before += int(bits[:lo % 8].sum())
+    bits = bits[lo % 8:lo % 8 + hi - lo]
+    kept = int(bits.sum())
+    out = torch.zeros(hi - lo, dtype=torch.float32)
+    if kept:
+        out[bits] = file.load(values_part, (before, before + kept), torch.float32)
+    return out
+
+
+def count_bits(packed: torch.Tensor) -> int:
+    """The number of bits set in a uint8 tensor (a table of 256 counts, no unpacking)."""
+    if not packed.numel():
+        return 0
+    return int(torch.bincount(packed.reshape(-1), minlength=256) @ _POPCOUNT)
+
+
 def _sign(file: SafetensorsModel, e: DeltaEntry, lo: int, hi: int) -> torch.Tensor:
     signs_part, scale_part = e.parts
     scale = file.load(scale_part, dtype=torch.float32)
@@ -319,8 +355,9 @@ def _dense(file: SafetensorsModel, e: DeltaEntry, lo: int, hi: int) -> torch.Ten
     return file.load(part, rows, torch.float32).reshape(-1)
 
 
-_DECODE = {TOPK: _topk, SIGN: _sign, DENSE: _dense}
+_DECODE = {TOPK: _topk, MASK: _mask, SIGN: _sign, DENSE: _dense}
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
@@ -368,8 +405,11 @@ def _read_metadata(path: Path, file: SafetensorsModel
         entries = {}
         for name, d in described.items():
             dtype = dtype_from_name(d["dtype"])
+            if dtype is None or d["form"] not in _DECODE:
+                raise ValueError(f"tensor {name!r} has dtype {d['dtype']!r}, form "
+                                 f"{d['form']!r}")
             shape = tuple(int(s) for s in d["shape"])
-            k = file.tensors[f"{name}/values"].shape[0] if d["form"] == TOPK else 0
+            k = file.tensors[f"{name}/values"].shape[0] if d["form"] in (TOPK, MASK) else 0
             entry = plan_entry(name, shape, dtype, d["form"], k)
             entry.base, entry.data = str(d["base"]), str(d["data"])
             entries[name] = entry
@@ -403,6 +443,15 @@ def _check_stored(path: Path, file: SafetensorsModel, entry: DeltaEntry) -> None
             raise ModelFileError(f"{path} is damaged: the positions of tensor "
                                  f"{entry.name!r} are not ascending inside its "
                                  f"{entry.numel} entries", hint=_REMAKE)
+    if entry.form == MASK:
+        packed = file.load(f"{entry.name}/mask", view=True)
+        kept = count_bits(packed)
+        file.release(f"{entry.name}/mask")
+        if kept != entry.parts[f"{entry.name}/values"][1][0]:
+            raise ModelFileError(f"{path} is damaged: the mask of tensor {entry.name!r} "
+                                 f"marks {kept} entries for "
+                                 f"{entry.parts[f'{entry.name}/values'][1][0]} values",
+                                 hint=_REMAKE)
 
 
 def _difference(recorded: dict[str, list], model: Any) -> str:
