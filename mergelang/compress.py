@@ -66,6 +66,7 @@ from .schedule import DEFAULT_BUDGET, DEFAULT_BUDGET_TEXT
 from .selection import keep_top
 
 _COMMAND = "<command line>"
+_VALUES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -134,10 +135,12 @@ class CommandLine:
 
 def compress(ft: str | Path, base: str | Path, out: str | Path, *,
              density: float | None = None, bits: int | None = None, force: bool = False,
-             budget: int = DEFAULT_BUDGET, where: CommandLine | None = None,
+             budget: int = DEFAULT_BUDGET, values: torch.dtype | None = None,
+             where: CommandLine | None = None,
              progress: Callable[[TensorFigures], None] | None = None) -> Report:
     """Write the task vector ft - base, compressed, to the file `out`; nothing is left
-    there on an error. Raises MergeError."""
+    there on an error. Kept values are stored in `values` (default: the fine-tune's
+    dtype; float32 keeps them exact). Raises MergeError."""
     def at(key: str) -> Span | None:
         return where.span(key) if where is not None else None
 
@@ -152,7 +155,7 @@ def compress(ft: str | Path, base: str | Path, out: str | Path, *,
             except ModelFileError as exc:
                 raise error(exc.message, at(key), hint=exc.hint) from None
         base_model, ft_model = models
-        plans, skipped = _layout(base_model, ft_model, density, bits, at)
+        plans, skipped = _layout(base_model, ft_model, density, bits, values, at)
         fields = {"base": str(base), "finetune": str(ft),
                   "base_header": header_digest(base_model.tensors),
                   "base_tensors": json.dumps(
@@ -216,7 +219,8 @@ def _check_output(out: Path, force: bool, inputs: list[Path], at) -> None:
 
 
 def _layout(base: SafetensorsModel, ft: SafetensorsModel, density: float | None,
-            bits: int | None, at) -> tuple[list[DeltaEntry], dict[str, str]]:
+            bits: int | None, values: torch.dtype | None, at
+            ) -> tuple[list[DeltaEntry], dict[str, str]]:
     """Each tensor's form and parts, from the headers alone; errors for models that are
     not a fine-tune and its base."""
     extra = [n for n in ft.tensors if n not in base.tensors]
@@ -242,11 +246,11 @@ def _layout(base: SafetensorsModel, ft: SafetensorsModel, density: float | None,
         numel = math.prod(info.shape)
         if density is not None:
             k = min(numel, max(1, int(density * numel)))
-            plans.append(plan_entry(info.name, info.shape, other.dtype, sparse_form(numel, k),
-                                    k))
+            plans.append(plan_entry(info.name, info.shape, values or other.dtype,
+                                    sparse_form(numel, k), k))
         else:
             form = SIGN if len(info.shape) >= 2 else DENSE
-            plans.append(plan_entry(info.name, info.shape, other.dtype, form))
+            plans.append(plan_entry(info.name, info.shape, values or other.dtype, form))
     return plans, skipped
 
 
@@ -269,7 +273,7 @@ def _tensor(entry: DeltaEntry, base: SafetensorsModel, ft: SafetensorsModel,
         return tau.sub_(base.load(name, part, torch.float32)).reshape(-1)
 
     figures = TensorFigures(name, entry.form, entry.stored_bytes,
-                            numel * entry.dtype.itemsize)
+                            numel * ft.tensors[name].dtype.itemsize)
     hashes = [digest() for _ in entry.parts]
     parts = list(entry.parts)
     encode = {TOPK: _encode_topk, MASK: _encode_topk, SIGN: _encode_sign,
@@ -362,6 +366,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--density", help="keep the top DENSITY of each tensor by magnitude, "
                                      "in (0, 1]")
     p.add_argument("--bits", help="1: BitDelta's signs and a scale per matrix")
+    p.add_argument("--values", choices=sorted(_VALUES),
+                   help="the dtype kept values are stored in (default: the fine-tune's); "
+                        "float32 keeps them exact")
     p.add_argument("-o", "--output", type=Path, required=True, help="the delta file")
     p.add_argument("--force", action="store_true", help="replace an existing delta file")
     p.add_argument("--max-memory", default=DEFAULT_BUDGET_TEXT,
@@ -386,6 +393,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise error(str(exc), where.span("--max-memory"), hint="e.g. --max-memory 500MB"
                     ) from None
     report = compress(args.ft, args.base, args.output, density=density, bits=bits,
+                      values=_VALUES.get(args.values),
                       force=args.force, budget=budget, where=where)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))

@@ -150,6 +150,53 @@ def test_a_delta_reads_back_in_any_block_of_rows(tmp_path, capsys):
             delta.close()
 
 
+def bf16_models(tmp_path: Path) -> tuple[dict, dict]:
+    """bfloat16 models whose τ is often not a bfloat16 number (base and fine-tune
+    entries far apart in magnitude)."""
+    g = torch.Generator().manual_seed(5)
+    base = {k: v.bfloat16() for k, v in quantised_state(0).items()}
+    ft = {k: (v.float() + torch.randn(v.shape, generator=g) * 0.3).bfloat16()
+          for k, v in base.items()}
+    models(tmp_path, base, ft)
+    return base, ft
+
+
+def test_float32_values_make_base_plus_delta_the_trim_bit_for_bit(tmp_path, capsys):
+    bf16_models(tmp_path)
+    assert compress(capsys, tmp_path, "--density", "0.3", "--values", "float32").code == 0
+    merged = apply(capsys, tmp_path)
+    script = write(tmp_path, 'base = model("base")\n'
+                             'output base + trim(model("ft") - base, 0.3)\n', "trim.merge")
+    assert run(capsys, script, tmp_path / "trimmed").code == 0
+    trimmed = load_file(str(tmp_path / "trimmed" / "model.safetensors"))
+    assert merged.keys() == trimmed.keys()
+    for name in merged:
+        assert merged[name].dtype == torch.bfloat16
+        assert torch.equal(merged[name], trimmed[name]), name
+
+
+def test_values_in_the_fine_tunes_dtype_count_their_rounding_in_the_error(tmp_path, capsys):
+    base, ft = bf16_models(tmp_path)
+    result = compress(capsys, tmp_path, "--density", "0.3")
+    assert result.code == 0, result.text
+    report = json.loads(result.text[:result.text.rindex("}") + 1])
+    parts = stored(tmp_path / "task.delta")
+    rounded = 0
+    for row in report["tensors"]:
+        name = row["tensor"]
+        tau = ft[name].float() - base[name].float()
+        kept = ref_trim(tau, 0.3).flatten()
+        at = kept.nonzero().squeeze(1)
+        assert parts[f"{name}/values"].dtype == torch.bfloat16
+        assert torch.equal(parts[f"{name}/values"], tau.flatten()[at].bfloat16())
+        approx = torch.zeros_like(kept)
+        approx[at] = kept[at].bfloat16().float()
+        rounded += int((approx[at] != kept[at]).sum())
+        err = float((tau.flatten() - approx).norm() / tau.norm())
+        assert row["relative_error"] == pytest.approx(err, rel=1e-5)
+    assert rounded > 0  # the case this test is about does occur
+
+
 # --- 1 bit: BitDelta's signs and per-matrix scale ---------------------------------------
 
 
