@@ -211,17 +211,11 @@ def _open(key: str, span: Span) -> ModelSource:
         raise error(exc.message, span, hint=exc.hint) from None
 
 
-_UNSUPPORTED = {torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"} \
-    if hasattr(torch, "float8_e5m2") else {}
-
-
 def check_tensors(source: ModelSource) -> None:
-    """Refuse, naming the tensor, a model the back end cannot merge yet: float8 tensors
-    (the back end's dtype promotion does not know them) and tensors whose first
-    dimension is 0 (the back end splits work by rows and finds none). A clear refusal
-    at the model(...) call, where the alternative is a crash in the middle of a run.
-    A layer number larger than the tensors can fill (`layers.999999999.`) is refused
-    too: each layer has a tensor of its own, and a stack makes names for every layer."""
+    """Refuse, naming the tensor, a layer number larger than the tensors can fill
+    (`layers.999999999.`): each layer has a tensor of its own, and a stack makes names
+    for every layer. (float8 tensors are read and widened to the compute dtype, and a
+    tensor with no rows passes through the row-chunking as one empty chunk.)"""
     found = _layers_named(source)
     if found > len(source.tensors):
         name = next(n for n in source.tensors if layer_of(n) == found - 1)
@@ -230,21 +224,6 @@ def check_tensors(source: ModelSource) -> None:
             f"has only {len(source.tensors)} tensors",
             hint="the tensor names are damaged; " + _REDOWNLOAD,
         )
-    for name, info in source.tensors.items():
-        if info.dtype in _UNSUPPORTED:
-            count = sum(t.dtype in _UNSUPPORTED for t in source.tensors.values())
-            raise ModelFileError(
-                f"{source.path} holds {count} float8 tensors ({_UNSUPPORTED[info.dtype]}, "
-                f"e.g. {name!r}), which mergelang cannot merge yet",
-                hint="convert the model to bfloat16 first (e.g. load it with transformers "
-                "with torch_dtype=torch.bfloat16 and save_pretrained)",
-            )
-        if info.shape and info.shape[0] == 0:
-            raise ModelFileError(
-                f"tensor {name!r} of {source.path} has no rows (shape {list(info.shape)}), "
-                "which mergelang cannot merge yet",
-                hint="remove the empty tensor from the model's file",
-            )
 
 
 def count_layers(source: ModelSource) -> int:

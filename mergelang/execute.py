@@ -185,7 +185,7 @@ class _Run:
         for k in kernels:
             nodes = [n for n in (k.model_pass.reductions if k.model_pass else ())
                      if n.attr[1] in reductions]
-            if not nodes:
+            if not nodes or k.numel == 0:  # an empty tensor adds nothing to a reduction
                 continue
             randoms = self._randoms(k, [k.model_pass])
             for rows in k.chunks:
@@ -204,6 +204,10 @@ class _Run:
 
     def kernel(self, k: Kernel, model_wide: dict[str, Reduction]) -> None:
         t = k.tensor
+        if k.numel == 0:  # no rows (or an empty row): every operation gives no values
+            self.writer.write(t, 0, torch.empty(t.shape, dtype=self.plan.compute_dtype,
+                                                device=self.device))
+            return
         randoms = self._randoms(k, k.passes)
         reductions = {r: reduction_of(r, k.numel) for p in k.passes for r in p.reductions}
         chunks = k.chunks

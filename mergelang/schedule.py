@@ -60,6 +60,8 @@ class Kernel:
 
     @property
     def chunks(self) -> list[tuple[int, int]]:
+        if self.rows == 0:  # a tensor with no rows is one empty chunk, written as such
+            return [(0, 0)]
         return [(r, min(r + self.chunk_rows, self.rows))
                 for r in range(0, self.rows, self.chunk_rows)]
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .io.dtypes import FLOAT8
 from .ir import Node
 from .plan import Plan, TensorPlan
 from .schedule import Kernel, Pass
@@ -92,9 +93,11 @@ class Stager:
         it goes, which saves a pass and a buffer per input."""
         stored = self.plan.bound.models[node.attr[0]].source.tensors[node.attr[1]].dtype
         compute = self.plan.compute_dtype
-        if k.tensor.copy_only or torch.promote_types(stored, compute) == compute:
+        if k.tensor.copy_only:
             return None
-        return compute
+        if stored in FLOAT8 or torch.promote_types(stored, compute) != compute:
+            return compute
+        return None
 
     def widen(self, value: Any) -> Any:
         """A tensor (or the tensors of a list) in the compute dtype; a number beyond the
@@ -132,10 +135,11 @@ class Writer:
     def _cast_and_sink(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
         out = part.to(t.out_dtype).cpu()
         # one reduction finds out whether any value is NaN or infinite (the sum would
-        # be); only then are they counted
-        if self.non_finite is not None and out.is_floating_point() and out.numel() \
-                and not torch.isfinite(out.sum()):
-            bad = int((~torch.isfinite(out)).sum())
+        # be); only then are they counted (float8, which torch cannot sum, widened)
+        seen = out.float() if out.dtype in FLOAT8 else out
+        if self.non_finite is not None and seen.is_floating_point() and seen.numel() \
+                and not torch.isfinite(seen.sum()):
+            bad = int((~torch.isfinite(seen)).sum())
             if bad:
                 with _COUNTING:
                     self.non_finite[t.name] += bad

@@ -208,16 +208,6 @@ def _raw_safetensors(path: Path, header: str, data: bytes = b"") -> None:
     path.write_bytes(struct.pack("<Q", len(body)) + body + data)
 
 
-def _fp8(folder: Path) -> None:
-    write_hf_folder(folder, {"model.layers.0.w": torch.randn(4, 4).to(torch.float8_e4m3fn),
-                             "model.layers.0.v": torch.randn(4, 4).to(torch.float8_e5m2)})
-
-
-def _zero_rows(folder: Path) -> None:
-    write_hf_folder(folder, {"model.layers.0.w": torch.zeros(0, 4),
-                             "model.norm.weight": torch.ones(4)})
-
-
 def _empty_name(folder: Path) -> None:
     write_hf_folder(folder, {"": torch.ones(4), "model.norm.weight": torch.ones(4)})
 
@@ -296,9 +286,6 @@ def _fifo_config(folder: Path) -> None:
 
 
 BAD_MODELS = [
-    pytest.param(_fp8, "float8 tensors (F8_E4M3", "convert the model to bfloat16", id="fp8"),
-    pytest.param(_zero_rows, "'model.layers.0.w' of", "remove the empty tensor",
-                 id="zero-rows"),
     pytest.param(_empty_name, "a tensor with an empty name", "rename it", id="empty-name"),
     pytest.param(_deep_header, "corrupt header: it is JSON nested too deeply", "download",
                  id="header-nested-100k"),
@@ -339,6 +326,42 @@ def test_bad_model_file_is_a_located_diagnostic(tmp_path, capsys, command, build
     result = mergelang(capsys, *args)
     assert_error(result, f"{script}:1:11", f'"{path}"', words, hint=hint)
     assert_nothing_written(out)
+
+
+def _fp8_and_empty(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"model.layers.0.w": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+            "model.layers.0.v": (torch.randn(4, 4, generator=g) * 300).to(torch.float8_e5m2),
+            "model.layers.0.no_rows": torch.zeros(0, 4, dtype=torch.bfloat16),
+            "model.layers.0.empty_rows": torch.zeros(3, 0),
+            "model.layers.0.ids": torch.zeros(0, dtype=torch.int64),
+            "model.norm.weight": torch.randn(4, generator=g)}
+
+
+@pytest.mark.parametrize(("output", "expected"), [
+    pytest.param("a", lambda a, b: a, id="output-a"),
+    pytest.param("(a + b) / 2", lambda a, b: (a + b) / 2, id="average"),
+    pytest.param("a + ties(a - b, b - a, density=0.5)", None, id="ties"),
+])
+def test_float8_and_empty_tensors_merge(tmp_path, capsys, output, expected):
+    """float8 tensors are widened to the compute dtype and written back as float8 (the
+    donor's dtype); tensors with no rows, or empty rows, come out as they went in."""
+    write_hf_folder(tmp_path / "a", _fp8_and_empty(0))
+    write_hf_folder(tmp_path / "b", _fp8_and_empty(1))
+    script = write(tmp_path, f'a = model("a")\nb = model("b")\noutput {output}\n')
+    assert mergelang(capsys, "check", script).code == 0
+    result = run(capsys, script, tmp_path / "out")
+    assert result.code == 0, result.text
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    a, b = (load_file(str(tmp_path / m / "model.safetensors")) for m in "ab")
+    assert {n: (t.dtype, t.shape) for n, t in got.items()} == \
+        {n: (t.dtype, t.shape) for n, t in a.items()}
+    if expected is None:
+        return
+    for name, t in a.items():
+        want = expected(t.float(), b[name].float()).to(t.dtype) if t.is_floating_point() \
+            else t
+        assert torch.equal(got[name].view(torch.uint8), want.view(torch.uint8)), name
 
 
 def test_a_fifo_config_is_not_waited_on(tmp_path):

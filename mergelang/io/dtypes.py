@@ -29,6 +29,9 @@ DTYPES.update(
 )
 
 _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT8: frozenset[torch.dtype] = frozenset(DTYPES[name] for name in _OPTIONAL if name in DTYPES)
+"""The float8 dtypes: read and widened to the compute dtype before any arithmetic (torch
+promotes no float8 type), summed only once widened."""
 
 
 def dtype_from_name(name: str) -> torch.dtype | None:
