@@ -172,10 +172,13 @@ def test_ties_example_text():
     assert text.rstrip().endswith(
         "output base + ties(phi_2_super - base,\n"
         "                   phi_2_orange_v2 - base,\n"
-        "                   weights=[weight_phi_2_super, 0.3],\n"
+        "                   weights=[weight_phi_2_super, 0.30078125],\n"
         "                   density=[density_phi_2_super, 0.5],\n"
         "                   normalize=true)")
     assert "int8_mask only changes how mergekit stores its masks" in text
+    # mergekit builds the weights in the compute dtype: bfloat16 holds 0.3 as 0.30078125
+    assert "written as bfloat16 holds it:" in text and "0.3 as 0.30078125" in text
+    assert "values between its points are not rounded" in text
 
 
 GRADIENT_SLERP_EXAMPLE = """\
@@ -276,7 +279,7 @@ def test_dare_ties_example_text():
     text = convert(DARE_TIES_EXAMPLE, "dare_ties.yml").script
     # DARE: mergekit's rescaling (L1) always written, mergelang's default is the paper's
     assert ("output base + dare_ties(samirgpt_v1 - base, phi_2_super - base, "
-            'weights=[0.4, 0.3], density=0.53, rescale="l1")') in flat(text)
+            'weights=[0.400390625, 0.30078125], density=0.53, rescale="l1")') in flat(text)
     assert "set seed = 7" in text
     assert "random masks are drawn by mergelang" in text
     assert text.count(" = model(") == 3    # the base is listed once
@@ -716,18 +719,33 @@ def test_every_method_converts_and_runs(tmp_path, models, method):
 # errors: the key, its YAML line with a caret, exit status 2, nothing written
 
 
-def test_unknown_key_exits_2_with_the_yaml_line(tmp_path, capsys):
-    config = tmp_path / "bad.yml"
+def test_a_typo_mergekit_ignores_is_a_located_warning_not_an_error(tmp_path, capsys):
+    """mergekit 0.1.5 ignores a parameter its method does not have (checked: the same
+    bytes with and without it), so the script is written, with a warning and a note."""
+    config = tmp_path / "typo.yml"
     config.write_text("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n"
                       "    parameters:\n      weight: 1.0\n      densty: 0.5\n")
-    script = tmp_path / "bad.merge"
-    assert main(["convert", str(config), "-o", str(script)]) == 2
+    script = tmp_path / "typo.merge"
+    assert main(["convert", str(config), "-o", str(script)]) == 0
     err = capsys.readouterr().err
-    assert 'unknown key "densty"' in err
-    assert "bad.yml:7:7" in err
+    assert 'warning: "densty" in the parameters of "a"' in err
+    assert "typo.yml:7:7" in err
     assert "7 |       densty: 0.5" in err
     assert "      ^^^^^^" in err
     assert 'did you mean "density"?' in err
+    assert '"densty" in the parameters of "a" (line 7)' in flat(script.read_text())
+
+
+def test_an_error_exits_2_with_the_yaml_line(tmp_path, capsys):
+    config = tmp_path / "bad.yml"
+    config.write_text("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n"
+                      "    parameters:\n      weight: 1.0\n      density: high\n")
+    script = tmp_path / "bad.merge"
+    assert main(["convert", str(config), "-o", str(script)]) == 2
+    err = capsys.readouterr().err
+    assert 'density must be a number, not "high"' in err
+    assert "bad.yml:7:16" in err
+    assert "7 |       density: high" in err
     assert not script.exists()
 
 
@@ -745,19 +763,23 @@ def test_cli_prints_or_writes(tmp_path, capsys):
 
 @pytest.mark.parametrize(("config", "message", "where"), [
     ("merge_method: tie\nmodels:\n  - model: a\n", 'unknown merge_method "tie"', ":1:15"),
-    ("merge_method: ties\nmodels:\n  - model: a\nfoo: 1\n", 'unknown key "foo"', ":4:1"),
     ("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight:\n"
      "        - pattern: mlp\n          value: 1\n", 'unknown key "pattern"', ":6:11"),
     ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n",
      'weight has no value for "b"', ":5:5"),
-    ("merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n    parameters: {t: 0.3}\n"
-     "  - model: b\n", "t is one value for the whole merge", ":5:18"),
     ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
      "parameters: {rescale: true}\n", "rescale: true is not supported for ties", ":6:23"),
     ("merge_method: ties\nmodels:\n  - model: a\n    parameters: {weight: 1}\n",
      "ties needs a base_model", ":3:3"),
-    ("merge_method: linear\nmodels:\n  - model: a+my/lora\n", "LoRA adapter", ":3:12"),
-    ("merge_method: linear\nmodules: {}\nmodels:\n  - model: a\n", "`modules`", ":2:1"),
+    ("merge_method: linear\nmodels:\n  - model: a+my/lora+b\n", 'more than one "+"',
+     ":3:12"),
+    ("merge_method: linear\nmodules: {}\n", "modules must map a module", ":2:10"),
+    ("merge_method: linear\nmodules: {}\nmodels:\n  - model: a\n",
+     "one of `models`, `slices` or `modules`, not models and modules", ":2:1"),
+    ("merge_method: linear\nmodules:\n  text:\n    models: [{model: a}]\n  vision:\n"
+     "    models: [{model: a}]\n", "a separate merge per module", ":5:3"),
+    ("merge_method: linear\nmodules:\n  text:\n    parameters: {}\n",
+     '"text" has either `models` or `slices`', ":3:3"),
     ("merge_method: linear\nmodels:\n  - model: a\ndtype: fp16\n", 'unknown dtype "fp16"',
      ":4:8"),
     ("merge_method: linear\nmodels: [\n  - model: a\n", "not valid YAML", ":3:3"),

@@ -9,7 +9,7 @@ rest), so the first error reported is the one to fix first.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import yaml
 
@@ -23,10 +23,14 @@ TOP_KEYS = ("merge_method", "base_model", "models", "slices", "modules", "parame
 MODEL_KEYS = ("model", "parameters")
 SLICE_KEYS = ("sources", "base_model", "residual_weight", "parameters")
 SOURCE_KEYS = ("model", "layer_range", "parameters")
+MODULE_KEYS = ("models", "slices", "parameters")
 TOKENIZER_KEYS = ("source", "tokens", "pad_to_multiple_of")
+# keys mergekit's schema lets through and ignores, with a word on each
+_TOP_HINTS = {
+    "int8_mask": "mergekit reads int8_mask only under `parameters:` (and there it only "
+                 "changes how masks are stored)",
+}
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-_LORA_HINT = ("merge the adapter into its model first (e.g. with peft's merge_and_unload) "
-              "and name that folder")
 
 
 @dataclass(frozen=True)
@@ -34,10 +38,11 @@ class ModelRef:
     path: str
     revision: str | None
     node: yaml.Node
+    lora: str | None = None   # mergekit's `model+lora`: a PEFT adapter applied to it
 
     @property
-    def key(self) -> tuple[str, str | None]:
-        return (self.path, self.revision)
+    def key(self) -> tuple[str, str | None, str | None]:
+        return (self.path, self.revision, self.lora)
 
 
 @dataclass
@@ -95,15 +100,14 @@ class Config:
     name: str | None = None
     chat_template: tuple[str, yaml.Node] | None = None   # the value and its key
     tokenizer: Tokenizer | None = None
+    module: str | None = None       # the one entry of `modules:`, when the config has it
+    module_params: Params = field(default_factory=dict)   # its `parameters:`
 
 
 def read_config(read: Reader) -> Config:
     """Read and check the config; raises MergeError at the first problem."""
     root = read.root()
-    top = read.mapping(root, "a mergekit config", TOP_KEYS)
-    if "modules" in top:
-        raise read.fail("`modules` (a separate merge per module, for multi-module models) is "
-                        "not supported", top["modules"][0], hint="use `models` or `slices`")
+    top = read.mapping(root, "a mergekit config", TOP_KEYS, _TOP_HINTS, lenient=True)
     if "merge_method" not in top:
         raise read.fail("the config has no merge_method", root,
                         hint=f"add e.g. `merge_method: ties`; mergekit {MERGEKIT_VERSION} "
@@ -119,22 +123,26 @@ def read_config(read: Reader) -> Config:
     method = METHODS[method_name]
     params = Parameters(read, method)
 
-    has_models, has_slices = "models" in top, "slices" in top
-    if has_models == has_slices:
-        raise read.fail("a config has either `models` or `slices`" +
-                        (", not both" if has_models else ""),
-                        top["slices"][0] if has_slices else root,
+    given = [k for k in ("models", "slices", "modules") if k in top]
+    if len(given) != 1:
+        raise read.fail("a config has one of `models`, `slices` or `modules`" +
+                        (f", not {' and '.join(given)}" if given else ""),
+                        top[given[1]][0] if len(given) > 1 else root,
                         hint="list the models to merge under `models:`, or layer ranges "
                              "under `slices:`")
+    body, module, module_params = top, None, {}
+    if "modules" in top:
+        module, body, module_params = _module(read, params, top["modules"][1])
     base = model_ref(read, top["base_model"][1]) if "base_model" in top else None
     top_params = (params.settings(top["parameters"][1], "the top-level parameters",
                                   per_model=False) if "parameters" in top else {})
-    if has_models:
-        slices = [_models(read, params, top["models"][1], base)]
+    if "models" in body:
+        slices = [_models(read, params, body["models"][1], base)]
     else:
-        slices = _slices(read, params, top["slices"][1])
+        slices = _slices(read, params, body["slices"][1])
     config = Config(method, method_node, params, base, top_params, slices,
-                    dtype=_dtype(read, top, "dtype"), out_dtype=_dtype(read, top, "out_dtype"))
+                    dtype=_dtype(read, top, "dtype"), out_dtype=_dtype(read, top, "out_dtype"),
+                    module=module, module_params=module_params)
 
     if "random_seed" in top:
         node = top["random_seed"][1]
@@ -151,14 +159,45 @@ def read_config(read: Reader) -> Config:
     return config
 
 
+def _module(read: Reader, params: Parameters, node: yaml.Node
+            ) -> tuple[str, dict[str, tuple[yaml.Node, yaml.Node]], Params]:
+    """mergekit's `modules: {NAME: {models|slices, parameters}}`: one module (the decoder
+    of a one-module model, which is what real configs give) is the merge itself, its
+    parameters a scope between the slice's and the top level's."""
+    if not isinstance(node, yaml.MappingNode) or not node.value:
+        raise read.fail("modules must map a module's name to its `models:` or `slices:`",
+                        node, hint="e.g. `modules: {decoder: {models: [...]}}`")
+    if len(node.value) > 1:
+        names = ", ".join(str(read.scalar(k)) for k, _ in node.value)
+        raise read.fail(f"modules lists {len(node.value)} modules ({names}): a separate merge "
+                        "per module of a multi-module model cannot be reproduced",
+                        node.value[1][0],
+                        hint="mergelang merges one stack of layers: keep the module you "
+                             "merge, and convert each module's merge on its own")
+    key, value = node.value[0]
+    name = str(read.scalar(key))
+    what = f'the module "{name}"'
+    body = read.mapping(value, what, MODULE_KEYS, lenient=True)
+    if ("models" in body) == ("slices" in body):
+        raise read.fail(f"{what} has either `models` or `slices`"
+                        + (", not both" if "models" in body else ""), key)
+    settings = (params.settings(body["parameters"][1], f"the parameters of {what}",
+                                per_model=False) if "parameters" in body else {})
+    return name, body, settings
+
+
 def model_ref(read: Reader, node: yaml.Node) -> ModelRef:
-    """`path`, `path@revision`, or `{model: {path, revision}}`; LoRA adapters are errors."""
+    """`path`, `path@revision`, `path+lora` or `{model: {path, revision}, lora: ...}`."""
+    lora = None
     if isinstance(node, yaml.MappingNode):
         entries = read.mapping(node, "a model reference",
-                               ("model", "lora", "override_architecture"))
+                               ("model", "lora", "override_architecture"), lenient=True)
         if "lora" in entries:
-            raise read.fail("a LoRA adapter on a model is not supported", entries["lora"][0],
-                            hint=_LORA_HINT)
+            lora_node = entries["lora"][1]
+            if isinstance(lora_node, yaml.MappingNode):
+                lora_node = read.mapping(lora_node, "a LoRA path", ("path", "revision"),
+                                         lenient=True).get("path", (None, lora_node))[1]
+            lora = read.string(lora_node, "lora")
         if "override_architecture" in entries:
             raise read.fail("override_architecture is not supported",
                             entries["override_architecture"][0],
@@ -174,16 +213,21 @@ def model_ref(read: Reader, node: yaml.Node) -> ModelRef:
             path = read.string(path_entries["path"][1], "path")
             revision = (read.string(path_entries["revision"][1], "revision")
                         if "revision" in path_entries else None)
-            return ModelRef(path, revision, path_entries["path"][1])
+            return ModelRef(path, revision, path_entries["path"][1], lora)
         node = inner
     text = read.string(node, "a model")
     if "+" in text:
-        raise read.fail(f'"{text}" names a LoRA adapter (model+adapter), which is not '
-                        "supported", node, hint=_LORA_HINT)
+        if text.count("+") > 1 or lora is not None:
+            raise read.fail(f'"{text}" has more than one "+"', node,
+                            hint="write MODEL+LORA: one model and one adapter")
+        text, lora = text.split("+")
+        if not text or not lora:
+            raise read.fail("MODEL+LORA needs both a model and an adapter", node,
+                            hint="e.g. `base_model+path/to/adapter`")
     if text.count("@") > 1:
         raise read.fail(f'"{text}" has more than one "@"', node, hint="write path@revision")
     path, _, revision = text.partition("@")
-    return ModelRef(path, revision or None, node)
+    return ModelRef(path, revision or None, node, lora)
 
 
 def _models(read: Reader, params: Parameters, node: yaml.Node,
@@ -193,7 +237,7 @@ def _models(read: Reader, params: Parameters, node: yaml.Node,
         if isinstance(item, yaml.ScalarNode) and not read.is_null(item):
             raise read.fail("each entry of models is `- model: PATH`", item,
                             hint=f"write `- model: {read.scalar(item)}`")
-        entries = read.mapping(item, "an entry of models", MODEL_KEYS)
+        entries = read.mapping(item, "an entry of models", MODEL_KEYS, lenient=True)
         if "model" not in entries:
             raise read.fail("an entry of models has no `model:`", item)
         ref = model_ref(read, entries["model"][1])
@@ -212,13 +256,13 @@ def _models(read: Reader, params: Parameters, node: yaml.Node,
 def _slices(read: Reader, params: Parameters, node: yaml.Node) -> list[SliceDef]:
     slices = []
     for item in read.sequence(node, "slices"):
-        entries = read.mapping(item, "a slice", SLICE_KEYS)
+        entries = read.mapping(item, "a slice", SLICE_KEYS, lenient=True)
         if "sources" not in entries:
             raise read.fail("a slice has no `sources:`", item,
                             hint="list `- model: PATH` with `layer_range: [a, b]`")
         sources = []
         for src in read.sequence(entries["sources"][1], "sources"):
-            s = read.mapping(src, "a slice source", SOURCE_KEYS)
+            s = read.mapping(src, "a slice source", SOURCE_KEYS, lenient=True)
             if "model" not in s:
                 raise read.fail("a slice source has no `model:`", src)
             if "layer_range" not in s:

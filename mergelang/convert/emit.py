@@ -112,10 +112,15 @@ class Script:
     def set(self, key: str, value: ast.Expr, comment: str | None = None) -> None:
         self.settings.append((ast.Set(value.span, key, value), comment))
 
-    def model(self, name: str, path: str, span: Span, comment: str | None) -> None:
+    def model(self, name: str, path: str, span: Span, comment: str | None,
+              lora: str | None = None) -> None:
+        """`name = model("path")`, or with mergekit's `path+lora` the adapted model
+        `model("path") + lora("adapter")`."""
         make = Make(span)
-        self.models.append((ast.Assign(span, name, make.call("model", (make.lit(path),))),
-                            comment))
+        value: ast.Expr = make.call("model", (make.lit(path),))
+        if lora is not None:
+            value = make.op(value, "+", make.call("lora", (make.lit(lora),)))
+        self.models.append((ast.Assign(span, name, value), comment))
 
     def bind(self, hint: str, value: ast.Expr, comment: str | None = None) -> ast.Name:
         """A name for `value`: a new one made from `hint`, or the name of an equal binding

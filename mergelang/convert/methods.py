@@ -30,6 +30,7 @@ class MkParam:
     unsupported: Any = None       # a value mergelang cannot reproduce (with `why`)
     why: str = ""
     always: bool = False          # write it even when equal to mergelang's default
+    in_dtype: bool = False        # mergekit makes it a tensor of the compute dtype (rounded)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def _rescale(value: bool) -> str:
 _INT8 = MkParam("int8_mask", bool, False, dropped="int8_mask only changes how mergekit stores "
                 "its masks; it has no effect on the result")
 _LAMBDA = MkParam("lambda", float, 1.0, keyword="lambda")
-_WEIGHT = MkParam("weight", float, per_model=True, keyword="weights")
+_WEIGHT = MkParam("weight", float, per_model=True, keyword="weights", in_dtype=True)
 
 
 def _task_arithmetic_family(name: str, function: str, sparsify: str | None,
@@ -117,7 +118,7 @@ METHODS: dict[str, MkMethod] = {m.name: m for m in [
         MkParam("nuslerp_flatten", bool, True, keyword="flatten"),
     ), min_non_base=2, max_non_base=2),
     MkMethod("multislerp", "multislerp", "optional_base", "optional", (
-        MkParam("weight", float, per_model=True, keyword="weights"),
+        MkParam("weight", float, per_model=True, keyword="weights", in_dtype=True),
         MkParam("normalize_weights", bool, True, keyword="normalize"),
         MkParam("eps", float, 1e-8, keyword="eps"),
     ), min_non_base=1),

@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from ..diagnostics import did_you_mean
 from .methods import REQUIRED, MkMethod, MkParam
 from .reading import Reader, node_kind
 
@@ -75,23 +76,30 @@ class Parameters:
         names = tuple(p.name for p in method.params)
         hints = {"filter": "a filter goes inside a parameter: `weight: [{filter: mlp, "
                            "value: 0.5}, {value: 1.0}]`"}
-        if not names:
-            if isinstance(node, yaml.MappingNode) and node.value:
-                key = node.value[0][0]
-                raise read.fail(f'{method.name} takes no parameters, so '
-                                f'"{read.scalar(key)}" is unknown', key,
-                                hint="remove the parameters")
-            return {}
-        entries = read.mapping(node, what, names, hints)
+        if not isinstance(node, yaml.MappingNode):
+            raise read.fail(f"{what} must be a mapping of keys to values, not "
+                            f"{node_kind(node)}", node, hint="e.g. `weight: 0.5`")
         out: Params = {}
-        for name, (key, value) in entries.items():
+        for key, value in node.value:
+            name = read.scalar(key) if isinstance(key, yaml.ScalarNode) else None
+            if not isinstance(name, str):
+                raise read.fail(f"a key in {what} must be a word", key)
+            if name in out:
+                raise read.fail(f'"{name}" appears twice in {what}', key,
+                                hint="keep one (mergekit would silently use the last)")
             param = method.param(name)
-            assert param is not None
+            if param is None:   # mergekit passes a method only the parameters it declares
+                read.ignore(key, f'"{name}" in {what}',
+                            f"mergekit's {method.name} has no parameter {name} and ignores it",
+                            hint=hints.get(name) or did_you_mean(name, names))
+                continue
             if per_model and not param.per_model:
-                raise read.fail(
-                    f"{name} is one value for the whole merge, not one per model: mergekit "
-                    f"ignores it in {what}", key,
-                    hint="move it to the top-level `parameters:` (or a slice's)")
+                read.ignore(key, f"{name} in {what}",
+                            f"{name} is one value for the whole merge, and mergekit ignores "
+                            "it in a model's parameters",
+                            hint="move it to the top-level `parameters:` (or a slice's) "
+                                 "if it is meant")
+                continue
             out[name] = Setting(name, self._entries(value, param), key)
         return out
 
@@ -161,13 +169,13 @@ class Parameters:
         if not isinstance(node, yaml.ScalarNode):
             raise self.read.fail(wrong, node)
         value = self.read.scalar(node)
-        if param.type is bool:
+        if param.type is bool:   # as pydantic (mergekit's validator) reads a boolean
             if isinstance(value, bool):
                 return value
-            if isinstance(value, int) and value in (0, 1):
+            if isinstance(value, int | float) and value in (0, 1):
                 return bool(value)
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
+            if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[value.lower()]
         elif param.type is int:
             if isinstance(value, int) and not isinstance(value, bool):
                 return value
@@ -218,6 +226,10 @@ class Parameters:
         if isinstance(value, tuple):
             return Grad(value) if len(set(value)) > 1 else Const(value[0])
         return Const(value)
+
+
+_BOOL_WORDS = {**dict.fromkeys(("1", "on", "t", "true", "y", "yes"), True),
+               **dict.fromkeys(("0", "off", "f", "false", "n", "no"), False)}
 
 
 def _type_word(t: type) -> str:

@@ -23,6 +23,7 @@ class Reader:
     def __init__(self, source: Source):
         self.source = source
         self.warnings: list[Diagnostic] = []
+        self.ignored: list[str] = []   # what mergekit ignores, for the script's head comments
 
     def root(self) -> yaml.Node:
         """The document's root node; invalid, empty and multi-document YAML are errors."""
@@ -66,12 +67,25 @@ class Reader:
     def warn(self, message: str, node: yaml.Node) -> None:
         self.warnings.append(Diagnostic(message, self.span(node), severity="warning"))
 
+    def ignore(self, node: yaml.Node, what: str, effect: str = "mergekit ignores it",
+               hint: str | None = None) -> None:
+        """Something mergekit accepts and does nothing with (or nothing the result shows):
+        a warning at `node`, and a note for the script's head, never an error."""
+        line = node.start_mark.line + 1
+        self.ignored.append(f"{what} (line {line}): {effect}; so does this script")
+        self.warnings.append(Diagnostic(f"{what}: {effect}; so does this script",
+                                        self.span(node), severity="warning",
+                                        hint=hint))
+
     def scalar(self, node: yaml.Node) -> Any:
         return _CONSTRUCTOR.construct_object(node, deep=True)
 
     def mapping(self, node: yaml.Node, what: str, allowed: tuple[str, ...],
-                hints: dict[str, str] | None = None) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        """A mapping's (key node, value node) by key, checked against `allowed`."""
+                hints: dict[str, str] | None = None, lenient: bool = False
+                ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """A mapping's (key node, value node) by key, checked against `allowed`. With
+        `lenient` (where mergekit's schema lets extra keys through and ignores them), an
+        unknown key is a warning and a note, not an error."""
         if not isinstance(node, yaml.MappingNode):
             raise self.fail(f"{what} must be a mapping of keys to values, not "
                             f"{node_kind(node)}", node,
@@ -87,6 +101,9 @@ class Reader:
                                 notes=(f"the first is at line {out[name][0].start_mark.line + 1}",))
             if name not in allowed:
                 hint = (hints or {}).get(name) or did_you_mean(name, allowed)
+                if lenient:
+                    self.ignore(key, f'unknown key "{name}" in {what}', hint=hint)
+                    continue
                 raise self.fail(f'unknown key "{name}" in {what}', key, hint=hint,
                                 notes=(f"expected one of: {', '.join(allowed)}",))
             out[name] = (key, value)

@@ -19,6 +19,7 @@ import yaml
 from .. import ast
 from ..bind import NUM_LAYERS_KEYS
 from .config import Config, ModelRef, SliceDef, SourceDef
+from .dtypes import dtype_settings, weight_notes
 from .emit import Make, Script, text_of, wrap_comment
 from .methods import MERGEKIT_VERSION, MkParam
 from .params import Const, Params, Value
@@ -58,8 +59,12 @@ class Translator:
                               "output's tokenizer_config.json yourself")
             self.read.warn("chat_template is not applied: the donor's tokenizer files are "
                            "copied as they are", key)
+        if config.module is not None:
+            self.notes.append(f'modules: the one module "{config.module}" is the merge (its '
+                              "parameters between a slice's and the top-level ones)")
         self._settings()
         output = self._output()
+        self.notes += weight_notes(self) + self.read.ignored
         self._head()
         return self.script.text(output)
 
@@ -83,21 +88,8 @@ class Translator:
             head += wrap_comment(f"Note: {note}")
 
     def _settings(self) -> None:
-        config, method = self.config, self.method
-        if config.dtype is not None:
-            dtype, node = config.dtype
-            make = self._at(node)
-            if method.upcasts and dtype != "float64":
-                self.script.set("dtype", make.lit("float32"),
-                                f"mergekit: loaded in {dtype}, {method.name} computes in "
-                                "float32")
-            else:
-                self.script.set("dtype", make.lit(dtype), "mergekit loads and merges in `dtype`")
-        if config.out_dtype is not None:
-            self.script.set("out_dtype", self._at(config.out_dtype[1]).lit(config.out_dtype[0]))
-        elif config.dtype is not None:
-            self.script.set("out_dtype", self._at(config.dtype[1]).lit(config.dtype[0]),
-                            "and writes in it when there is no `out_dtype`")
+        config = self.config
+        dtype_settings(self)
         if config.seed is not None:
             self.script.set("seed", self._at(config.seed[1]).lit(config.seed[0]),
                             "mergekit ignores this key (its seed is --random-seed)")
@@ -114,7 +106,7 @@ class Translator:
         if is_base and "base" not in self.script.taken:
             name = "base"
         else:
-            stem = ref.path.rstrip("/").split("/")[-1] or "model"
+            stem = (ref.lora or ref.path).rstrip("/").split("/")[-1] or "model"
             stem = re.sub(r"\.safetensors$", "", stem)
             name = re.sub(r"[^0-9a-zA-Z]+", "_", stem).strip("_").lower() or "model"
             if name[0].isdigit():
@@ -125,7 +117,7 @@ class Translator:
             ([_HUB_NOTE] if self._local_dir(ref.path) is None and _HUB_ID.match(ref.path)
              else []) + ([f"revision {ref.revision}"] if ref.revision else []))
         self.paths.setdefault(ref.path, comment)
-        self.script.model(name, ref.path, self.read.span(ref.node), comment or None)
+        self.script.model(name, ref.path, self.read.span(ref.node), comment or None, ref.lora)
         return name
 
     def _local_dir(self, path: str) -> Path | None:
@@ -233,7 +225,8 @@ class Translator:
                                f"{method.name} merges; so does this script", src.model.node)
 
         def scopes(src: SourceDef | None) -> list[Params]:
-            return ([src.params] if src is not None else []) + [s.params, top_params]
+            return ([src.params] if src is not None else []) + [
+                s.params, self.config.module_params, top_params]
 
         def value(param: MkParam, src: SourceDef | None) -> Value:
             if src is None:
@@ -244,8 +237,8 @@ class Translator:
         kwargs: list[tuple[str, ast.Expr]] = []
         scale: dict[tuple, ast.Expr] = {}
         for param in method.params:
-            used = any(param.name in p for p in [top_params, s.params,
-                                                 *(x.params for x in sources)])
+            used = any(param.name in p for p in [top_params, self.config.module_params,
+                                                 s.params, *(x.params for x in sources)])
             make = self._at(self._where(param, s, sources))
             if param.keyword is None:
                 if used and param.unsupported is not None:   # raises on the bad value
@@ -281,7 +274,8 @@ class Translator:
 
     def _where(self, param: MkParam, s: SliceDef, sources: list[SourceDef]) -> yaml.Node:
         """The first YAML key that sets `param` (the slice, when none does)."""
-        for p in [self.config.top_params, s.params, *(x.params for x in sources)]:
+        for p in [self.config.top_params, self.config.module_params, s.params,
+                  *(x.params for x in sources)]:
             if param.name in p:
                 return p[param.name].key
         return s.node

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import ast
+from .dtypes import rounded
 from .emit import Make, Script
 from .methods import MkParam
 from .params import Const, Grad, Value, When
@@ -42,6 +43,9 @@ class Values:
 
     def __init__(self, script: Script):
         self.script = script
+        self.round_to: str | None = None   # the compute dtype mergekit's weights are built in
+        self.rounded: dict[float, float] = {}   # each weight rounded, for the comment
+        self.unrounded_gradient = False   # a weight gradient was left as written
 
     def expr(self, value: Value, param: MkParam, layers: Layers, hint: str | None,
              make: Make) -> ast.Expr:
@@ -50,6 +54,8 @@ class Values:
         if isinstance(value, Const):
             return self._literal(value, param, make)
         assert hint is not None
+        if param.in_dtype and self.round_to is not None and _has_gradient(value):
+            self.unrounded_gradient = True
         if isinstance(value, Grad):
             if not layers.whole:
                 return self._slice_gradient(value, layers, hint, make)
@@ -68,7 +74,14 @@ class Values:
         return self.script.bind(hint, out, FILTERS)
 
     def _literal(self, value: Const, param: MkParam, make: Make) -> ast.Expr:
-        return make.lit(param.transform(value.value) if param.transform else value.value)
+        x = param.transform(value.value) if param.transform else value.value
+        if param.in_dtype and self.round_to is not None and isinstance(x, int | float) \
+                and not isinstance(x, bool):
+            held = rounded(float(x), self.round_to)
+            if held != x:
+                self.rounded[x] = held
+                x = held
+        return make.lit(x)
 
     def _branch(self, value: Const | Grad, param: MkParam, layers: Layers, hint: str,
                 make: Make) -> ast.Expr:
@@ -113,6 +126,12 @@ class Values:
                               make.op(frac, "*", v[j + 1]))
             out = segment if out is None else make.cond(make.op(pos, "<", j + 1), segment, out)
         return self.script.bind(hint, make.cond(_outside(make), v[0], out), comment)
+
+
+def _has_gradient(value: Value) -> bool:
+    if isinstance(value, When):
+        return _has_gradient(value.then) or _has_gradient(value.orelse)
+    return isinstance(value, Grad)
 
 
 def _gradient_call(values: tuple, make: Make) -> ast.Call:
