@@ -481,6 +481,17 @@ def test_parameters_without_a_gradient_are_left_alone_and_one_plan_serves_every_
     assert drop.cached_plans == 1
 
 
+def test_a_rule_reads_the_parameters_before_the_step(models):
+    base, sft, data = models
+    sgd_model, _ = train(copy.deepcopy(sft), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                         data, 1)
+    model, _ = train(copy.deepcopy(sft), lambda m: OnlineMerging(
+        torch.optim.SGD(m.named_parameters(), lr=0.1), "update - 0.25 * before"), data, 1)
+    for (name, p), q in zip(model.named_parameters(), sgd_model.parameters(), strict=True):
+        start = dict(sft.named_parameters())[name].detach()
+        assert torch.equal(p, start + ((q.detach() - start) - 0.25 * start)), name
+
+
 def test_default_preparation_and_wrapper_errors(models):
     base, sft, _ = models
     assert default_prepare("onties(update, ref, 0.1, small=\"all\", alpha=0.3)") == \
@@ -490,7 +501,7 @@ def test_default_preparation_and_wrapper_errors(models):
     sgd = torch.optim.SGD(tiny().named_parameters(), lr=0.1)
     with pytest.raises(TypeError, match="give prepare="):
         OnlineMerging(sgd, "update + 0.1 * ref", reference=sft, base=base)
-    with pytest.raises(TypeError, match="its inputs are update, ref and param"):
+    with pytest.raises(TypeError, match="its inputs are update, ref and before"):
         OnlineMerging(sgd, "update + grad")
     with pytest.raises(TypeError, match="no name"):
         OnlineMerging(torch.optim.SGD(tiny().parameters(), lr=0.1), "update")

@@ -3,14 +3,15 @@ language.
 
 At each merging step the wrapped optimizer steps as usual; its update, update = θ_after -
 θ_before, is then merged by the rule, a mergelang expression compiled once
-(mergelang.expression): θ ← θ_before + rule(update, ref, param). The inputs are state dicts
+(mergelang.expression): θ ← θ_before + rule(update, ref, before). The inputs are state dicts
 keyed by parameter name:
 
 - `update`: the inner optimizer's update (with every=k, the sum of its k updates);
 - `ref`: the reference task vector tau = reference - base as the rule keeps it, made once
   by the `prepare` expression of `tau` (for the standard rules, `ondare_ref`/`onties_ref`
   with the rule's own keep, clip, small and rescale) and held sparse between steps;
-- `param`: the parameters before the step.
+- `before`: the parameters before the step (θ_before; `param` is a keyword of the
+  language, so that name cannot be read).
 
 The rule is evaluated on batches of parameters (`batch` entries at a time: one call, many
 tensors), so the per-call cost of the compiled expression is paid a few times per step,
@@ -38,7 +39,7 @@ from .adamw import _names_of, begin_step
 from .monitor import Monitor, StepStats, Tally
 from .sources import Source, store, task_vectors
 
-INPUTS = frozenset({"update", "ref", "param"})
+INPUTS = frozenset({"update", "ref", "before"})
 # the standard rules and the keywords their preparation shares with them
 PREPARES = {"ondare": ("ondare_ref", ("keep", "clip", "rescale")),
             "onties": ("onties_ref", ("keep", "small", "rescale"))}
@@ -47,7 +48,7 @@ PREPARES = {"ondare": ("ondare_ref", ("keep", "clip", "rescale")),
 class OnlineMerging(torch.optim.Optimizer):
     """Wrap `optimizer` so that its update is replaced by `rule` every `every` steps.
 
-    rule: an expression of `update`, `ref` and `param`, e.g.
+    rule: an expression of `update`, `ref` and `before`, e.g.
         "ondare(update, ref, keep=0.01, alpha=1e-7)" or "onties(update, ref, keep=0.1)";
         or a call of a function of your own, defined in the .merge file `library`.
     reference, base: as for OnDAREAdamW (paths, state dicts or modules); needed when the
@@ -79,7 +80,7 @@ class OnlineMerging(torch.optim.Optimizer):
         unknown = self.rule.names - INPUTS
         if unknown:
             raise TypeError(f"the rule reads {', '.join(sorted(unknown))}: its inputs are "
-                            "update, ref and param")
+                            "update, ref and before")
         params = [p for g in optimizer.param_groups for p in g["params"]]
         super().__init__(params, {})
         self.optimizer = optimizer
@@ -162,13 +163,13 @@ class OnlineMerging(torch.optim.Optimizer):
         reads = self.rule.names
         for batch in self._batches(params):
             names = [self.names[id(p)] for p in batch]
-            inputs: dict[str, dict[str, torch.Tensor]] = {"update": {}, "ref": {}, "param": {}}
+            inputs: dict[str, dict[str, torch.Tensor]] = {"update": {}, "ref": {}, "before": {}}
             starts = self._layout(batch)
             for name, p, start in zip(names, batch, starts, strict=True):
                 anchor = self.state[p]["anchor"]
                 update = self._scratch("update", p, start)
                 inputs["update"][name] = torch.sub(p, anchor, out=update)
-                inputs["param"][name] = anchor
+                inputs["before"][name] = anchor
             if "ref" in reads:
                 inputs["ref"] = self._refs(batch, names, starts)
             call = {"seed": self.seed + self.count, "device": self._device(batch),
