@@ -7,8 +7,10 @@ costs, on a state dict of small tensors where the arithmetic itself is cheap:
 
     python benchmarks/expression.py [--tensors 32] [--rows 64] [--cols 64] [--calls 200]
 
-It prints the median time per call of (1) plain torch, written by hand; (2) a cached
-`mergelang.expression`; (3) `mergelang.evaluate`, which compiles every time.
+It prints the median wall and CPU time per call of (1) plain torch, written by hand; (2) a
+cached `mergelang.expression`; (3) `mergelang.evaluate`, which compiles every time. The
+ratios use the CPU time (the process's, all threads), the steadier figure on a shared
+machine.
 """
 
 from __future__ import annotations
@@ -33,13 +35,16 @@ def by_hand(base, a, b):
     return {k: base[k] + 0.5 * (a[k] - base[k]) + 0.5 * (b[k] - base[k]) for k in base}
 
 
-def per_call(fn, calls: int) -> float:
-    times = []
+def per_call(fn, calls: int) -> tuple[float, float]:
+    """Median wall and CPU (process) seconds of a call; on a shared machine the CPU time
+    is the steadier figure."""
+    times, cpu = [], []
     for _ in range(calls):
-        start = time.perf_counter()
+        start, used = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        cpu.append(time.process_time() - used)
+    return statistics.median(times), statistics.median(cpu)
 
 
 def main() -> None:
@@ -61,10 +66,12 @@ def main() -> None:
         "mergelang.evaluate (compiles each call)": per_call(
             lambda: mergelang.evaluate(RULE, base=base, a=a, b=b), max(args.calls // 10, 5)),
     }
-    floor = results["torch by hand"]
-    print(f"{args.tensors} tensors of {args.rows}x{args.cols}, rule: {RULE}")
-    for name, seconds in results.items():
-        print(f"  {name:42s} {seconds * 1e3:8.2f} ms/call  {seconds / floor:7.1f}x torch")
+    floor = results["torch by hand"][1]
+    print(f"{args.tensors} tensors of {args.rows}x{args.cols}, rule: {RULE} "
+          f"({torch.get_num_threads()} threads)")
+    for name, (wall, cpu) in results.items():
+        print(f"  {name:42s} {wall * 1e3:8.2f} ms/call wall {cpu * 1e3:8.2f} ms CPU  "
+              f"{cpu / floor:7.1f}x torch (CPU)")
     print(f"  plans made by the expression: {merge.cached_plans}")
 
 
