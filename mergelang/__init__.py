@@ -9,10 +9,34 @@
     merge(base=..., a=..., b=..., d=0.3)        # compiled once, called many times
 """
 
-from .api import Program, Summary, compile, evaluate, expression, load
-from .compiled import Expression
-from .diagnostics import Diagnostic, MergeError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .api import Program, Summary, compile, evaluate, expression, load
+    from .compiled import Expression
+    from .diagnostics import Diagnostic, MergeError
 
 __all__ = ["Program", "Summary", "compile", "load", "evaluate", "expression", "Expression",
            "MergeError", "Diagnostic"]
 __version__ = "0.1.0"
+
+# Imported when first used, so that `import mergelang` (which every entry point does
+# first) takes no time: the command guards Ctrl-C before torch is imported (startup.py).
+_HOMES = {"Program": "api", "Summary": "api", "compile": "api", "load": "api",
+          "evaluate": "api", "expression": "api", "Expression": "compiled",
+          "MergeError": "diagnostics", "Diagnostic": "diagnostics"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'mergelang' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

@@ -21,7 +21,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from . import api, cli_params
+from . import api, cli_params, startup
 from .builtins import DTYPES
 from .diagnostics import Diagnostic, MergeError
 from .io.allocator import keep_freed_memory
@@ -34,9 +34,10 @@ EXIT_INPUT_ERROR = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     console = Console(stderr=True, highlight=False)
     try:
+        startup.release()  # Ctrl-C from here on is the KeyboardInterrupt below
+        args = _parser().parse_args(argv)
         with sigterm_as_interrupt():
             return args.handler(args, console)
     except MergeError as exc:

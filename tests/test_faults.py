@@ -105,6 +105,35 @@ def test_sigint_mid_run_cleans_up_and_exits_130(work):
     assert _hidden(work) == [] and not (work / "out").exists()
 
 
+@pytest.mark.parametrize("delay", [0.15, 0.4, 0.8, 1.5])
+def test_sigint_during_start_up_is_a_message_and_130(work, delay):
+    """Ctrl-C while the command still imports torch, parses the script or opens the
+    headers (start-up takes over a second): the message, exit 130, no traceback and
+    nothing written; a run already finished (a fast machine) exits 0."""
+    child = subprocess.Popen([PYTHON, "-m", "mergelang", "run", "merge.merge", "-o", "out",
+                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    time.sleep(delay)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert "Traceback" not in err, err
+    if child.returncode == 0:
+        assert (work / "out" / "model.safetensors").exists()
+        return
+    assert child.returncode == 130, err
+    assert err.strip().endswith("interrupted; nothing was written"), err
+    assert sorted(p.name for p in work.iterdir()) == ["a", "b", "merge.merge"]
+
+
+def test_the_entry_point_guards_ctrl_c_before_importing_torch():
+    """The guard is in place before the heavy imports: `import mergelang` and the
+    start-up module import no third-party library."""
+    code = ("import sys, mergelang.startup; "
+            "print(sorted(m for m in ('torch', 'rich', 'lark', 'numpy') if m in sys.modules))")
+    child = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=120)
+    assert child.stdout.strip() == "[]", child.stderr
+
+
 def test_what_sigkill_leaves_is_removed_by_the_next_run(work, capsys):
     child = _start(work)
     _frozen_mid_run(work, child)
