@@ -146,14 +146,15 @@ def test_energy_with_a_rank_caps_it_and_peft_gets_the_ranks(capsys, tmp_path):
     assert config["alpha_pattern"] == config["rank_pattern"]
 
 
-def tiny_llama(tmp_path: Path):
+def tiny_llama(tmp_path: Path, bias: bool = False):
     """A tiny transformers Llama (base, saved with save_pretrained) and a fine-tune of it:
     every weight changed, the linear ones by a rank-3 delta plus noise."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24,
                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                         max_position_embeddings=32, tie_word_embeddings=False)
+                         max_position_embeddings=32, tie_word_embeddings=False,
+                         attention_bias=bias)
     model = LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "base")
     g = torch.Generator().manual_seed(1)
@@ -169,10 +170,13 @@ def tiny_llama(tmp_path: Path):
     return LlamaForCausalLM
 
 
-def test_peft_loads_the_adapter_and_merges_to_base_plus_b_a(capsys, tmp_path):
+@pytest.mark.parametrize("bias, keep", [(False, []), (True, ["--keep", "mlp"])])
+def test_peft_loads_the_adapter_and_merges_to_base_plus_b_a(capsys, tmp_path, bias, keep):
+    """With attention biases (and the unbiased MLP kept whole), a factorised module's bias
+    delta rides in lora_B's bias."""
     from peft import PeftModel
-    llama = tiny_llama(tmp_path)
-    adapter, report = extract(capsys, tmp_path, "--rank", 3)
+    llama = tiny_llama(tmp_path, bias)
+    adapter, report = extract(capsys, tmp_path, "--rank", 3, *keep)
     config = json.loads((adapter / "adapter_config.json").read_text())
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     base = llama.from_pretrained(tmp_path / "base", dtype=torch.float32)
@@ -180,16 +184,21 @@ def test_peft_loads_the_adapter_and_merges_to_base_plus_b_a(capsys, tmp_path):
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
     fine = llama.from_pretrained(tmp_path / "ft", dtype=torch.float32).state_dict()
     assert set(merged) == set(before)
+    assert config["lora_bias"] == bias and report["dropped"] == []
     errors = {t["name"]: t["error"] for t in report["tensors"]}
     factorised = set(errors)
     assert factorised == {n for n, v in before.items() if v.dim() == 2
-                          and "embed_tokens" not in n and "lm_head" not in n}
+                          and "embed_tokens" not in n and "lm_head" not in n
+                          and not (keep and "mlp" in n)}
     scale = config["lora_alpha"] / config["r"]
     for name, weight in merged.items():
         module = PREFIX + name.removesuffix(".weight")
         if name in factorised:
             expected = before[name] + tensors[module + ".lora_B.weight"] \
                 @ tensors[module + ".lora_A.weight"] * scale
+        elif name.endswith(".bias"):
+            expected = before[name] + tensors[PREFIX + name[:-5] + ".lora_B.bias"] * scale
+            assert torch.allclose(expected, fine[name], atol=1e-6)
         else:  # kept whole: the fine-tune's weights
             expected = tensors[PREFIX + name]
             assert torch.allclose(expected, fine[name], atol=1e-6)
@@ -354,3 +363,19 @@ def test_extract_then_lora_input_gives_the_fine_tune_back(capsys, tmp_path):
             assert float(lost) == pytest.approx(errors[name], rel=1e-3)
         else:
             assert torch.allclose(weight, fine[name], atol=1e-6), name
+
+
+def test_biases_peft_cannot_carry_are_dropped_with_a_warning(capsys, tmp_path):
+    """Llama's attention biases without MLP biases: lora_bias would break merging the MLP."""
+    tiny_llama(tmp_path, bias=True)
+    capsys.readouterr()
+    result = mergelang(capsys, "extract", tmp_path / "ft", "--base", tmp_path / "base",
+                       "--rank", 2, "-o", tmp_path / "adapter")
+    assert result.code == 0, result.text
+    report = json.loads((tmp_path / "adapter" / "extraction.json").read_text())
+    assert len(report["dropped"]) == 8 and all(n.endswith("_proj.bias") for n in report["dropped"])
+    assert "warning: 8 tensors are not in the adapter" in result.text and "--keep" in result.text
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["lora_bias"] is False
+    names = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert not any(n.endswith(".bias") for n in names)

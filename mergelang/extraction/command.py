@@ -75,6 +75,12 @@ def run(args: argparse.Namespace, console: Console) -> int:
     for w in warnings:
         console.print(w.render(), markup=False, highlight=False)
     report = json.loads((args.output / REPORT).read_text())
+    if report["dropped"]:
+        shown = ", ".join(report["dropped"][:3]) + (" ..." if len(report["dropped"]) > 3 else "")
+        console.print(f"warning: {len(report['dropped'])} tensors are not in the adapter "
+                      f"({shown}): a bias of some factorised modules only (PEFT's lora_bias "
+                      "is all or nothing), or no module's weight; keep their modules whole "
+                      "with --keep to carry them", markup=False, highlight=False)
     if args.json:
         print(json.dumps(report))
     elif not args.quiet:

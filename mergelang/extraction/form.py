@@ -32,7 +32,14 @@ if TYPE_CHECKING:
 NAME = "extract_lora"
 EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|lm_head|wte|wpe|"
                         r"word_embeddings|embeddings)(\.|$)")
-LORA, KEEP, SKIP = "lora", "keep", "skip"
+LORA, BIAS, KEEP, SKIP = "lora", "bias", "keep", "skip"
+
+
+def module_of(name: str) -> str | None:
+    """The module a tensor belongs to (`...q_proj.weight` -> `...q_proj`); None for a
+    tensor that is no module's weight or bias, which an adapter cannot hold."""
+    module, _, last = name.rpartition(".")
+    return module if module and last in ("weight", "bias") else None
 
 
 @dataclass(frozen=True)
@@ -132,13 +139,20 @@ def layout(form: AdapterForm, p: Plan) -> dict[str, str]:
     keep = [re.compile(k) for k in form.keep]
     roles: dict[str, str] = {}
     for t in p.tensors:
-        if t.copy_only or not t.out_dtype.is_floating_point:
-            roles[t.name] = SKIP  # integer buffers: not part of a delta
+        if t.copy_only or not t.out_dtype.is_floating_point or module_of(t.name) is None:
+            roles[t.name] = SKIP  # integer buffers, loose parameters: no adapter holds them
         elif (len(t.shape) == 2 and t.name.endswith(".weight")
               and not EMBEDDINGS.search(t.name) and not any(k.search(t.name) for k in keep)):
             roles[t.name] = LORA
         else:
             roles[t.name] = KEEP
+    # a factorised module's bias: its delta in lora_B's bias, which PEFT allows only when
+    # every factorised module has one (lora_bias is all or nothing); else it is dropped
+    biases = [t.name for t in p.tensors if t.name.endswith(".bias")
+              and roles.get(module_of(t.name) + ".weight") == LORA]
+    every = len(biases) == sum(r == LORA for r in roles.values())
+    roles.update((name, BIAS if every else SKIP) for name in biases)
+    for t in p.tensors:
         if roles[t.name] == KEEP and t.name not in base:
             raise error(f'tensor "{t.name}" is kept whole (base + delta), but the base model '
                         "has no such tensor", form.span,

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from ..builtins import COMPUTE_DTYPES
 from ..devices import parse_devices
-from ..extraction.form import KEEP, LORA, AdapterForm, layout
+from ..extraction.form import BIAS, KEEP, LORA, SKIP, AdapterForm, layout, module_of
 from ..extraction.svd import Factors, factorise
 from .hf import SCRIPT_KEY, _write_text
 from .write import _writing
@@ -82,6 +82,10 @@ class AdapterSink:
                 self.factors[name] = f
                 self.tensors[module + ".lora_A.weight"] = f.a.to(dtype).cpu().contiguous()
                 self.tensors[module + ".lora_B.weight"] = f.b.to(dtype).cpu().contiguous()
+        elif role == BIAS:
+            with self.lock:
+                self.tensors[PREFIX + module_of(name) + ".lora_B.bias"] = \
+                    delta.to(dtype).cpu().contiguous()
         elif role == KEEP:
             whole = self.base.load(name, None, delta.dtype) + delta
             with self.lock:
@@ -112,7 +116,8 @@ class AdapterSink:
                 "overall_error": (lost / total) ** 0.5 if total > 0 else 0.0,
                 "parameters": sum(t.numel() for t in self.tensors.values()),
                 "tensors": rows,
-                "kept": sorted(n for n, r in self.roles.items() if r == KEEP)}
+                "kept": sorted(n for n, r in self.roles.items() if r == KEEP),
+                "dropped": sorted(n for n, r in self.roles.items() if r == SKIP)}
 
 
 def adapter_config(p: Plan, form: AdapterForm, ranks: dict[str, int], top: int,
@@ -120,7 +125,7 @@ def adapter_config(p: Plan, form: AdapterForm, ranks: dict[str, int], top: int,
     """adapter_config.json as mergekit-extract-lora writes it: lora_alpha = r, so PEFT
     applies B A at scale 1; modules of another rank (energy=) in rank_pattern and
     alpha_pattern."""
-    modules = {n.removesuffix(".weight"): r for n, r in roles.items()}
+    modules = {module_of(n): r for n, r in roles.items() if r in (LORA, KEEP)}
     different = {m: r for m, r in sorted(ranks.items()) if r != top}
     config = p.bound.models[form.base].source.config or {}
     causal = any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or ())
@@ -137,6 +142,7 @@ def adapter_config(p: Plan, form: AdapterForm, ranks: dict[str, int], top: int,
         "use_rslora": False,
         "lora_dropout": 0.0,
         "bias": "none",
+        "lora_bias": BIAS in roles.values(),
         "fan_in_fan_out": False,
         "inference_mode": True,
     }
