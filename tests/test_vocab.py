@@ -373,3 +373,41 @@ def test_set_vocab_without_any_embedding(tmp_path, capsys):
     script = write(tmp_path, 'set vocab = "union"\nm = model("m")\noutput m\n')
     assert_error(run(capsys, script, tmp_path / "out"), at(script, 1, 13), '"union"',
                  "no merged model has an input embedding", hint="remove `set vocab`")
+
+
+def test_padded_embedding_without_and_with_set_vocab(tmp_path, models, capsys):
+    """Same tokenizer, but one embedding padded to 16 rows (as many checkpoints are):
+    an error without `set vocab`; with `set vocab = base` the rows beyond the tokens are
+    dropped and the token rows merged."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    padded = tmp_path / "padded"
+    shutil.copytree(models / "base", padded)
+    state = load_file(str(padded / "model.safetensors"))
+    for name in (EMBED, HEAD):
+        state[name] = torch.cat([state[name], torch.ones(5, 8)])
+    save_file(state, str(padded / "model.safetensors"), metadata={"format": "pt"})
+    script = script_of(tmp_path, models, 'r = model("MODELS/base")\n'
+                       f'p = model("{padded}")\noutput linear(r, p)\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 2, 11), None,
+                 "embedding 16 rows", "embedding 11 rows", hint="set vocab = base")
+    fixed = write(tmp_path, "set vocab = r\n" + script.read_text(), "fixed.merge")
+    assert run(capsys, fixed, tmp_path / "out").code == 0
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = load_file(str(models / "base" / "model.safetensors"))
+    assert merged[EMBED].shape == (11, 8)
+    torch.testing.assert_close(merged[EMBED], base[EMBED], rtol=0, atol=1e-6)
+
+
+def test_base_vocabulary_needs_the_donors_tokenizer(tmp_path, models, capsys):
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copyfile(models / "base/model.safetensors", bare / "model.safetensors")
+    script = script_of(tmp_path, models, f'set vocab = "base"\nb = model("{bare}")\n'
+                       'a = model("MODELS/a")\noutput linear(b, a)\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 2, 11), None,
+                 "no tokenizer files")
