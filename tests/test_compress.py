@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mergelang.io.delta import open_delta, unpack_bits
+from mergelang.io.delta import BIND_CHECK_BYTES, open_delta, unpack_bits
 from tests.helpers import (
     assert_error,
     assert_nothing_written,
@@ -274,7 +274,7 @@ def test_a_delta_on_another_architecture_is_refused_at_bind_time(tmp_path, capsy
     assert_nothing_written(out)
 
 
-def test_a_base_with_other_bytes_is_refused_and_nothing_is_written(tmp_path, capsys):
+def test_a_base_with_other_bytes_is_refused_at_the_delta_call(tmp_path, capsys):
     base = quantised_state(0)
     models(tmp_path, base, fine_tune(base))
     assert compress(capsys, tmp_path, "--bits", "1").code == 0
@@ -282,7 +282,25 @@ def test_a_base_with_other_bytes_is_refused_and_nothing_is_written(tmp_path, cap
     script = write(tmp_path, 'base = model("other")\noutput base + delta("task.delta")\n')
     out = tmp_path / "merged"
     result = run(capsys, script, out)
-    assert_error(result, None, None, "bytes differ", "task.delta",
+    assert_error(result, at(script, 2, 21), '"task.delta"', "bytes differ",
+                 hint="add the delta to the model it was made from")
+    assert_nothing_written(out)
+
+
+def test_a_base_whose_large_tensor_alone_differs_stops_the_run(tmp_path, capsys):
+    """The bytes of tensors past BIND_CHECK_BYTES (the smallest first) are checked as
+    they are loaded: the run stops, exit 2, and nothing is written."""
+    g = torch.Generator().manual_seed(0)
+    base = {"norm": torch.randn(16, generator=g), "big": torch.randn(600, 500, generator=g)}
+    assert base["big"].numel() * 4 > BIND_CHECK_BYTES
+    models(tmp_path, base, fine_tune(base))
+    assert compress(capsys, tmp_path, "--density", "0.5").code == 0
+    write_model(tmp_path / "other", dict(base, big=base["big"] + 1))
+    script = write(tmp_path, 'base = model("other")\noutput base + delta("task.delta")\n')
+    out = tmp_path / "merged"
+    assert run(capsys, write(tmp_path, APPLY, "ok.merge"), tmp_path / "ok").code == 0
+    result = run(capsys, script, out)
+    assert_error(result, None, None, "'big'", "bytes differ", "task.delta",
                  hint="add the delta to the model it was made from")
     assert_nothing_written(out)
 

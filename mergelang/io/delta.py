@@ -59,6 +59,11 @@ TOPK, MASK, SIGN, DENSE = "topk", "mask", "sign", "dense"
 DIGEST_CHARS = 32  # hex digits kept of each SHA-256 (128 bits)
 _UNSET = "0" * DIGEST_CHARS
 _REMAKE = "make the delta again with `mergelang compress`"
+_OTHER_BASE = ("add the delta to the model it was made from (`mergelang compress FT --base "
+               "BASE` names it), or make a delta against this one")
+BIND_CHECK_BYTES = 1 << 20
+"""Base bytes hashed when a script is bound, smallest tensors first; the rest are
+hashed as they are loaded."""
 
 
 def digest() -> Any:
@@ -248,19 +253,35 @@ class DeltaSource:
         self._lock = threading.Lock()
 
     def attach(self, frame: list[Any]) -> None:
-        """Find the base among the script's plain models by its header; ModelFileError
-        naming the first difference when none has it. With no plain model (a script
-        that writes the task vector itself) there is nothing to check."""
+        """Find the base among the script's plain models: by its header, then by the
+        bytes of its smallest tensors (up to BIND_CHECK_BYTES: the norms of a
+        transformer, which a fine-tune changes too); ModelFileError naming the first
+        difference when no model passes. The other tensors' bytes are checked as they
+        are loaded. With no plain model (a script that writes the task vector itself)
+        there is nothing to check."""
         if not frame:
             return
         wanted = self.fields.get("base_header")
-        self.bases = [s for s in frame if header_digest(s.tensors) == wanted]
-        if not self.bases:
+        same_header = [s for s in frame if header_digest(s.tensors) == wanted]
+        if not same_header:
             raise ModelFileError(
                 f"{self.path} was made against another base ({self.fields.get('base')}): "
-                + _difference(self.base_tensors, frame[0]),
-                hint="add the delta to the model it was made from (`mergelang compress FT "
-                     "--base BASE` names it), or make a delta against this one")
+                + _difference(self.base_tensors, frame[0]), hint=_OTHER_BASE)
+        small = _smallest(self.entries.values(), same_header[0].tensors)
+        self.bases = [s for s in same_header
+                      if all(tensor_digest(s, e.name) == e.base for e in small)]
+        if not self.bases:
+            differs = next(e.name for e in small
+                           if tensor_digest(same_header[0], e.name) != e.base)
+            raise ModelFileError(self._other_bytes(differs, same_header[:1]),
+                                 hint=_OTHER_BASE)
+        self._checked.update(e.name for e in small)
+
+    def _other_bytes(self, name: str, models: list[Any]) -> str:
+        where = ", ".join(str(getattr(b, "path", None) or b.folder) for b in models)
+        return (f"tensor {name!r} of {where} is not the one {self.path} was made against "
+                f"(the base {self.fields.get('base')}): its bytes differ, though the names, "
+                "shapes and dtypes agree")
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
              dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
@@ -285,13 +306,8 @@ class DeltaSource:
                 return
             if not any(entry.name in b.tensors and tensor_digest(b, entry.name) == entry.base
                        for b in self.bases):
-                where = ", ".join(str(getattr(b, "path", None) or b.folder) for b in self.bases)
-                raise ModelFileError(
-                    f"tensor {entry.name!r} of {where} is not the one {self.path} was made "
-                    f"against (the base {self.fields.get('base')}): its bytes differ, though "
-                    "the names, shapes and dtypes agree",
-                    hint="add the delta to the model it was made from, or make a delta "
-                         "against this one")
+                raise ModelFileError(self._other_bytes(entry.name, self.bases),
+                                     hint=_OTHER_BASE)
             self._checked.add(entry.name)
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
@@ -452,6 +468,19 @@ def _check_stored(path: Path, file: SafetensorsModel, entry: DeltaEntry) -> None
                                  f"marks {kept} entries for "
                                  f"{entry.parts[f'{entry.name}/values'][1][0]} values",
                                  hint=_REMAKE)
+
+
+def _smallest(entries: Iterable[DeltaEntry], tensors: Mapping[str, TensorInfo]
+              ) -> list[DeltaEntry]:
+    """The entries of the smallest base tensors, up to BIND_CHECK_BYTES of them (at
+    least one)."""
+    chosen, total = [], 0
+    for e in sorted(entries, key=lambda e: tensors[e.name].nbytes):
+        total += tensors[e.name].nbytes
+        if chosen and total > BIND_CHECK_BYTES:
+            break
+        chosen.append(e)
+    return chosen
 
 
 def _difference(recorded: dict[str, list], model: Any) -> str:
