@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..builtins import COMPUTE_DTYPES
 from ..devices import parse_devices
 from ..extraction.form import BIAS, KEEP, LORA, SKIP, AdapterForm, layout, module_of
 from ..extraction.svd import Factors, factorise
+from .header import HeaderEntry, encode_header
 from .hf import SCRIPT_KEY, _write_text
 from .write import _writing
 
@@ -97,9 +97,8 @@ class AdapterSink:
         ranks = {n.removesuffix(".weight"): self.factors[n].rank for n in target}
         top = max(ranks.values(), default=self.form.rank or 1)
         config = adapter_config(self.plan, self.form, ranks, top, self.roles)
-        with _writing(folder / "adapter_model.safetensors"):
-            save_file(self.tensors, str(folder / "adapter_model.safetensors"),
-                      metadata={"format": "pt", SCRIPT_KEY: "see README.md"})
+        save_tensors(folder / "adapter_model.safetensors", self.tensors,
+                     {"format": "pt", SCRIPT_KEY: "see README.md"})
         _write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
         _write_text(folder / REPORT, json.dumps(self.report(), indent=2) + "\n")
         write_card(folder, script, script_name, config["base_model_name_or_path"])
@@ -118,6 +117,24 @@ class AdapterSink:
                 "tensors": rows,
                 "kept": sorted(n for n, r in self.roles.items() if r == KEEP),
                 "dropped": sorted(n for n, r in self.roles.items() if r == SKIP)}
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+                 ) -> None:
+    """A safetensors file whose bytes depend only on its contents (the safetensors library
+    orders metadata keys differently from run to run); widest dtypes first, so every
+    tensor stays aligned, then by name."""
+    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    entries, position = [], 0
+    for n in names:
+        nbytes = tensors[n].numel() * tensors[n].element_size()
+        entries.append(HeaderEntry(n, tensors[n].dtype, tuple(tensors[n].shape), position,
+                                   position + nbytes))
+        position += nbytes
+    with _writing(path), open(path, "wb") as f:
+        f.write(encode_header(metadata, entries))
+        for n in names:
+            f.write(memoryview(tensors[n].contiguous().view(-1).view(torch.uint8).numpy()))
 
 
 def adapter_config(p: Plan, form: AdapterForm, ranks: dict[str, int], top: int,
