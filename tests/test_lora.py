@@ -7,6 +7,7 @@ makes of the base, and load back with transformers."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import mergelang
 from mergelang.execute import run_tensor
+from mergelang.io.lora import exact_product, factors, grid_bits
 from mergelang.session import Session
 from mergelang.syntax import parse, parse_expression
 from tests.helpers import (
@@ -132,9 +134,15 @@ base = model("{base}")
 output base + ties(lora("{models / 'rslora'}"), lora("{models / 'patterns'}"),
                    model("{models / 'c'}") - base, density=0.2)
 """)
+    threads = torch.get_num_threads()
     with mergelang.load(script).plan() as p:
-        got = run_all(p, budget=10**9)
-        chunked = run_all(p, budget=1)  # one row per chunk: the adapter's rows
+        try:
+            torch.set_num_threads(1)
+            got = run_all(p, budget=10**9)
+            torch.set_num_threads(2)
+            chunked = run_all(p, budget=1)  # one row per chunk: the adapter's rows
+        finally:
+            torch.set_num_threads(threads)
     fulls = [peft_merged(base, models / "rslora").state_dict(),
              peft_merged(base, models / "patterns").state_dict(),
              load_file(str(models / "c" / "model.safetensors"))]
@@ -143,6 +151,34 @@ output base + ties(lora("{models / 'rslora'}"), lora("{models / 'patterns'}"),
         assert torch.equal(tensor, chunked[name]), name
         want = ref_ties(original[name], [f[name] for f in fulls], [1, 1, 1], 0.2)
         torch.testing.assert_close(tensor, want, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("rank", [1, 4, 16, 64, 300])
+def test_the_product_of_the_factors_is_exact(rank):
+    """B @ A of the factors is the exact sum of the products (math.fsum, exact when the
+    sum is a float64), so no order of addition can change it, even for factors spanning
+    many orders of magnitude; the factors keep float32's bits of each row's (column's)
+    largest entries, and the rank components' scales are balanced exactly."""
+    g = torch.Generator().manual_seed(rank)
+    b = torch.randn(7, rank, generator=g) * torch.logspace(-20, 20, rank) ** torch.rand(7, 1)
+    a = torch.randn(rank, 5, generator=g) * torch.logspace(9, -12, rank).unsqueeze(1)
+    fb, fa = factors(b, a)
+    product = fb @ fa
+    for i in range(7):
+        for j in range(5):
+            assert product[i, j].item() == math.fsum(
+                fb[i, k].item() * fa[k, j].item() for k in range(rank))
+    assert torch.equal(exact_product(fb, fa), product.float())
+    bits = min(grid_bits(rank))
+    assert bits >= (24 if rank <= 32 else 22)
+    # an adapter's factors, whose rank components' scales differ between B and A
+    scales = torch.logspace(-8, 8, rank).unsqueeze(0)
+    b = torch.randn(7, rank, generator=g) * scales
+    a = torch.randn(rank, 5, generator=g) / scales.t()
+    fb, fa = factors(b, a)
+    exact = b.double() @ a.double()
+    bound = 2.0 ** (4 - bits) * (b.double().abs() @ a.double().abs())
+    assert ((exact_product(fb, fa).double() - exact).abs() <= bound).all()
 
 
 def test_an_adapter_alone_is_its_delta_and_zero_elsewhere(models):

@@ -39,6 +39,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<side>[AB])(?:\.[^.]+)?$")
+_ZERO = torch.zeros((), dtype=torch.float32)
 _EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings")
 _RESAVE = "the adapter is damaged; save it again with PEFT (peft_model.save_pretrained)"
 _WRONG_MODEL = "apply the adapter to the model it was trained for (base_model_name_or_path " \
@@ -148,7 +149,8 @@ class LoraSource:
     def load(self, name: str, rows: tuple[int, int] | None = None,
              dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
         """The delta of one model tensor (or rows [start, stop) of it), computed in
-        float32 and converted to `dtype` if given; always memory of its own."""
+        float32 and converted to `dtype` if given: memory of its own, but for a view
+        (view=True) of an untargeted tensor, a single zero expanded to its shape."""
         if self.model is None:
             raise ValueError(f"adapter {self.path} is not attached to a model")
         info = self.tensors[name]
@@ -158,23 +160,23 @@ class LoraSource:
         if part is None:
             length = rows[1] - rows[0] if rows else (info.shape[0] if info.shape else None)
             shape = (length, *info.shape[1:]) if length is not None else ()
-            delta = torch.zeros(shape, dtype=torch.float32)
-        else:
-            delta = self._delta(name, part, rows)
+            if view and dtype is None:  # nothing writes to a view: one zero, no memory
+                return _ZERO.expand(shape)
+            return torch.zeros(shape, dtype=dtype or torch.float32)
+        delta = self._delta(name, part, rows)
         return delta if dtype is None or dtype == delta.dtype else delta.to(dtype)
 
     def _delta(self, name: str, part: _Part, rows: tuple[int, int] | None) -> torch.Tensor:
         f32 = torch.float32
         delta = None
         if part.pair is not None:
-            pair = part.pair
+            b, a = factors(self.weights.load(part.pair.b.name, dtype=f32),
+                           self.weights.load(part.pair.a.name, dtype=f32))
             if part.transposed:  # rows of (B @ A)^T are columns of A: A[:, rows]^T @ B^T
-                a = self.weights.load(pair.a.name, dtype=f32)
                 a = a[:, rows[0]:rows[1]] if rows else a
-                delta = outer_sum(a.t(), self.weights.load(pair.b.name, dtype=f32).t())
+                delta = exact_product(a.t(), b.t())
             else:
-                delta = outer_sum(self.weights.load(pair.b.name, rows, dtype=f32),
-                                  self.weights.load(pair.a.name, dtype=f32))
+                delta = exact_product(b[rows[0]:rows[1]] if rows else b, a)
             delta.mul_(part.scale)
         if part.saved is not None:
             change = self.weights.load(part.saved, rows, dtype=f32)
@@ -310,28 +312,52 @@ def _model_name(p: Path, config: LoraConfig, stored: str, key: str) -> str:
     return name
 
 
-def outer_sum(left: torch.Tensor, right: torch.Tensor, block: int = 1 << 15) -> torch.Tensor:
-    """left @ right (n x r times r x m) as the sum over k of the outer products of left's
-    column k and right's row k, added in the order of k.
+def factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B (out x r) and A (r x in) in float64, ready for an exact product.
 
-    Each entry is then the same float32 sums of the same products whichever rows are
-    asked for and however many threads run (a BLAS matmul chooses its kernel, and so its
-    rounding, by the shapes and the threads), so a merge gives the same bytes at every
-    memory budget. Blocks of about `block` entries keep the partial sums in cache."""
-    n, rank = left.shape
-    m = right.shape[1]
-    out = torch.empty((n, m), dtype=left.dtype)
-    step = max(1, block // max(m, 1))
-    scratch = torch.empty((min(step, n), m), dtype=left.dtype)
-    for start in range(0, n, step):
-        rows = out[start:start + step]
-        part = left[start:start + step]
-        torch.mul(part[:, :1], right[:1], out=rows)
-        for k in range(1, rank):
-            tmp = scratch[:rows.shape[0]]
-            torch.mul(part[:, k:k + 1], right[k:k + 1], out=tmp)
-            rows.add_(tmp)
-    return out
+    Each rank component k is first rescaled by a power of two, B[:, k] up and A[k, :]
+    down (exact, and B @ A is unchanged), so that B's column and A's row have about the
+    same largest magnitude; then each row of B and each column of A is rounded to its
+    grid (on_grid, with grid_bits(r) bits). The statistics are of the whole of B and A,
+    so a block of rows gets the same factors as the whole tensor."""
+    b, a = b.double(), a.double()
+    _, b_exp = torch.frexp(b.abs().amax(dim=0))
+    _, a_exp = torch.frexp(a.abs().amax(dim=1))
+    shift = torch.div(a_exp - b_exp, 2, rounding_mode="floor")
+    b_bits, a_bits = grid_bits(a.shape[0])
+    return (on_grid(b * _power_of_two(shift), 1, b_bits),
+            on_grid(a * _power_of_two(-shift).unsqueeze(1), 0, a_bits))
+
+
+def on_grid(x: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
+    """x (float64) with each entry rounded, half to even, to a multiple of 2^(e - bits),
+    where 2^e is just above the largest magnitude along `dim`: the largest entries keep
+    all their bits when bits >= 24 (float32's)."""
+    _, exponent = torch.frexp(x.abs().amax(dim=dim, keepdim=True))
+    scale = _power_of_two(bits - exponent)
+    return torch.round(x * scale).div_(scale)
+
+
+def exact_product(b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """B @ A in float32 for factors on their grids (`factors`): each product is then an
+    integer times one power of two per entry, and their sum an integer below 2^53, so the
+    float64 matmul is exact whatever the order of its additions, and the result does
+    not depend on the rows asked for, the BLAS kernel or the thread count. A float32
+    matmul's rounding does, and a delta computed a block of rows at a time would differ
+    in its last bits from one computed whole."""
+    return (b @ a).float()
+
+
+def grid_bits(rank: int) -> tuple[int, int]:
+    """Bits kept of B's rows and A's columns: together 53 less those a sum of `rank`
+    terms needs (25 and 24 at rank 16: float32's 24 bits for the largest entries)."""
+    total = 53 - max(rank - 1, 0).bit_length()
+    return (total + 1) // 2, total // 2
+
+
+def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
+    """2.0 ** exponent, made from its bits, so exactly a power of two (|exponent| < 1023)."""
+    return ((exponent.long() + 1023) << 52).view(torch.float64)
 
 
 def _name(model: Any) -> str:
