@@ -5,7 +5,8 @@ Two compressions:
 
 - `--density D`: the k = max(1, int(D * numel)) entries of largest |τ| of each tensor,
   τ = FT - BASE, chosen by `trim`'s exact selection (selection.py: the same entries, ties
-  included, that `trim(ft - base, D)` keeps), stored as values and positions;
+  included, that `trim(ft - base, D)` keeps), stored as values and their positions (or
+  a bit mask of them, where that is smaller);
 - `--bits 1`: BitDelta (Liu et al. 2024): each matrix's τ as its signs and one scale per
   matrix, mean |τ|, as the reference code initialises it (FasterDecoding/BitDelta,
   `BinaryDiff`: `diff.float().abs().mean()`, bit 1 where τ >= 0); the paper then refines
@@ -107,10 +108,11 @@ def compress(ft: str | Path, base: str | Path, out: str | Path, *,
              density: float | None = None, bits: int | None = None, force: bool = False,
              budget: int = DEFAULT_BUDGET, values: torch.dtype | None = None,
              where: CommandLine | None = None,
-             progress: Callable[[TensorFigures], None] | None = None) -> Report:
+             progress: Callable[[TensorFigures, int], None] | None = None) -> Report:
     """Write the task vector ft - base, compressed, to the file `out`; nothing is left
     there on an error. Kept values are stored in `values` (default: the fine-tune's
-    dtype; float32 keeps them exact). Raises MergeError."""
+    dtype; float32 keeps them exact). `progress(figures, total)` is told of each tensor
+    as it is done, and how many there are. Raises MergeError."""
     def at(key: str) -> Span | None:
         return where.span(key) if where is not None else None
 
@@ -141,7 +143,7 @@ def compress(ft: str | Path, base: str | Path, out: str | Path, *,
             for entry in plans:
                 figures.append(encode_tensor(entry, base_model, ft_model, density, budget, writer))
                 if progress is not None:
-                    progress(figures[-1])
+                    progress(figures[-1], len(plans))
             writer.commit()
         except ModelFileError as exc:
             writer.abort()

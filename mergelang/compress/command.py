@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from ..diagnostics import Diagnostic, MergeError, error
@@ -54,9 +55,18 @@ def run(args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:
         raise error(str(exc), where.span("--max-memory"), hint="e.g. --max-memory 500MB"
                     ) from None
-    report = compress(args.ft, args.base, args.output, density=density, bits=bits,
-                      values=_VALUES.get(args.values),
-                      force=args.force, budget=budget, where=where)
+    bar = Progress(TextColumn("compressing {task.completed}/{task.total} tensors"),
+                   BarColumn(), TimeRemainingColumn(), console=console, transient=True,
+                   disable=args.quiet or args.json or not console.is_terminal)
+    task = bar.add_task("compress", total=None)
+
+    def advance(figures: Any, total: int) -> None:
+        bar.update(task, advance=1, total=total)
+
+    with bar:
+        report = compress(args.ft, args.base, args.output, density=density, bits=bits,
+                          values=_VALUES.get(args.values), force=args.force, budget=budget,
+                          where=where, progress=advance)
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     elif not args.quiet:

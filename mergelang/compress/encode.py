@@ -46,7 +46,9 @@ class TensorFigures:
 
 
 def encode_tensor(entry: DeltaEntry, base: SafetensorsModel, ft: SafetensorsModel,
-            density: float | None, budget: int, writer: DeltaWriter) -> TensorFigures:
+                  density: float | None, budget: int, writer: DeltaWriter) -> TensorFigures:
+    """Compress one tensor's τ = ft - base into `writer`, setting the entry's digests
+    (its base tensor's bytes, its own parts'), and return its figures."""
     name, shape, numel = entry.name, entry.shape, entry.numel
     rows = shape[0] if shape else 1
     row_numel = numel // rows if rows else 0
