@@ -23,6 +23,7 @@ from .builtins import CONTEXT_NAMES, DTYPES
 from .devices import parse_devices
 from .diagnostics import MergeError, error, move_to_script
 from .execute import Collector, execute
+from .extraction.form import refuse_outside_scripts
 from .lower import Lowered, lower
 from .plan import Plan, plan
 from .resolve import resolve
@@ -121,6 +122,7 @@ class Expression:
         key = models
         if key not in self._lowered:
             self._lowered[key] = lower(self.resolved, {k: _key(k) for k in models}, values)
+            refuse_outside_scripts(self._lowered[key].form, "an expression")
         return self._lowered[key]
 
     @property

@@ -38,6 +38,7 @@ from .bind import Bound, BoundModel, InMemoryModel, bind, check_tensors, count_l
 from .builtins import COMPUTE_DTYPES
 from .diagnostics import error
 from .execute import Collector, execute
+from .extraction.form import refuse_outside_scripts
 from .io.errors import ModelFileError
 from .io.read import TensorInfo
 from .io.sources import is_derived, open_source
@@ -217,6 +218,7 @@ class Session:
 
     def _lower(self, resolved: Resolved) -> Lowered:
         lowered = lower(resolved, session=True, builder=self.builder)
+        refuse_outside_scripts(lowered.form, "the REPL")
         changes = {k: v for k in ("dtype", "out_dtype", "seed")
                    if (v := getattr(self.options, k)) is not None}
         return dataclasses.replace(lowered, **changes)

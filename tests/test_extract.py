@@ -379,3 +379,21 @@ def test_biases_peft_cannot_carry_are_dropped_with_a_warning(capsys, tmp_path):
     assert config["lora_bias"] is False
     names = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
     assert not any(n.endswith(".bias") for n in names)
+
+
+def test_an_expression_or_the_repl_refuses_extract_lora(tmp_path):
+    """An adapter is what a script's run writes; in memory there is nothing to write it to."""
+    import mergelang
+    from mergelang.session import Session
+    from mergelang.syntax import parse_expression
+    with pytest.raises(MergeError) as caught:
+        mergelang.evaluate("extract_lora(a - b, rank=1)", a=torch.ones(3, 3),
+                           b=torch.zeros(3, 3))
+    assert "writes an adapter folder, which an expression cannot" in str(caught.value)
+    pair(tmp_path, DELTAS)
+    session = Session(tmp_path / "repl.merge")
+    line = parse_expression('extract_lora(model("ft") - model("base"), rank=1)',
+                            "<repl>").statements[-1].value
+    with pytest.raises(MergeError) as caught:
+        session.lower(line)
+    assert "which the REPL cannot" in str(caught.value)

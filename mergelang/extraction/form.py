@@ -167,3 +167,12 @@ def layout(form: AdapterForm, p: Plan) -> dict[str, str]:
                         hint=f"use rank={min(rows, cols)} or less, or keep that tensor whole "
                         "with keep=[...]")
     return roles
+
+
+def refuse_outside_scripts(form: AdapterForm | None, where: str) -> None:
+    """An adapter is a file a script's run writes; an expression evaluated in memory or
+    a REPL line has no such output, so there `extract_lora` is an error, not ignored."""
+    if form is not None:
+        raise error(f"{NAME}() writes an adapter folder, which {where} cannot", form.span,
+                    hint=f"put `output {NAME}(...)` in a script and run it with `mergelang "
+                    "run`, or use `mergelang extract`")
