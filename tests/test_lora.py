@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 from safetensors.torch import load_file, save_file
 
 import mergelang
 from mergelang.execute import run_tensor
 from mergelang.io.lora import exact_product, factors, grid_bits
+from mergelang.repl import Repl
 from mergelang.session import Session
 from mergelang.syntax import parse, parse_expression
 from tests.helpers import (
@@ -248,6 +250,25 @@ def test_the_repl_attaches_an_adapter_to_the_sessions_model(models, tmp_path):
                        for t in p.tensors)
     finally:
         session.close()
+
+
+def test_the_repl_shows_an_adapter(models):
+    console = Console(record=True, width=200, force_terminal=False)
+    base, adapter = models / "base", models / "patterns"
+    lines = iter([f'a = lora("{adapter}")', f'b = model("{base}")', f'a = lora("{adapter}")',
+                  ":tensor layers.1.self_attn.q_proj", "a", "(b + a) - b"])
+
+    def read(prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    assert Repl(None, console, read).loop() == 0
+    text = console.export_text()
+    assert "no model(...) to take its tensor names and shapes from" in text
+    assert "current tensor: model.layers.1.self_attn.q_proj.weight" in text
+    assert text.count("shape [32, 32]") == 2 and "Traceback" not in text
 
 
 # --- adapters that do not fit, or are not adapters ----------------------------------
