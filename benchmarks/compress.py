@@ -13,7 +13,8 @@ density, and --bits 1):
 - the file: its size on disk, against the dense task vector's (ft0's dtype) and the
   fine-tune's own size, and the relative error ||τ - τ̂|| / ||τ|| compress reports;
 - apply: `mergelang run` of `output model("base") + delta("X.delta")`, wall time and
-  peak RSS, with a plain copy `output model("ft0")` run the same way for scale;
+  peak RSS; for scale, a plain copy `output model("ft0")` and the merge
+  `base + trim(model("ft0") - base, D)` (the first density) run the same way;
 - the applied model checked: ||applied - base - τ̂|| is 0 up to the output's rounding,
   and ||applied - ft0|| / ||τ|| is measured over every tensor (streamed), the error a
   user of the applied model actually has (τ̂ rounded to bfloat16 once more).
@@ -103,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     results["copy"] = measured([*MERGELANG, "run", str(copy), "-o", str(copied), "--quiet"],
                                work)
     subprocess.call(["rm", "-rf", str(copied)])
+    if configs and configs[0][1][0] == "--density":
+        density = configs[0][1][1]
+        trim = work / "trim.merge"
+        trim.write_text(f'base = model("{base}")\n'
+                        f'output base + trim(model("{ft}") - base, {density})\n')
+        results["trim"] = {"density": density, **measured(
+            [*MERGELANG, "run", str(trim), "-o", str(copied), "--quiet"], work)}
+        subprocess.call(["rm", "-rf", str(copied)])
     for label, flags in configs:
         delta = work / f"{label.replace(' ', '-')}.delta"
         report = work / f"{label.replace(' ', '-')}.json"
@@ -151,6 +160,10 @@ def table(results: dict) -> str:
     c = results["copy"]
     lines.append(f"\nfor scale, `output model(ft0)` (a copy): {c['wall_s']:.1f} s wall, "
                  f"{c['cpu_s']:.1f} s CPU, {c['peak_rss_gb']:.2f} GB peak RSS")
+    if "trim" in results:
+        t = results["trim"]
+        lines.append(f"the merge `base + trim(ft0 - base, {t['density']})`: {t['wall_s']:.1f} s "
+                     f"wall, {t['cpu_s']:.1f} s CPU, {t['peak_rss_gb']:.2f} GB peak RSS")
     return "\n".join(lines)
 
 
