@@ -763,8 +763,6 @@ def test_cli_prints_or_writes(tmp_path, capsys):
 
 @pytest.mark.parametrize(("config", "message", "where"), [
     ("merge_method: tie\nmodels:\n  - model: a\n", 'unknown merge_method "tie"', ":1:15"),
-    ("merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight:\n"
-     "        - pattern: mlp\n          value: 1\n", 'unknown key "pattern"', ":6:11"),
     ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n",
      'weight has no value for "b"', ":5:5"),
     ("merge_method: ties\nbase_model: b\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"

@@ -131,8 +131,9 @@ class Parameters:
         read = self.read
         entries = read.mapping(
             node, f"an entry of {param.name}", ("filter", "value"),
-            {"pattern": "mergekit 0.1.5 calls it `filter` (and silently ignores `pattern`, "
-                        "so the entry would match every tensor)"})
+            {"pattern": "mergekit 0.1.5 reads `filter`, so as written this entry matches "
+                        "every tensor: rename it `filter` if it is meant for those tensors "
+                        "only"}, lenient=True)
         if "value" not in entries:
             raise read.fail(f"an entry of {param.name} has no `value:`", node,
                             hint="write `{filter: self_attn, value: 0.5}`")

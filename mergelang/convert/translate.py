@@ -342,6 +342,8 @@ class Translator:
         fn = method.function
         assert fn is not None
         base = self._view(base_src) if base_src is not None else None
+        if method.form == "delta" and not others:   # mergekit returns the base as it is
+            return base
         if method.form == "delta" or (method.form == "optional_base" and base is not None):
             deltas = tuple(make.op(self._view(o), "-", base) for o in others)
             return make.op(base, "+", make.call(fn, deltas, tuple(kwargs)))
