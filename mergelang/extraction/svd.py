@@ -73,13 +73,13 @@ def factorise(delta: torch.Tensor, rank: int | None, energy: float | None = None
         u, s, vh = _sketched_svd(work, min(limit + OVERSAMPLE, m, n), seed, name)
     else:
         u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    norm_sq = float(torch.sum(work.double() ** 2))
+    norm = torch.linalg.matrix_norm(work).item()
+    norm_sq = norm * norm
     r = limit if energy is None else min(limit, rank_for_energy(s, norm_sq, energy))
     root = s[:r].clamp_min(0).sqrt()
     a = root[:, None] * vh[:r]
     b = u[:, :r] * root[None, :]
-    residual = torch.linalg.matrix_norm(work - b @ a).item()
-    norm = norm_sq ** 0.5
+    residual = torch.linalg.matrix_norm((b @ a).sub_(work)).item()  # one m x n buffer
     return Factors(a, b, r, residual / norm if norm > 0 else 0.0, norm, how)
 
 

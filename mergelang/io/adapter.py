@@ -87,7 +87,7 @@ class AdapterSink:
                 self.tensors[PREFIX + module_of(name) + ".lora_B.bias"] = \
                     delta.to(dtype).cpu().contiguous()
         elif role == KEEP:
-            whole = self.base.load(name, None, delta.dtype) + delta
+            whole = self.base.load(name, None, delta.dtype).add_(delta)  # a copy: ours
             with self.lock:
                 self.tensors[PREFIX + name] = whole.to(dtype).contiguous()
 
