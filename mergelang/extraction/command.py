@@ -21,6 +21,7 @@ from rich.console import Console
 from .. import api
 from ..builtins import DTYPES
 from ..io.adapter import REPORT
+from ..io.allocator import keep_freed_memory
 from .svd import METHODS
 
 
@@ -68,6 +69,7 @@ def _string(text: str) -> str:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    keep_freed_memory()  # as `mergelang run` does: the SVDs run on the writer thread
     text = script(args.model, args.base, args.rank, args.energy, args.keep, args.svd)
     program = api.compile(text, path=None)
     warnings = program.run(args.output, args.device, force=args.force,
