@@ -11,8 +11,9 @@ weight, `saved - M` on a saved one, zero on every other tensor of the model, whe
 is the model it is attached to: bind attaches it to the first plain `model(...)` of the
 program (the REPL: the first model of the session), which gives the tensor names and
 shapes; `M + lora(...)` is then what PEFT's merge makes of M. Nothing of the model is
-held: each delta (or a block of its rows) is computed in float32 when it is loaded, as
-the executor asks for it, from the few KB of A and B.
+held: each delta (or a block of its rows) is computed when the executor asks for it,
+from the few MB of A and B, as the float32 rounding of an exact product (`factors`,
+`exact_product`), so its bytes do not depend on the rows asked for or the threads.
 
 Opening reads `adapter_config.json` and the safetensors header and checks their
 agreement (pairs of A and B of one rank, the rank the config gives, targets the config
@@ -54,10 +55,6 @@ class _Pair:
     a: TensorInfo
     b: TensorInfo
     embedding: bool
-
-    @property
-    def rank(self) -> int:
-        return self.a.shape[0]
 
 
 @dataclass(frozen=True)
@@ -227,7 +224,8 @@ def _check_folder(p: Path) -> None:
     if not is_dir:
         raise ModelFileError(
             f"{p} is a file; lora() takes a PEFT adapter folder ({CONFIG_NAME} and "
-            f"{WEIGHTS_NAME})", hint=f"name the folder that holds it: {p.parent}")
+            f"{WEIGHTS_NAME})", hint="name the adapter's folder"
+            + (f" ({p.parent})" if (p.parent / CONFIG_NAME).is_file() else ""))
     if not (p / CONFIG_NAME).exists():
         full = (p / "config.json").is_file()
         raise ModelFileError(
