@@ -45,6 +45,10 @@ import torch
 
 CONFIGS = ["adamw", "ref-ondare", "ondare", "wrap-ondare", "ref-onties", "onties",
            "wrap-onties"]
+# also: "wrap-update", OnlineMerging(AdamW, "update"): what wrapping costs with a rule that
+# does nothing (the parameters kept before the step, the update recovered, added back); and
+# NAME-fused for adamw and the wrap-* rows: torch.optim.AdamW(fused=True) (its one fused CPU
+# kernel, other roundings than the loop's) instead of the default
 KEEP, ALPHA, LR = 0.01, 1e-7, 1e-5
 
 
@@ -87,8 +91,9 @@ def models(spec: dict[str, tuple[int, ...]], seed: int = 0):
 def build(name: str, params: dict, base: dict, sft: dict, reference_dir: str | None):
     from mergelang.optim import OnDAREAdamW, OnlineMerging, OnTIESAdamW
     named = list(params.items())
-    if name == "adamw":
-        return torch.optim.AdamW([p for _, p in named], lr=LR, weight_decay=0.0)
+    fused = name.endswith("-fused")
+    if name.startswith("adamw"):
+        return torch.optim.AdamW([p for _, p in named], lr=LR, weight_decay=0.0, fused=fused)
     if name.startswith("ref-"):
         sys.path.insert(0, reference_dir)
         from online_merging.optimizers import ODAdamW, OTAdamW
@@ -102,7 +107,10 @@ def build(name: str, params: dict, base: dict, sft: dict, reference_dir: str | N
         return cls(named, lr=LR, weight_decay=0.0, reference=sft, base=base, keep=KEEP,
                    alpha=ALPHA)
     rule = name.split("-")[1]
-    return OnlineMerging(torch.optim.AdamW(named, lr=LR, weight_decay=0.0),
+    inner = torch.optim.AdamW(named, lr=LR, weight_decay=0.0, fused=fused)
+    if rule == "update":
+        return OnlineMerging(inner, "update")
+    return OnlineMerging(inner,
                          f"{rule}(update, ref, keep={KEEP}, alpha={ALPHA})", reference=sft,
                          base=base)
 
@@ -266,7 +274,7 @@ def report(rows: dict, args) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for name, row in rows.items():
         cpu = statistics.median(row["cpu"])
-        rule = name.split("-")[-1]
+        rule = name.split("-")[1] if name.startswith(("wrap", "ref")) else name
 
         def ratio(other: str, name: str = name, cpu: float = cpu) -> str:
             if other not in rows or other == name:
