@@ -249,6 +249,26 @@ def test_transformers_loads_base_plus_delta(tmp_path, capsys):
         assert torch.equal(tensor, base[name] + ref_trim(ft[name] - base[name], 0.25)), name
 
 
+def test_integer_tensors_are_copied_and_base_plus_delta_keeps_them(tmp_path, capsys):
+    base = dict(quantised_state(0), ids=torch.arange(12), flags=torch.tensor([True, False]))
+    ft = dict(fine_tune(quantised_state(0)), ids=torch.arange(12),
+              flags=torch.tensor([True, False]))
+    models(tmp_path, base, ft)
+    for flags in (("--density", "0.2"), ("--bits", "1")):
+        result = compress(capsys, tmp_path, *flags, "--force")
+        assert result.code == 0, result.text
+        report = {r["tensor"]: r for r in json.loads(result.text[:result.text.rindex("}") + 1])
+                  ["tensors"]}
+        assert report["ids"]["form"] == report["flags"]["form"] == "copy"
+        assert report["ids"]["stored_bytes"] == report["ids"]["dense_bytes"] == 12 * 8
+        merged = apply(capsys, tmp_path)
+        assert merged["ids"].dtype == torch.int64 and torch.equal(merged["ids"], base["ids"])
+        assert torch.equal(merged["flags"], base["flags"])
+        for path in (tmp_path / "merged").iterdir():
+            path.unlink()
+        (tmp_path / "merged").rmdir()
+
+
 def test_check_reads_the_delta_header_and_the_base_header(tmp_path, capsys):
     base = quantised_state(0)
     models(tmp_path, base, fine_tune(base))

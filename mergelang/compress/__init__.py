@@ -32,7 +32,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 
 from ..diagnostics import Source, Span, error
 from ..io.delta import (
+    COPY,
     DENSE,
     SIGN,
     DeltaEntry,
@@ -63,7 +64,6 @@ class Report:
 
     out: Path
     tensors: list[TensorFigures]
-    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> TensorFigures:
@@ -80,8 +80,7 @@ class Report:
             return {"tensor": t.name, "form": t.form, "stored_bytes": t.stored,
                     "dense_bytes": t.dense, "relative_error": t.relative_error}
         return {"output": str(self.out), "overall": row(self.total),
-                "tensors": [row(t) for t in self.tensors],
-                "skipped": [{"tensor": k, "reason": v} for k, v in self.skipped.items()]}
+                "tensors": [row(t) for t in self.tensors]}
 
 
 class CommandLine:
@@ -127,7 +126,7 @@ def compress(ft: str | Path, base: str | Path, out: str | Path, *,
             except ModelFileError as exc:
                 raise error(exc.message, at(key), hint=exc.hint) from None
         base_model, ft_model = models
-        plans, skipped = _layout(base_model, ft_model, density, bits, values, at)
+        plans = _layout(base_model, ft_model, density, bits, values, at)
         fields = {"base": str(base), "finetune": str(ft),
                   "base_header": header_digest(base_model.tensors),
                   "base_tensors": json.dumps(
@@ -151,7 +150,7 @@ def compress(ft: str | Path, base: str | Path, out: str | Path, *,
         except BaseException:
             writer.abort()
             raise
-        return Report(out, figures, skipped)
+        return Report(out, figures)
     finally:
         for m in models:
             m.close()
@@ -201,7 +200,7 @@ def _layout(base: SafetensorsModel, ft: SafetensorsModel, density: float | None,
                     + (f" ({len(extra) - 1} more are not either)" if len(extra) > 1 else ""),
                     at("--base"), hint="compress takes a fine-tune and the base it was "
                                        "trained from")
-    plans, skipped = [], {}
+    plans = []
     order = sorted(base.tensors.values(), key=lambda t: (str(t.file), t.offset))
     for info in order:
         other = ft.tensors.get(info.name)
@@ -213,7 +212,7 @@ def _layout(base: SafetensorsModel, ft: SafetensorsModel, density: float | None,
                         f"{list(other.shape)} in the fine-tune", at("ft"),
                         hint="compress takes a fine-tune and the base it was trained from")
         if not info.dtype.is_floating_point or not other.dtype.is_floating_point:
-            skipped[info.name] = "not a floating-point tensor"
+            plans.append(plan_entry(info.name, info.shape, other.dtype, COPY))
             continue
         numel = math.prod(info.shape)
         if density is not None:
@@ -223,7 +222,7 @@ def _layout(base: SafetensorsModel, ft: SafetensorsModel, density: float | None,
         else:
             form = SIGN if len(info.shape) >= 2 else DENSE
             plans.append(plan_entry(info.name, info.shape, values or other.dtype, form))
-    return plans, skipped
+    return plans
 
 
 def add_parser(sub: Any) -> Any:

@@ -94,8 +94,6 @@ def _render(report: Report, out: Console) -> None:
                       f"{t.stored / t.dense:.3f}" if t.dense else "-",
                       f"{t.relative_error:.4f}", end_section=t is report.tensors[-1])
     out.print(table)
-    for name, why in report.skipped.items():
-        out.print(f"left out {name}: {why}", markup=False)
 
 
 def _bytes(n: int) -> str:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..io.delta import (
+    COPY,
     DENSE,
     DIGEST_CHARS,
     MASK,
@@ -62,6 +63,8 @@ def encode_tensor(entry: DeltaEntry, base: SafetensorsModel, ft: SafetensorsMode
 
     def load(r: tuple[int, int]) -> torch.Tensor:
         part = None if whole else r
+        if entry.form == COPY:  # the fine-tune's own value, as it is
+            return ft.load(name, part).reshape(-1)
         tau = ft.load(name, part, torch.float32)
         return tau.sub_(base.load(name, part, torch.float32)).reshape(-1)
 
@@ -70,7 +73,7 @@ def encode_tensor(entry: DeltaEntry, base: SafetensorsModel, ft: SafetensorsMode
     hashes = [digest() for _ in entry.parts]
     parts = list(entry.parts)
     encode = {TOPK: _encode_topk, MASK: _encode_topk, SIGN: _encode_sign,
-              DENSE: _encode_dense}[entry.form]
+              DENSE: _encode_dense, COPY: _encode_copy}[entry.form]
     encode(entry, chunks, row_numel, load, density, figures,
            lambda i, first, values: (writer.write(parts[i], first, values),
                                      hashes[i].update(raw_bytes(values))))
@@ -143,3 +146,8 @@ def _encode_dense(entry, chunks, row_numel, load, density, figures, put) -> None
         put(0, r[0] * row_numel, stored)
         figures.norm_sq += _sq(tau)
         figures.error_sq += _sq(tau - stored.float())
+
+
+def _encode_copy(entry, chunks, row_numel, load, density, figures, put) -> None:
+    for r in chunks:
+        put(0, r[0] * row_numel, load(r))

@@ -11,7 +11,10 @@ A delta file is one safetensors file. Each tensor of the base is stored in one f
 - "sign": BitDelta's 1 bit per entry (`NAME/signs`, uint8, entry i at bit i % 8 of
   byte i // 8: 1 for τ >= 0, 0 for τ < 0) and one float32 scale per tensor
   (`NAME/scale`, mean |τ|); the entry is +scale or -scale;
-- "dense": τ itself in the fine-tune's dtype (`NAME/dense`; vectors under --bits 1).
+- "dense": τ itself in the fine-tune's dtype (`NAME/dense`; vectors under --bits 1);
+- "copy": a tensor that is not floating point (an integer buffer), the fine-tune's own
+  value (`NAME/copy`): the language copies such tensors, it does not add them, so
+  `base + delta(...)` takes it where base and fine-tune agree.
 
 The header's `__metadata__` records, as JSON, every tensor's dense shape, dtype and form,
 so the file is a model source by itself: names and shapes come from its header, values
@@ -53,7 +56,7 @@ from .sources import register_kind
 KIND = "delta"
 FORMAT = "mergelang_delta"
 VERSION = "1"
-TOPK, MASK, SIGN, DENSE = "topk", "mask", "sign", "dense"
+TOPK, MASK, SIGN, DENSE, COPY = "topk", "mask", "sign", "dense", "copy"
 DIGEST_CHARS = 32  # hex digits kept of each SHA-256 (128 bits)
 _UNSET = "0" * DIGEST_CHARS
 _REMAKE = "make the delta again with `mergelang compress`"
@@ -146,7 +149,7 @@ def plan_entry(name: str, shape: tuple[int, ...], dtype: torch.dtype, form: str,
         parts = {f"{name}/signs": (torch.uint8, ((numel + 7) // 8,)),
                  f"{name}/scale": (torch.float32, ())}
     else:
-        parts = {f"{name}/dense": (dtype, tuple(shape))}
+        parts = {f"{name}/{form}": (dtype, tuple(shape))}
     return DeltaEntry(name, tuple(shape), dtype, form, parts)
 
 
@@ -212,7 +215,7 @@ class DeltaSource:
     def load(self, name: str, rows: tuple[int, int] | None = None,
              dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
         """Rows [start, stop) of the dense task vector (all of it without `rows`), in
-        float32 unless `dtype` says otherwise."""
+        float32 unless `dtype` says otherwise (a copied integer tensor in its own)."""
         entry = self.entries[name]
         self._check_base(entry)
         shape = entry.shape
@@ -294,10 +297,10 @@ def _dense(file: SafetensorsModel, e: DeltaEntry, lo: int, hi: int) -> torch.Ten
     (part,) = e.parts
     row_numel = e.numel // e.shape[0] if e.shape and e.shape[0] else 1
     rows = (lo // row_numel, hi // row_numel) if e.shape else None
-    return file.load(part, rows, torch.float32).reshape(-1)
+    return file.load(part, rows, torch.float32 if e.form == DENSE else None).reshape(-1)
 
 
-_DECODE = {TOPK: _topk, MASK: _mask, SIGN: _sign, DENSE: _dense}
+_DECODE = {TOPK: _topk, MASK: _mask, SIGN: _sign, DENSE: _dense, COPY: _dense}
 _SHIFTS = torch.arange(8, dtype=torch.uint8)
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
 
