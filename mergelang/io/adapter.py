@@ -49,8 +49,10 @@ class AdapterSink:
         self.base = p.bound.models[form.base].source
         self.device = parse_devices(device)[0]
         self.shapes = {t.name: t.shape for t in p.tensors}
-        self.dtypes = {t.name: COMPUTE_DTYPES[dtype] if dtype else self.base.tensors[t.name].dtype
-                       if t.name in self.base.tensors else t.out_dtype for t in p.tensors}
+        # written in `dtype` if given, else in the base's dtype (compute dtype if it has none)
+        self.dtypes = {t.name: COMPUTE_DTYPES[dtype] if dtype else
+                       getattr(self.base.tensors.get(t.name), "dtype", t.out_dtype)
+                       for t in p.tensors}
         self.partial: dict[str, tuple[torch.Tensor, int]] = {}
         self.tensors: dict[str, torch.Tensor] = {}
         self.factors: dict[str, Factors] = {}
@@ -59,7 +61,7 @@ class AdapterSink:
     def write_rows(self, name: str, row0: int, part: torch.Tensor) -> None:
         shape = self.shapes[name]
         rows = shape[0] if shape else 1
-        if row0 == 0 and len(part) == rows or not shape:
+        if not shape or (row0 == 0 and len(part) == rows):
             self._finished(name, part.reshape(shape))
             return
         with self.lock:
