@@ -27,7 +27,6 @@ from .io.errors import ModelFileError
 from .io.hf import OutputFolder, check_target, write_donor_files, write_model_card
 from .io.tokenizer import write_output_tokenizer
 from .io.write import OutputTensor, ShardedWriter, parse_size
-from .ir import walk
 from .lower import Lowered, lower
 from .params import Override, Value, overrides_of, with_overrides_noted
 from .plan import Plan, TensorPlan, plan
@@ -229,7 +228,7 @@ def _main_dtype(tensors: list[TensorPlan]) -> str:
 def summarize(p: Plan) -> Summary:
     donor = p.bound.donor
     return Summary(
-        tensors=sum(1 for t in p.tensors for n in walk(t.root) if not n.is_const),
+        tensors=sum(1 for t in p.tensors for n in t.nodes if not n.is_const),
         outputs=len(p.tensors),
         models=[m.display for m in p.bound.models.values()],
         donor=donor.display if donor else None,

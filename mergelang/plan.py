@@ -43,6 +43,16 @@ class TensorPlan:
     def nbytes(self) -> int:
         return _numel(self.shape) * self.out_dtype.itemsize
 
+    @cached_property
+    def nodes(self) -> tuple[Node, ...]:
+        """Every node of `root`, arguments first (walked once: plan, schedule and the
+        summary all need it)."""
+        return tuple(walk(self.root))
+
+    @cached_property
+    def loads(self) -> tuple[Node, ...]:
+        return tuple(n for n in self.nodes if n.op is Op.LOAD)
+
 
 @dataclass
 class Plan:
@@ -80,7 +90,7 @@ class Plan:
     @property
     def input_bytes(self) -> int:
         return sum(self.bound.models[n.attr[0]].source.tensors[n.attr[1]].nbytes
-                   for t in self.tensors for n in nodes_of(t.root, Op.LOAD))
+                   for t in self.tensors for n in t.loads)
 
 
 def plan(bound: Bound, params: dict[str, Any] | None = None,
@@ -178,9 +188,10 @@ class _Checker:
 
     def finish(self, name: str, root: Node, out_dtype: torch.dtype | None,
                reported: set[str]) -> TensorPlan:
-        loads = list(nodes_of(root, Op.LOAD))
+        order = walk(root)
+        loads = [n for n in order if n.op is Op.LOAD]
         infos = {n: self.bound.models[n.attr[0]].source.tensors[n.attr[1]] for n in loads}
-        shapes = self._shapes(name, root, infos, reported)
+        shapes = self._shapes(name, order, infos, reported)
         floats = [n for n in loads if infos[n].dtype.is_floating_point]
         copy_only = len(floats) < len(loads)
         if copy_only and floats:
@@ -194,13 +205,17 @@ class _Checker:
             shapes[root] = infos[loads[0]].shape
             dtype = infos[loads[0]].dtype
         else:
-            self._check_reductions(root, _numel(shapes[root]))
+            self._check_reductions(order, _numel(shapes[root]))
             dtype = out_dtype or self._donor_dtype(name, loads, infos)
-        return TensorPlan(name, root, shapes[root], dtype, copy_only)
+        done = TensorPlan(name, root, shapes[root], dtype, copy_only)
+        if not copy_only:
+            done.nodes = tuple(order)  # what the cached property would walk again
+        return done
 
-    def _shapes(self, name: str, root: Node, infos: dict, reported: set[str]) -> dict:
+    def _shapes(self, name: str, order: list[Node], infos: dict, reported: set[str]
+                ) -> dict:
         shapes: dict[Node, tuple[int, ...]] = {}
-        for node in walk(root):
+        for node in order:
             if node.kind != TENSOR:
                 continue
             if node.op is Op.LOAD:
@@ -218,10 +233,10 @@ class _Checker:
                     "models with the same shapes, or exclude this tensor with `if name ~ ...`"))
         return shapes
 
-    def _check_reductions(self, root: Node, numel: int) -> None:
+    def _check_reductions(self, order: list[Node], numel: int) -> None:
         """A whole-model reduction sweeps the model before any tensor is computed, so
         it cannot take a value that needs a per-tensor reduction first."""
-        reducing = {n for n in nodes_of(root, Op.PRIM)
+        reducing = {n for n in order if n.op is Op.PRIM
                     if PRIMITIVES[n.attr[0]].make_reduction(numel, static_args(n)) is not None}
         for node in reducing:
             reduction = PRIMITIVES[node.attr[0]].make_reduction(numel, static_args(node))

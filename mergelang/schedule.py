@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .ir import Node, Op, nodes_of, static_args, tensor_args, walk
+from .ir import Node, Op, static_args, tensor_args, walk
 from .ops import PRIMITIVES
 from .plan import Plan, TensorPlan
 from .reduce import Reduction
@@ -86,12 +86,12 @@ def schedule(plan: Plan, budget: int = DEFAULT_BUDGET, order: Order | None = Non
 
 
 def kernel(t: TensorPlan, budget: int, itemsize: int) -> Kernel:
-    steps = tuple(n for n in walk(t.root) if not n.is_const)
+    steps = tuple(n for n in t.nodes if not n.is_const)
     made = {n: _reduction(n, _numel(t.shape)) for n in steps if n.op is Op.PRIM}
     model_wide = [n for n, r in made.items() if r is not None and r.model_wide]
     reductions = [n for n, r in made.items() if r is not None and not r.model_wide]
     passes = [_pass(steps, level, tuple(a for r in level for a in tensor_args(r)))
-              for level in _levels(reductions)]
+              for level in _levels(reductions)] if reductions else []
     passes.append(_pass(steps, (), (t.root,)))
     model_pass = (_pass(steps, tuple(model_wide),
                         tuple(a for r in model_wide for a in tensor_args(r)))
@@ -127,10 +127,13 @@ def _levels(reductions: list[Node]) -> list[tuple[Node, ...]]:
 
 def _pass(steps: tuple[Node, ...], reductions: tuple[Node, ...],
           targets: tuple[Node, ...]) -> Pass:
-    needed: set[Node] = set()
-    for target in targets:
-        needed.update(walk(target))
-    order = tuple(n for n in steps if n in needed)
+    if len(targets) == 1 and steps and targets[0] is steps[-1]:  # the root: every step
+        order = steps
+    else:
+        needed: set[Node] = set()
+        for target in targets:
+            needed.update(walk(target))
+        order = tuple(n for n in steps if n in needed)
     uses: dict[Node, int] = defaultdict(int)
     for node in order:
         for arg in tensor_args(node):
@@ -157,7 +160,7 @@ def peak_alive(p: Pass) -> int:
 
 
 def _file_position(plan: Plan, t: TensorPlan) -> tuple[str, int]:
-    load = next(nodes_of(t.root, Op.LOAD), None)
+    load = t.loads[0] if t.loads else None
     if load is None:
         return ("", 0)
     info = plan.bound.models[load.attr[0]].source.tensors[load.attr[1]]

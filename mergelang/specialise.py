@@ -60,24 +60,41 @@ class Specialiser:
         key = (node, lookup)
         if key in memo:
             return memo[key]
-        result = SPECIALISE[node.op](self, node, ctx, memo, lookup)
-        if not isinstance(result, GeneratorType):
-            memo[key] = result
-            return result
-        stack = [(result, key)]
-        sent: Any = None
-        failed: Exception | None = None
+        # Each entry: [node, lookup, generator or None, the key it waits for]. An
+        # operation that needs all its arguments (most) has no generator: it is done
+        # once they are in memo; the lazy ones (if, |, slices) are generators.
+        stack: list[list] = []
+        failed: Exception | None = self._push(stack, node, lookup, ctx, memo)
         while stack:
-            gen, at = stack[-1]
+            entry = stack[-1]
+            here, at, gen, waiting = entry
+            if gen is None:  # an operation on all its arguments
+                if failed is not None:
+                    stack.pop()
+                    if not stack:
+                        raise failed
+                    continue
+                todo = next((a for a in here.args if (a, at) not in memo), None)
+                if todo is not None:
+                    failed = self._push(stack, todo, at, ctx, memo)
+                    continue
+                try:
+                    memo[(here, at)] = _computed_value(
+                        self, here, [memo[(a, at)] for a in here.args], ctx)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    failed = exc
+                    continue
+                stack.pop()
+                continue
             try:
                 if failed is not None:
-                    request = gen.throw(failed)
-                    failed = None
+                    exc, failed = failed, None
+                    request = gen.throw(exc)  # into the caller, as recursion would
                 else:
-                    request = gen.send(sent)
+                    request = gen.send(memo[waiting] if waiting is not None else None)
             except StopIteration as done:
                 stack.pop()
-                memo[at] = sent = done.value
+                memo[(here, at)] = done.value
                 continue
             except Exception as exc:  # noqa: BLE001 - handed to the caller below
                 stack.pop()
@@ -85,22 +102,27 @@ class Specialiser:
                     raise
                 failed = exc
                 continue
-            arg, arg_lookup = request
-            arg_key = (arg, arg_lookup)
-            if arg_key in memo:
-                sent = memo[arg_key]
-                continue
-            try:
-                result = SPECIALISE[arg.op](self, arg, ctx, memo, arg_lookup)
-            except Exception as exc:  # noqa: BLE001 - thrown into the entry that asked
-                failed = exc
-                continue
-            if isinstance(result, GeneratorType):
-                stack.append((result, arg_key))
-                sent = None
-            else:
-                memo[arg_key] = sent = result
-        return sent
+            entry[3] = (request[0], request[1])
+            if entry[3] not in memo:
+                failed = self._push(stack, request[0], request[1], ctx, memo)
+        return memo[key]
+
+    def _push(self, stack: list[list], node: Node, lookup: str, ctx: TensorContext,
+              memo: dict) -> Exception | None:
+        """Start on `node`: done at once (a leaf), or an entry on the stack; the error
+        its start raised, if any."""
+        if node.op in _ON_ARGUMENTS:
+            stack.append([node, lookup, None, None])
+            return None
+        try:
+            result = SPECIALISE[node.op](self, node, ctx, memo, lookup)
+        except Exception as exc:  # noqa: BLE001 - thrown into the entry that asked
+            return exc
+        if isinstance(result, GeneratorType):
+            stack.append([node, lookup, result, None])
+        else:
+            memo[(node, lookup)] = result
+        return None
 
     def missing_errors(self) -> list[Diagnostic]:
         errors = []
@@ -204,9 +226,14 @@ def _stack(s: Specialiser, node: Node, ctx, memo, lookup: str) -> Any:
 
 
 def _computed(s: Specialiser, node: Node, ctx: TensorContext, memo, lookup) -> Any:
+    """(Specialiser.spec runs these itself, without a generator: see _ON_ARGUMENTS.)"""
     args = []
     for a in node.args:
         args.append((yield a, lookup))
+    return _computed_value(s, node, args, ctx)
+
+
+def _computed_value(s: Specialiser, node: Node, args: list, ctx: TensorContext) -> Any:
     if node.kind == SCALAR:
         return _scalar(node, args, ctx)
     return _tensor_op(s, node, args, ctx)
@@ -229,7 +256,11 @@ def _tensor_op(s: Specialiser, node: Node, args: list, ctx: TensorContext) -> An
             return args[1]
         if node.op in (Op.MUL, Op.DIV) and _is_one(args[1]):
             return args[0]
-    nodes = tuple(a if isinstance(a, Node) else s.b.const(a) for a in args)
+    # a constant argument is its own node again (as interning would give it, but cheaper)
+    nodes = tuple(a if isinstance(a, Node) else src if src.op is Op.CONST and src.attr is a
+                  else s.b.const(a) for a, src in zip(args, node.args, strict=True))
+    if nodes == node.args:
+        return node
     return s.b.make(node.op, nodes, node.attr, node.kind, node.span)
 
 
@@ -250,6 +281,7 @@ SPECIALISE: dict[Op, Callable[..., Any]] = {
                                 Op.AND, Op.OR, Op.MATCH, Op.COMPARE, Op.GRADIENT,
                                 Op.CHECK_RANGE, Op.PRIM)},
 }
+_ON_ARGUMENTS = frozenset(op for op, entry in SPECIALISE.items() if entry is _computed)
 
 
 # scalar evaluation: (node, argument values, ctx) -> value
