@@ -30,8 +30,8 @@ KEYWORDS = ("output", "import", "set", "return", "param")
 FLOW = ("if", "then", "else")
 WORD_OPERATORS = ("and", "or", "not")
 CONSTANTS = ("true", "false", "none")
-BUILTIN_FUNCTIONS = ("model", "lora", "sum", "broadcast", "len", "gradient", "stack",
-                     "extract_lora")
+BUILTIN_FUNCTIONS = ("model", "lora", "delta", "sum", "broadcast", "len", "gradient",
+                     "stack", "extract_lora")
 CONTEXT_NAMES = ("name", "layer", "num_layers", "depth")
 
 _NAME = r"[A-Za-z_][A-Za-z_0-9]*"
