@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 PREFIX = "base_model.model."
 REPORT = "extraction.json"
+BLOCK = 1 << 20  # elements of a kept tensor's base read at once
 
 
 class AdapterSink:
@@ -89,9 +90,22 @@ class AdapterSink:
                 self.tensors[PREFIX + module_of(name) + ".lora_B.bias"] = \
                     delta.to(dtype).cpu().contiguous()
         elif role == KEEP:
-            whole = self.base.load(name, None, delta.dtype).add_(delta)  # a copy: ours
+            whole = self._base_plus(name, delta, dtype)
             with self.lock:
-                self.tensors[PREFIX + name] = whole.to(dtype).contiguous()
+                self.tensors[PREFIX + name] = whole
+
+    def _base_plus(self, name: str, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """base + delta in `dtype`, a block of rows at a time: an embedding's float32 copy
+        of the base would cost as much as the delta itself."""
+        if delta.dim() == 0:
+            return (self.base.load(name, None, delta.dtype) + delta).to(dtype)
+        whole = torch.empty(delta.shape, dtype=dtype)
+        step = max(1, BLOCK // max(1, delta[0].numel()))
+        for r in range(0, len(delta), step):
+            rows = (r, min(r + step, len(delta)))
+            block = self.base.load(name, rows, delta.dtype).add_(delta[rows[0]:rows[1]])
+            whole[rows[0]:rows[1]] = block
+        return whole
 
     def finish(self, folder: Path, script: str, script_name: str) -> None:
         """Write the adapter files into `folder`."""
