@@ -108,10 +108,10 @@ class LoraSource:
             if not info.dtype.is_floating_point:
                 tensors[name] = info  # not a float: passed through (copied as it is)
                 continue
-            first = self._first(parts.get(name))
+            read = self._read(parts.get(name))  # what is read for it: nbytes counts those
             tensors[name] = TensorInfo(name, info.shape, torch.float32, self.weights.path,
-                                       first.offset if first else 0,
-                                       _numel(info.shape) * 4)
+                                       min((t.offset for t in read), default=0),
+                                       sum(t.nbytes for t in read))
         self.model, self._parts, self.config = model, parts, model.config
         self.tensors.update(tensors)
 
@@ -138,10 +138,12 @@ class LoraSource:
                 f"({str(info.dtype).removeprefix('torch.')})", hint=hint)
         return _Part(pair, self.lora.scale(pair.module), transposed)
 
-    def _first(self, part: _Part | None) -> TensorInfo | None:
+    def _read(self, part: _Part | None) -> list[TensorInfo]:
+        """The adapter's tensors a delta is computed from (none for a zero)."""
         if part is None:
-            return None
-        return self.weights.tensors[part.saved] if part.saved else part.pair.a
+            return []
+        pair = [part.pair.a, part.pair.b] if part.pair else []
+        return pair + ([self.weights.tensors[part.saved]] if part.saved else [])
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
              dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
@@ -360,13 +362,6 @@ def _power_of_two(exponent: torch.Tensor) -> torch.Tensor:
 
 def _name(model: Any) -> str:
     return str(getattr(model, "path", None) or model.folder or "the model")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 register_kind(KIND, open_lora)
