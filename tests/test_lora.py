@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 import mergelang
 from mergelang.execute import run_tensor
 from mergelang.io.lora import exact_product, factors, grid_bits
+from mergelang.io.read import open_model
 from mergelang.repl import Repl
 from mergelang.schedule import schedule
 from mergelang.session import Session
@@ -233,6 +234,11 @@ def test_check_reads_headers_only(models, tmp_path, capsys):
     result = cli(capsys, "check", script)
     assert result.code == 0, result.text
     assert "ok:" in result.text
+    # what a run reads: the model, and every tensor of this adapter once (no zeros)
+    with open_model(models / "base") as m, open_model(weights) as w:
+        read = sum(t.nbytes for t in m.tensors.values()) + sum(
+            t.nbytes for t in w.tensors.values())
+    assert mergelang.load(script).check().input_bytes == read
 
 
 # --- the REPL -------------------------------------------------------------------------
