@@ -330,6 +330,8 @@ BAD_ADAPTERS = {
     "malformed r": (lambda c, t: c.update(r="four"), ['"r" in', "positive integer"]),
     "no r": (lambda c, t: c.pop("r"), ['has no "r"']),
     "DoRA": (lambda c, t: c.update(use_dora=True), ["sets use_dora", "cannot merge yet"]),
+    "trainable tokens": (lambda c, t: c.update(trainable_token_indices=[3, 5]),
+                         ["sets trainable_token_indices"]),
     "another PEFT method": (lambda c, t: c.update(peft_type="IA3"), ["'IA3' adapter"]),
     "malformed target_modules": (lambda c, t: c.update(target_modules=3),
                                  ['"target_modules"', "a list of module names"]),

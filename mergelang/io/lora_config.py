@@ -29,6 +29,10 @@ _UNSUPPORTED = {
     "lora_bias": "adapters with a LoRA bias (lora_bias) change the layer's bias too",
     "target_parameters": "adapters on parameters (target_parameters) are stored differently",
     "layer_replication": "adapters with layer_replication change the model's layers",
+    "trainable_token_indices": "adapters that train single tokens (trainable_token_indices) "
+                               "store them apart",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) acts only after "
+                               "its invocation tokens",
 }
 
 
