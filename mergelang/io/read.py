@@ -4,24 +4,28 @@
 and dtypes before any weight is read, and every problem with the files (missing shards,
 truncated downloads, pickled checkpoints) is reported up front as a ModelFileError.
 
-Tensors are loaded one at a time, or a block of rows at a time, straight from a memory
-map of their file at the offsets the (validated) header gives: a view of the mapped bytes
-is converted or copied into memory of its own, and the pages just read are then released
-from the process (madvise DONTNEED; they stay in the page cache). Without that, every page
-ever read would count towards the process's resident memory, and a merge of four models
-would look as large as the four models together. Opening the file with the safetensors
-library for every load gave the same bytes at about 1.7x the CPU time (a one-off
-timing, loading one 271M-parameter model).
+Tensors are loaded one at a time, or a block of rows at a time, with positioned reads
+(`os.preadv`) of their file at the offsets the (validated) header gives, straight into a
+tensor's memory. Not through a memory map, as before: a mapped file that another process
+truncates kills the reader with SIGBUS at the next page it touches, which no check before
+the read can rule out (the file can shrink between the check and the read) and which a
+Python process cannot handle; a read of a file cut short just returns fewer bytes, and
+the load stops with a ModelFileError naming the file. The copy a read makes replaces the
+one a map needed anyway (into memory of its own, or converted to the compute dtype), and
+no page of the inputs counts towards the process's resident memory. Opening the file with
+the safetensors library for every load gave the same bytes at about 1.7x the CPU time of
+the map (a one-off timing, loading one 271M-parameter model).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import mmap
 import os
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import BinaryIO
 
 import torch
 
@@ -72,16 +76,16 @@ class SafetensorsModel:
         self.identities = identities or {}
         self._closed = False
         self._lock = threading.Lock()
-        self._maps: dict[Path, mmap.mmap] = {}
+        self._files: dict[Path, BinaryIO] = {}
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
              dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
         """Read one tensor, or rows [start, stop) of its first dimension, into memory of
         its own, converted to `dtype` if given.
 
-        view=True (and no conversion) returns the mapped bytes themselves, without a
-        copy: the caller must not write to it, and must call release(name, rows) when it
-        is done with it."""
+        view=True (and no conversion): the caller will not write to it, and calls
+        release(name, rows) when it is done with it (both are free now that a load reads
+        into memory of its own; they leave the reader free to share a cache again)."""
         if self._closed:
             raise ValueError(f"model {self.path} is closed")
         info = self.tensors.get(name)
@@ -89,29 +93,35 @@ class SafetensorsModel:
             raise KeyError(f"{name!r} is not a tensor of {self.path}")
         shape = info.shape
         first, length = self._span(info, rows)
-        mapped = self._map(info.file)
+        opened = self._open_file(info.file)
         self._check_unchanged(info.file)
-        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=length, offset=first) \
-            if length else torch.empty(0, dtype=torch.uint8)
+        raw = torch.empty(length, dtype=torch.uint8)
+        self._read_into(opened, info.file, raw, first)
         part = raw.view(info.dtype).reshape((rows[1] - rows[0], *shape[1:]) if rows
                                             else shape)
-        if dtype is not None and dtype != info.dtype:
-            out = part.to(dtype)
-        elif view:
-            return part
-        else:
-            out = part.clone()
-        _release(mapped, first, length)
-        self._check_unchanged(info.file)  # a change while copying would mix two files
+        out = part.to(dtype) if dtype is not None and dtype != info.dtype else part
+        self._check_unchanged(info.file)  # a change while reading would mix two files
         return out
 
     def release(self, name: str, rows: tuple[int, int] | None = None) -> None:
-        """Drop the pages a view from load(view=True) held from this process."""
-        info = self.tensors[name]
-        with self._lock:
-            mapped = self._maps.get(info.file)
-        if mapped is not None and not self._closed:
-            _release(mapped, *self._span(info, rows))
+        """Done with a load(view=True) (nothing to do: a load's memory is its own)."""
+
+    def _read_into(self, opened: BinaryIO, file: Path, raw: torch.Tensor, first: int) -> None:
+        """Fill `raw` with the file's bytes from `first`; a file that ends before is a
+        ModelFileError (it was cut short after its header was read)."""
+        done, length = 0, raw.numel()
+        while done < length:
+            window = (ctypes.c_char * (length - done)).from_address(raw.data_ptr() + done)
+            try:
+                got = _pread(opened, self._lock, window, first + done)
+            except (OSError, ValueError) as e:
+                raise ModelFileError(f"cannot read {file}: {e}", hint=_KEEP_INPUTS) from e
+            if got == 0:
+                self._check_unchanged(file)  # names what happened, when it can
+                raise ModelFileError(f"{file} ends at byte {first + done}, before the "
+                                     "tensor it holds: it was cut short while the merge "
+                                     "read it", hint=_KEEP_INPUTS)
+            done += got
 
     @staticmethod
     def _span(info: TensorInfo, rows: tuple[int, int] | None) -> tuple[int, int]:
@@ -121,33 +131,30 @@ class SafetensorsModel:
         row_bytes = info.nbytes // shape[0] if shape and shape[0] else info.nbytes
         return info.offset + start * row_bytes, (stop - start) * row_bytes
 
-    def _map(self, file: Path) -> mmap.mmap:
+    def _open_file(self, file: Path) -> BinaryIO:
         with self._lock:
-            mapped = self._maps.get(file)
-            if mapped is None:
+            opened = self._files.get(file)
+            if opened is None:
                 try:
-                    with open(file, "rb") as f:
-                        # a private (copy-on-write) map: writable for torch.frombuffer,
-                        # never written
-                        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-                except (OSError, ValueError) as e:
+                    opened = open(file, "rb", buffering=0)  # noqa: SIM115 - kept open
+                except OSError as e:
                     raise ModelFileError(
                         f"cannot read {file}: {e}",
                         hint="the file may have been changed or removed since the model "
                              "was opened",
                     ) from e
                 if file not in self.identities and not self._unchanged(file):
-                    mapped.close()
+                    opened.close()
                     raise ModelFileError(f"{file} changed since the model was opened",
                                          hint="do not modify input models while a merge runs")
-                self._maps[file] = mapped
-            return mapped
+                self._files[file] = opened
+            return opened
 
     def _check_unchanged(self, file: Path) -> None:
-        """Stop, naming the file, if it is not the file the header was read from: a
-        mapped file that shrinks kills the reading process with SIGBUS, and one rewritten
-        or replaced would mix bytes of two files into the output. One stat per read; a
-        change in the instant between the check and the read is not caught."""
+        """Stop, naming the file, if it is not the file the header was read from: one
+        rewritten or replaced would mix bytes of two files into the output. One stat
+        before and one after each read (a file cut short during the read is caught by
+        the read itself)."""
         expected = self.identities.get(file)
         if expected is None:
             return
@@ -179,15 +186,13 @@ class SafetensorsModel:
             for n, t in mine.items() for e in [header.entries[n]])
 
     def close(self) -> None:
-        """Let go of the files; loads after this are errors.
-
-        A map is not closed here but dropped: a view from load(view=True) that is still
-        alive (a value held in a traceback, or by the caller) keeps its map, so reading
-        it stays safe, where closing would unmap memory the view still points at and
-        crash the process. A map no view holds is unmapped as it is dropped."""
+        """Let go of the files; loads after this are errors. (A tensor already loaded
+        stays readable: its memory is its own.)"""
         with self._lock:
             self._closed = True
-            self._maps.clear()
+            files, self._files = list(self._files.values()), {}
+        for opened in files:
+            opened.close()
 
     def __enter__(self) -> SafetensorsModel:
         return self
@@ -363,10 +368,12 @@ def _read_config(path: Path) -> dict | None:
     return config
 
 
-def _release(mapped: mmap.mmap, first: int, length: int) -> None:
-    """Drop the pages of [first, first + length) from this process (not from the cache)."""
-    if not length or not hasattr(mmap, "MADV_DONTNEED"):
-        return
-    begin = first - first % mmap.PAGESIZE
-    end = min(first + length, len(mapped))
-    mapped.madvise(mmap.MADV_DONTNEED, begin, end - begin)
+def _pread(opened: BinaryIO, lock: threading.Lock, window: ctypes.Array, at: int) -> int:
+    """Read into `window` from byte `at`: how many bytes came (0 at the end of the
+    file). A positioned read where the system has one (any thread may read at once),
+    else a seek and a read under the model's lock (Windows)."""
+    if hasattr(os, "preadv"):
+        return os.preadv(opened.fileno(), [window], at)
+    with lock:
+        opened.seek(at)
+        return opened.readinto(window) or 0
