@@ -342,6 +342,10 @@ def test_a_damaged_delta_file_is_refused_at_the_delta_call(tmp_path, capsys):
     path.write_bytes(good[:-10])
     assert_error(run(capsys, script, out), at(script, 2, 21), '"task.delta"', "truncated")
     assert_nothing_written(out)
+    path.write_bytes(good.replace(b'"form\\":\\"mask', b'"form\\":\\"mazk', 1))
+    assert_error(run(capsys, script, out), at(script, 2, 21), '"task.delta"',
+                 "damaged delta metadata", "mazk")
+    assert_nothing_written(out)
     write_model(tmp_path / "plain", base)
     plain = write(tmp_path, 'base = model("base")\noutput base + delta("plain")\n', "p.merge")
     assert_error(run(capsys, plain, out), at(plain, 2, 21), '"plain"', "not a delta file")
