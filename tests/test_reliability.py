@@ -506,7 +506,7 @@ def test_a_sum_of_300_models_and_90_nested_brackets_are_fine(workspace):
     api.compile(f'a = model("models/a")\noutput {nested}\n', "m.merge").check()
 
 
-# --- scripts that crash in modules outside issue 11's files (kept as xfail) --------------------
+# --- scripts that once crashed lower, specialise, plan or run ---------------------------------
 
 
 def _crash_free(workspace: Path, text: str, timeout: float = 60) -> str:
