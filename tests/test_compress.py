@@ -8,6 +8,7 @@ sizes and the relative errors. Bad inputs are located diagnostics, exit 2, nothi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -17,7 +18,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from mergelang.io.delta import BIND_CHECK_BYTES, open_delta, unpack_bits
+from mergelang.io.delta import (
+    BIND_CHECK_BYTES,
+    DIGEST_CHARS,
+    open_delta,
+    tensor_digest,
+    unpack_bits,
+)
+from mergelang.io.read import open_model
 from tests.helpers import (
     assert_error,
     assert_nothing_written,
@@ -275,6 +283,16 @@ def test_check_reads_the_delta_header_and_the_base_header(tmp_path, capsys):
     assert compress(capsys, tmp_path, "--density", "1").code == 0
     result = mergelang(capsys, "check", write(tmp_path, APPLY))
     assert result.code == 0 and "ok:" in result.text, result.text
+
+
+def test_a_base_tensor_is_hashed_the_same_whole_or_in_blocks_of_rows(tmp_path):
+    state = quantised_state(0)
+    with open_model(write_model(tmp_path / "m", state)) as model:
+        for name, t in state.items():
+            expected = hashlib.sha256(t.contiguous().view(-1).view(torch.uint8).numpy())
+            expected = expected.hexdigest()[:DIGEST_CHARS]
+            assert tensor_digest(model, name) == expected
+            assert tensor_digest(model, name, block=7) == expected  # a row at a time
 
 
 # --- bad inputs: located, exit 2, nothing written -----------------------------------------

@@ -62,6 +62,7 @@ _UNSET = "0" * DIGEST_CHARS
 _REMAKE = "make the delta again with `mergelang compress`"
 _OTHER_BASE = ("add the delta to the model it was made from (`mergelang compress FT --base "
                "BASE` names it), or make a delta against this one")
+HASH_BLOCK = 64 << 20
 BIND_CHECK_BYTES = 1 << 20
 """Base bytes hashed when a script is bound, smallest tensors first; the rest are
 hashed as they are loaded."""
@@ -81,14 +82,23 @@ def header_digest(tensors: Mapping[str, TensorInfo]) -> str:
     return h.hexdigest()[:DIGEST_CHARS]
 
 
-def tensor_digest(source: Any, name: str) -> str:
-    """A hash of one tensor's stored bytes, read as a view of the file (no copy)."""
+def tensor_digest(source: Any, name: str, block: int = 0) -> str:
+    """A hash of one tensor's stored bytes, read in blocks of rows of about `block`
+    bytes (HASH_BLOCK by default), so hashing a large embedding holds no more."""
+    block = block or HASH_BLOCK
+    info = source.tensors[name]
+    rows = info.shape[0] if info.shape else 0
+    spans: list[tuple[int, int] | None] = [None]
+    if rows > 1 and info.nbytes > block:
+        step = max(1, block // (info.nbytes // rows))
+        spans = [(r, min(r + step, rows)) for r in range(0, rows, step)]
     h = digest()
-    data = source.load(name, view=True)
-    try:
-        h.update(raw_bytes(data))
-    finally:
-        source.release(name)
+    for span in spans:
+        data = source.load(name, span, view=True)
+        try:
+            h.update(raw_bytes(data))
+        finally:
+            source.release(name, span)
     return h.hexdigest()[:DIGEST_CHARS]
 
 
@@ -251,24 +261,35 @@ class DeltaSource:
 
 def _topk(file: SafetensorsModel, e: DeltaEntry, lo: int, hi: int) -> torch.Tensor:
     values_part, index_part = e.parts
-    indices = file.load(index_part, view=True)
-    a = int(torch.searchsorted(indices, lo))
-    b = int(torch.searchsorted(indices, hi))
-    at = indices[a:b].long() - lo
-    file.release(index_part)
+    count = e.parts[index_part][1][0]
+    a = 0 if lo == 0 else _first_at_least(file, index_part, count, lo)
+    b = count if hi == e.numel else _first_at_least(file, index_part, count, hi)
     out = torch.zeros(hi - lo, dtype=torch.float32)
     if b > a:
+        at = file.load(index_part, (a, b)).long() - lo
         out[at] = file.load(values_part, (a, b), torch.float32)
     return out
 
 
+def _first_at_least(file: SafetensorsModel, part: str, count: int, value: int) -> int:
+    """The first place in an ascending part of `count` positions that holds `value` or
+    more: a bisection reading one position at a time, so the rows of a large tensor
+    do not read all its positions."""
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if int(file.load(part, (mid, mid + 1))[0]) < value:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def _mask(file: SafetensorsModel, e: DeltaEntry, lo: int, hi: int) -> torch.Tensor:
     mask_part, values_part = e.parts
-    packed = file.load(mask_part, view=True)
     first = lo // 8
-    before = count_bits(packed[:first])
-    bits = unpack_bits(packed[first:(hi + 7) // 8])
-    file.release(mask_part)
+    before = count_bits(file.load(mask_part, (0, first))) if first else 0
+    bits = unpack_bits(file.load(mask_part, (first, (hi + 7) // 8)))
     before += int(bits[:lo % 8].sum())
     bits = bits[lo % 8:lo % 8 + hi - lo]
     kept = int(bits.sum())
