@@ -108,14 +108,14 @@ class Expression:
                     if isinstance(m.source, InMemoryModel) else m
                     for k, m in bound.models.items()}  # the caller's tensors are not kept
             self._plans[signature] = (dataclasses.replace(
-                made, bound=Bound(lowered, kept, bound.donor)), schedule(made))
+                made, bound=Bound(lowered, kept, _donor(bound, kept))), schedule(made))
             return made, self._plans[signature][1]
         template, kernels = cached
         # the same names, shapes and dtypes as the plan's: bind's checks and layer count
         # hold, so the new tensors take the old ones' place, headers and all
         models = {k: BoundModel(k, m.ref, _Held(held[k], m.source.tensors), m.num_layers)
                   for k, m in template.bound.models.items()}
-        bound = Bound(lowered, models, template.bound.donor)
+        bound = Bound(lowered, models, _donor(template.bound, models))
         return dataclasses.replace(template, bound=bound, seed=seed), kernels
 
     def _lower(self, models: frozenset[str], values: frozenset[str]) -> Lowered:
@@ -129,6 +129,11 @@ class Expression:
     def cached_plans(self) -> int:
         """How many plans this expression has made (one per distinct way of calling it)."""
         return len(self._plans)
+
+
+def _donor(bound: Bound, models: dict[str, BoundModel]) -> BoundModel | None:
+    """The donor among `models`, which replace those of `bound`."""
+    return models[bound.donor.key] if bound.donor is not None else None
 
 
 class _Held(InMemoryModel):

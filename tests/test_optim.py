@@ -492,6 +492,22 @@ def test_a_rule_reads_the_parameters_before_the_step(models):
         assert torch.equal(p, start + ((q.detach() - start) - 0.25 * start)), name
 
 
+def test_a_compiled_rule_keeps_no_tensor_of_its_calls():
+    """An optimizer calls its rule with new tensors at every step: the cached plan takes
+    each call's tensors and lets them go."""
+    import gc
+    import weakref
+    merge = mergelang.expression("a * 2 + b")
+    a = torch.randn(64, 8)
+    held = weakref.ref(a)
+    first = merge(a=a, b=torch.ones(64, 8))
+    del a
+    gc.collect()
+    assert held() is None
+    x = torch.randn(64, 8)
+    assert torch.equal(merge(a=x, b=first), x * 2 + first) and merge.cached_plans == 1
+
+
 def test_default_preparation_and_wrapper_errors(models):
     base, sft, _ = models
     assert default_prepare("onties(update, ref, 0.1, small=\"all\", alpha=0.3)") == \
