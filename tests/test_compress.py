@@ -370,6 +370,32 @@ def test_a_damaged_delta_file_is_refused_at_the_delta_call(tmp_path, capsys):
     assert_nothing_written(out)
 
 
+def test_positions_out_of_order_are_refused_even_with_a_matching_hash(tmp_path, capsys):
+    """A file made by hand (its hashes recomputed) whose positions do not ascend."""
+    base = quantised_state(0)
+    models(tmp_path, base, fine_tune(base))
+    assert compress(capsys, tmp_path, "--density", "0.01").code == 0
+    path = tmp_path / "task.delta"
+    data = bytearray(path.read_bytes())
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    entry = json.loads(header["__metadata__"]["tensors"])["embed.weight"]
+    assert entry["form"] == "topk"
+    spans = {p: header[f"embed.weight/{p}"]["data_offsets"] for p in ("values", "indices")}
+    a, b = (8 + length + o for o in spans["indices"])
+    indices = torch.frombuffer(bytearray(data[a:b]), dtype=torch.int32).flip(0).contiguous()
+    data[a:b] = indices.numpy().tobytes()
+    hashes = [hashlib.sha256(bytes(data[8 + length + lo:8 + length + hi])).digest()
+              for lo, hi in spans.values()]
+    forged = hashlib.sha256(b"".join(hashes)).hexdigest()[:DIGEST_CHARS]
+    data = data.replace(entry["data"].encode(), forged.encode(), 1)
+    path.write_bytes(bytes(data))
+    script = write(tmp_path, APPLY)
+    assert_error(run(capsys, script, tmp_path / "merged"), at(script, 2, 21), '"task.delta"',
+                 "not ascending")
+    assert_nothing_written(tmp_path / "merged")
+
+
 @pytest.mark.parametrize("flags,points_at,words", [
     (("--density", "0"), "0", ["(0, 1]"]),
     (("--density", "1.5"), "1.5", ["(0, 1]"]),

@@ -12,13 +12,13 @@ import torch
 from ..io.delta import (
     COPY,
     DENSE,
-    DIGEST_CHARS,
     MASK,
     SIGN,
     TOPK,
     DeltaEntry,
     digest,
     pack_bits,
+    parts_digest,
     raw_bytes,
     tensor_digest,
 )
@@ -78,10 +78,7 @@ def encode_tensor(entry: DeltaEntry, base: SafetensorsModel, ft: SafetensorsMode
            lambda i, first, values: (writer.write(parts[i], first, values),
                                      hashes[i].update(raw_bytes(values))))
     entry.base = tensor_digest(base, name)
-    combined = digest()
-    for h in hashes:
-        combined.update(h.digest())
-    entry.data = combined.hexdigest()[:DIGEST_CHARS]
+    entry.data = parts_digest(h.digest() for h in hashes)
     return figures
 
 

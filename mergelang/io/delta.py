@@ -85,6 +85,10 @@ def header_digest(tensors: Mapping[str, TensorInfo]) -> str:
 def tensor_digest(source: Any, name: str, block: int = 0) -> str:
     """A hash of one tensor's stored bytes, read in blocks of rows of about `block`
     bytes (HASH_BLOCK by default), so hashing a large embedding holds no more."""
+    return _hashed(source, name, block).hexdigest()[:DIGEST_CHARS]
+
+
+def _hashed(source: Any, name: str, block: int = 0) -> Any:
     block = block or HASH_BLOCK
     info = source.tensors[name]
     rows = info.shape[0] if info.shape else 0
@@ -99,17 +103,16 @@ def tensor_digest(source: Any, name: str, block: int = 0) -> str:
             h.update(raw_bytes(data))
         finally:
             source.release(name, span)
-    return h.hexdigest()[:DIGEST_CHARS]
+    return h
 
 
-def parts_digest(parts: Iterable[torch.Tensor]) -> str:
-    """The digest of a delta tensor's stored parts: a hash of each part's hash, so the
-    parts can be hashed as they are written, block by block, side by side."""
+def parts_digest(part_hashes: Iterable[bytes]) -> str:
+    """The digest of a delta tensor's stored parts from each part's SHA-256: a hash of
+    the parts' hashes, so the parts can be hashed as they are written, block by block,
+    side by side."""
     combined = digest()
-    for part in parts:
-        h = digest()
-        h.update(raw_bytes(part))
-        combined.update(h.digest())
+    for h in part_hashes:
+        combined.update(h)
     return combined.hexdigest()[:DIGEST_CHARS]
 
 
@@ -395,20 +398,14 @@ def _read_metadata(path: Path, file: SafetensorsModel
 
 
 def _check_stored(path: Path, file: SafetensorsModel, entry: DeltaEntry) -> None:
-    found = parts_digest(file.load(part, view=True) for part in entry.parts)
-    for part in entry.parts:
-        file.release(part)
-    if found != entry.data:
+    if parts_digest(_hashed(file, part).digest() for part in entry.parts) != entry.data:
         raise ModelFileError(f"{path} is damaged: the stored bytes of tensor {entry.name!r} "
                              "do not match the hash recorded when it was written",
                              hint="copy the file again, or " + _REMAKE)
-    if entry.form == TOPK:
-        indices = file.load(f"{entry.name}/indices").long()
-        if indices.numel() and (int(indices[0]) < 0 or int(indices[-1]) >= entry.numel
-                                or not bool((indices[1:] > indices[:-1]).all())):
-            raise ModelFileError(f"{path} is damaged: the positions of tensor "
-                                 f"{entry.name!r} are not ascending inside its "
-                                 f"{entry.numel} entries", hint=_REMAKE)
+    if entry.form == TOPK and not _ascending(file, f"{entry.name}/indices", entry.numel):
+        raise ModelFileError(f"{path} is damaged: the positions of tensor {entry.name!r} "
+                             f"are not ascending inside its {entry.numel} entries",
+                             hint=_REMAKE)
     if entry.form == MASK:
         packed = file.load(f"{entry.name}/mask", view=True)
         kept = count_bits(packed)
@@ -431,6 +428,18 @@ def _smallest(entries: Iterable[DeltaEntry], tensors: Mapping[str, TensorInfo]
             break
         chosen.append(e)
     return chosen
+
+
+def _ascending(file: SafetensorsModel, part: str, numel: int) -> bool:
+    """Whether a part's positions ascend strictly inside [0, numel), read in blocks."""
+    count = file.tensors[part].shape[0]
+    previous = -1
+    for start in range(0, count, HASH_BLOCK // 8):
+        block = file.load(part, (start, min(start + HASH_BLOCK // 8, count))).long()
+        if int(block[0]) <= previous or not bool((block[1:] > block[:-1]).all()):
+            return False
+        previous = int(block[-1])
+    return previous < numel
 
 
 def _difference(recorded: dict[str, list], model: Any) -> str:
