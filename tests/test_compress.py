@@ -370,30 +370,42 @@ def test_a_damaged_delta_file_is_refused_at_the_delta_call(tmp_path, capsys):
     assert_nothing_written(out)
 
 
-def test_positions_out_of_order_are_refused_even_with_a_matching_hash(tmp_path, capsys):
-    """A file made by hand (its hashes recomputed) whose positions do not ascend."""
-    base = quantised_state(0)
-    models(tmp_path, base, fine_tune(base))
-    assert compress(capsys, tmp_path, "--density", "0.01").code == 0
-    path = tmp_path / "task.delta"
+def forge(path: Path, tensor: str, part: str, change) -> None:
+    """Rewrite one stored part of a delta file with change(bytes) and recompute the
+    tensor's recorded hash, as a hand-made file would."""
     data = bytearray(path.read_bytes())
     length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + length])
-    entry = json.loads(header["__metadata__"]["tensors"])["embed.weight"]
-    assert entry["form"] == "topk"
-    spans = {p: header[f"embed.weight/{p}"]["data_offsets"] for p in ("values", "indices")}
-    a, b = (8 + length + o for o in spans["indices"])
-    indices = torch.frombuffer(bytearray(data[a:b]), dtype=torch.int32).flip(0).contiguous()
-    data[a:b] = indices.numpy().tobytes()
-    hashes = [hashlib.sha256(bytes(data[8 + length + lo:8 + length + hi])).digest()
-              for lo, hi in spans.values()]
+    entry = json.loads(header["__metadata__"]["tensors"])[tensor]
+    parts = [n for n in header if n.startswith(f"{tensor}/")]
+    parts.sort(key=lambda n: header[n]["data_offsets"])
+    spans = {n: [8 + length + o for o in header[n]["data_offsets"]] for n in parts}
+    a, b = spans[f"{tensor}/{part}"]
+    data[a:b] = change(bytes(data[a:b]))
+    hashes = [hashlib.sha256(bytes(data[lo:hi])).digest() for lo, hi in spans.values()]
     forged = hashlib.sha256(b"".join(hashes)).hexdigest()[:DIGEST_CHARS]
-    data = data.replace(entry["data"].encode(), forged.encode(), 1)
-    path.write_bytes(bytes(data))
+    path.write_bytes(bytes(data).replace(entry["data"].encode(), forged.encode(), 1))
+
+
+def test_hand_made_files_with_matching_hashes_are_still_checked(tmp_path, capsys):
+    """Positions out of order, a mask marking more entries than there are values."""
+    base = quantised_state(0)
+    models(tmp_path, base, fine_tune(base))
     script = write(tmp_path, APPLY)
-    assert_error(run(capsys, script, tmp_path / "merged"), at(script, 2, 21), '"task.delta"',
-                 "not ascending")
-    assert_nothing_written(tmp_path / "merged")
+
+    def reverse(raw: bytes) -> bytes:
+        return torch.frombuffer(bytearray(raw), dtype=torch.int32).flip(0).numpy().tobytes()
+
+    def one_more(raw: bytes) -> bytes:
+        return bytes([raw[0] ^ next(1 << i for i in range(8) if not raw[0] >> i & 1)]) + raw[1:]
+
+    for density, part, change, words in (("0.01", "indices", reverse, "not ascending"),
+                                         ("0.3", "mask", one_more, "marks")):
+        assert compress(capsys, tmp_path, "--density", density, "--force").code == 0
+        forge(tmp_path / "task.delta", "embed.weight", part, change)
+        assert_error(run(capsys, script, tmp_path / "merged"), at(script, 2, 21),
+                     '"task.delta"', "damaged", words)
+        assert_nothing_written(tmp_path / "merged")
 
 
 @pytest.mark.parametrize("flags,points_at,words", [
