@@ -368,6 +368,15 @@ def test_a_damaged_delta_file_is_refused_at_the_delta_call(tmp_path, capsys):
     plain = write(tmp_path, 'base = model("base")\noutput base + delta("plain")\n', "p.merge")
     assert_error(run(capsys, plain, out), at(plain, 2, 21), '"plain"', "not a delta file")
     assert_nothing_written(out)
+    single = write(tmp_path, 'base = model("base")\n'
+                             'output base + delta("base/model.safetensors")\n', "s.merge")
+    assert_error(run(capsys, single, out), at(single, 2, 21), '"base/model.safetensors"',
+                 "not a delta file", "no delta metadata")
+    assert_nothing_written(out)
+    path.write_bytes(good.replace(b'"embed.weight/values"', b'"embed.weight/valuez"', 1))
+    assert_error(run(capsys, script, out), at(script, 2, 21), '"task.delta"', "damaged",
+                 "'embed.weight/values'", "missing")
+    assert_nothing_written(out)
 
 
 def forge(path: Path, tensor: str, part: str, change) -> None:
@@ -460,6 +469,12 @@ def test_an_existing_output_is_replaced_only_with_force(tmp_path, capsys):
     assert (tmp_path / "task.delta").read_text() == "mine"
     assert compress(capsys, tmp_path, "--density", "0.5", "--force").code == 0
     assert open_delta(tmp_path / "task.delta").fields["density"] == "0.5"
+    for target, words in ((tmp_path / "ft", "is a folder"),
+                          (tmp_path / "no" / "x.delta", "does not exist")):
+        result = mergelang(capsys, "compress", tmp_path / "ft", "--base", tmp_path / "base",
+                           "--density", "0.5", "-o", target)
+        assert_error(result, None, str(target), words)
+    assert not (tmp_path / "no").exists()
     inside = mergelang(capsys, "compress", tmp_path / "ft", "--base", tmp_path / "base",
                        "--density", "0.5", "-o", tmp_path / "ft" / "x.delta")
     assert_error(inside, None, None, "which compress reads")

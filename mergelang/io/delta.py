@@ -378,7 +378,8 @@ def _read_metadata(path: Path, file: SafetensorsModel
                 raise ValueError(f"tensor {name!r} has dtype {d['dtype']!r}, form "
                                  f"{d['form']!r}")
             shape = tuple(int(s) for s in d["shape"])
-            k = file.tensors[f"{name}/values"].shape[0] if d["form"] in (TOPK, MASK) else 0
+            values = file.tensors.get(f"{name}/values")  # a missing part is named below
+            k = values.shape[0] if values is not None and values.shape else 0
             entry = plan_entry(name, shape, dtype, d["form"], k)
             entry.base, entry.data = str(d["base"]), str(d["data"])
             entries[name] = entry
