@@ -137,20 +137,38 @@ class Specialiser:
         return errors
 
     def slice_length(self, node: Node) -> int:
-        """The number of layers a sliced expression has (lower checked it is sliced)."""
-        if node.op is Op.LAYERS:
-            start, stop = node.attr
-            if stop is None:
-                stop = min(self.bound.models[n.attr].num_layers
-                           for n in nodes_of(node, Op.MODEL))
-            return stop - start
-        if node.op is Op.STACK:
-            return sum(self.slice_length(a) for a in node.args)
-        lengths = {self.slice_length(a) for a in node.args if a.kind == TENSOR}
-        if len(lengths) != 1:
-            raise error(f"these layer slices have different lengths: {sorted(lengths)}",
-                        node.span, hint="combine slices with the same number of layers")
-        return lengths.pop()
+        """The number of layers a sliced expression has (lower checked it is sliced);
+        worked out on a stack of its own, arguments first."""
+        lengths: dict[Node, int] = {}
+        stack = [node]
+        while stack:
+            here = stack[-1]
+            if here in lengths:
+                stack.pop()
+                continue
+            if here.op is Op.LAYERS:
+                start, stop = here.attr
+                if stop is None:
+                    stop = min(self.bound.models[n.attr].num_layers
+                               for n in nodes_of(here, Op.MODEL))
+                lengths[stack.pop()] = stop - start
+                continue
+            parts = here.args if here.op is Op.STACK else \
+                [a for a in here.args if a.kind == TENSOR]
+            todo = [a for a in parts if a not in lengths]
+            if todo:
+                stack.extend(todo)
+                continue
+            stack.pop()
+            if here.op is Op.STACK:
+                lengths[here] = sum(lengths[a] for a in parts)
+                continue
+            found = {lengths[a] for a in parts}
+            if len(found) != 1:
+                raise error(f"these layer slices have different lengths: {sorted(found)}",
+                            here.span, hint="combine slices with the same number of layers")
+            lengths[here] = found.pop()
+        return lengths[node]
 
     def record_missing(self, node: Node, missing: list[Missing], present: list[Node],
                        name: str) -> None:

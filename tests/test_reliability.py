@@ -552,6 +552,14 @@ def test_500_nested_operators_run(workspace):
     _runs_to_the_closed_form(workspace, text, lambda a: -a)
 
 
+def test_a_stack_of_a_sum_of_1500_slices_runs(workspace):
+    text = ('a = model("models/a")\noutput stack(('
+            + " + ".join(["a.layers[0:2]"] * 1500) + ") / 1500)\n")
+    assert _crash_free(workspace, text).startswith("ok:")
+    _runs_to_the_closed_form(workspace, text,
+                             lambda a: sum([a] * 1500, torch.zeros_like(a)) / 1500)
+
+
 def test_nesting_beyond_the_limit_is_a_located_diagnostic(workspace):
     out = _crash_free(workspace, 'a = model("models/a")\noutput ' + "-" * 25_000 + "a\n")
     assert "deep.merge:2:" in out
