@@ -492,6 +492,20 @@ def test_a_rule_reads_the_parameters_before_the_step(models):
         assert torch.equal(p, start + ((q.detach() - start) - 0.25 * start)), name
 
 
+def test_a_rule_that_fails_leaves_the_parameters_where_the_inner_step_put_them(models):
+    """The update is computed in the parameters' memory: a rule that raises gives them back
+    (θ_before + update, to rounding), with its own located diagnostic."""
+    base, sft, data = models
+    sgd_model, _ = train(copy.deepcopy(sft), lambda m: torch.optim.SGD(m.parameters(), lr=0.1),
+                         data, 1)
+    model = copy.deepcopy(sft)
+    with pytest.raises(mergelang.MergeError, match=r"density must be in \[0, 1\]"):
+        train(model, lambda m: OnlineMerging(torch.optim.SGD(m.named_parameters(), lr=0.1),
+                                             "drop(update, 1.5)"), data, 1)
+    for p, q in zip(model.parameters(), sgd_model.parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=1e-7)
+
+
 def test_a_compiled_rule_keeps_no_tensor_of_its_calls():
     """An optimizer calls its rule with new tensors at every step: the cached plan takes
     each call's tensors and lets them go."""

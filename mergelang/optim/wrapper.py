@@ -20,7 +20,8 @@ Randomness is keyed by (seed + step, parameter name, call site in the rule).
 
 Wrapping costs memory the built-in classes do not spend: the parameters before the step
 (one copy of the parameters being trained, kept from step to step so that no memory is
-asked for at each step) and the dense inputs of one batch of the rule.
+asked for at each step) and the dense task vectors of one batch (`ref`). The update is
+computed in the parameters' own memory, which the merged values then overwrite.
 """
 
 from __future__ import annotations
@@ -165,22 +166,31 @@ class OnlineMerging(torch.optim.Optimizer):
             names = [self.names[id(p)] for p in batch]
             inputs: dict[str, dict[str, torch.Tensor]] = {"update": {}, "ref": {}, "before": {}}
             starts = self._layout(batch)
-            for name, p, start in zip(names, batch, starts, strict=True):
+            for name, p in zip(names, batch, strict=True):
                 anchor = self.state[p]["anchor"]
-                update = self._scratch("update", p, start)
-                inputs["update"][name] = torch.sub(p, anchor, out=update)
+                # the update in the parameter's own memory (it is written over at the end):
+                # no buffer for it
+                inputs["update"][name] = p.sub_(anchor)
                 inputs["before"][name] = anchor
             if "ref" in reads:
                 inputs["ref"] = self._refs(batch, names, starts)
             call = {"seed": self.seed + self.count, "device": self._device(batch),
                     "dtype": self.dtype, **{k: v for k, v in inputs.items() if k in reads}}
-            merged = self.rule(**call)
+            try:
+                merged = self.rule(**call)
+            except BaseException:  # back to where the inner optimizer left them (to rounding)
+                for p in batch:
+                    p.add_(self.state[p]["anchor"])
+                raise
+            missing = [name for name in names if name not in merged]
+            if missing:
+                for p in batch:
+                    p.add_(self.state[p]["anchor"])
+                raise KeyError(f"the rule gives no value for parameter {missing[0]!r}")
             for name, p in zip(names, batch, strict=True):
-                if name not in merged:
-                    raise KeyError(f"the rule gives no value for parameter {name!r}")
                 out = merged[name].to(p.device)
                 if tally is not None:
-                    self._tally(tally, inputs["update"][name], out, self.state[p])
+                    self._tally(tally, p, out, self.state[p])
                 torch.add(self.state[p]["anchor"], out, out=p)
             del inputs, merged
         self.monitor.emit(tally, self.count, True)
@@ -274,8 +284,8 @@ class OnlineMerging(torch.optim.Optimizer):
 
     def memory(self) -> dict[str, int]:
         """Bytes this wrapper holds beyond the inner optimizer: the kept task vectors
-        ("reference"), the parameters before the step ("anchor") and the inputs of one
-        batch of the rule ("scratch")."""
+        ("reference"), the parameters before the step ("anchor") and the dense task vectors
+        of one batch of the rule ("scratch")."""
         out = {"reference": 0, "anchor": 0, "scratch": 0}
         for state in self.state.values():
             for key, value in state.items():
