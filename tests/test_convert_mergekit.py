@@ -227,6 +227,36 @@ models:
     assert differs   # the rounding shows in the result
 
 
+def test_a_weight_gradient_is_rounded_layer_by_layer(tmp_path):
+    """mergekit interpolates a gradient at t = layer / (layers - 1), then rounds it to
+    bfloat16 (the first value outside the layers): the script lists those values, one a
+    layer, and the result is exact with deltas that are powers of two."""
+    shapes = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,),
+              **{f"model.layers.{i}.mlp.up_proj.weight": (6, 4) for i in range(3)}}
+    states = {"base": {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in shapes.items()},
+              "a": {n: _powers_of_two(3, s) for n, s in shapes.items()},
+              "b": {n: _powers_of_two(4, s) for n, s in shapes.items()}}
+    for name, state in states.items():
+        write_hf_folder(tmp_path / name, state)
+    script, out = convert_and_run(tmp_path, """\
+merge_method: task_arithmetic
+base_model: base
+models:
+  - model: a
+    parameters: {weight: [0.846, 0.3]}
+  - model: b
+    parameters: {weight: 0.3}
+""")
+    held = {0: 0.84765625, 1: torch.tensor(0.573, dtype=torch.bfloat16).item(), 2: 0.30078125}
+    assert f"gradient([0.84765625, {held[1]!r}, 0.30078125])" in script
+    assert "written one value a layer" in script.replace("\n#   ", " ")
+    for n in shapes:
+        layer = int(n.split(".")[2]) if ".layers." in n else 0
+        a, b = states["a"][n].double(), states["b"][n].double()
+        expected = (held[layer] * a + 0.30078125 * b).to(torch.bfloat16)
+        assert torch.equal(out[n], expected), n
+
+
 def test_float32_models_keep_their_weights(tmp_path):
     write_hf_folder(tmp_path / "base", {"model.norm.weight": torch.zeros(4)})
     write_hf_folder(tmp_path / "a", {"model.norm.weight": torch.ones(4)})

@@ -126,6 +126,9 @@ def weight_notes(tr: Translator) -> list[str]:
         pairs = ", ".join(f"{a!r} as {b!r}" for a, b in values.rounded.items())
         notes.append(f"mergekit builds the weights as a {values.round_to} tensor, so each is "
                      f"written as {values.round_to} holds it: {pairs}")
+    if values.per_layer:
+        notes.append(f"mergekit rounds each layer's weight of a gradient to {values.round_to}, "
+                     "so those gradients are written one value a layer")
     if values.unrounded_gradient:
         text = (f"a weight gradient's values between its points are not rounded to "
                 f"{values.round_to} as mergekit rounds them; those layers can differ by that "

@@ -172,6 +172,8 @@ class Translator:
 
         make = self._at(self.config.method_node)
         if whole:
+            counts = [self._num_layers(s.model) for s in slices[0].sources]
+            self.values.num_layers = next((n for n in counts if n is not None), None)
             return self._slice(slices[0], Layers(0, 0, True), "")
         total = sum(s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices)
         parts, offset = [], 0

@@ -45,6 +45,8 @@ class Values:
         self.script = script
         self.round_to: str | None = None   # the compute dtype mergekit's weights are built in
         self.rounded: dict[float, float] = {}   # each weight rounded, for the comment
+        self.num_layers: int | None = None   # the models' layer count, when known
+        self.per_layer = False            # a weight gradient was written one value a layer
         self.unrounded_gradient = False   # a weight gradient was left as written
 
     def expr(self, value: Value, param: MkParam, layers: Layers, hint: str | None,
@@ -54,8 +56,10 @@ class Values:
         if isinstance(value, Const):
             return self._literal(value, param, make)
         assert hint is not None
-        if param.in_dtype and self.round_to is not None and _has_gradient(value):
-            self.unrounded_gradient = True
+        if param.in_dtype and self.round_to is not None:
+            value = self._held(value, layers)
+            if isinstance(value, Const):
+                return self._literal(value, param, make)
         if isinstance(value, Grad):
             if not layers.whole:
                 return self._slice_gradient(value, layers, hint, make)
@@ -72,6 +76,25 @@ class Values:
             test = make.op(make.name("name"), "~", make.lit(re.escape(filt)))
             out = make.cond(test, then, out)
         return self.script.bind(hint, out, FILTERS)
+
+    def _held(self, value: Value, layers: Layers) -> Value:
+        """A weight gradient as mergekit uses it in a reduced dtype: each layer's value
+        interpolated, then rounded (one value a layer, so a script can spell it); left
+        as written, with a warning, where the layer count is not known."""
+        if isinstance(value, When):
+            return When(value.filter, self._held(value.then, layers),
+                        self._held(value.orelse, layers))
+        if not isinstance(value, Grad):
+            return value
+        n = self.num_layers
+        if not layers.whole or n is None:
+            self.unrounded_gradient = True
+            return value
+        assert self.round_to is not None
+        per = tuple(rounded(_interpolate(value.values, i / (n - 1) if n > 1 else 1.0),
+                            self.round_to) for i in range(n))
+        self.per_layer = True
+        return Grad(per) if len(set(per)) > 1 else Const(per[0])
 
     def _literal(self, value: Const, param: MkParam, make: Make) -> ast.Expr:
         x = param.transform(value.value) if param.transform else value.value
@@ -128,10 +151,13 @@ class Values:
         return self.script.bind(hint, make.cond(_outside(make), v[0], out), comment)
 
 
-def _has_gradient(value: Value) -> bool:
-    if isinstance(value, When):
-        return _has_gradient(value.then) or _has_gradient(value.orelse)
-    return isinstance(value, Grad)
+def _interpolate(values: tuple, t: float) -> float:
+    """mergekit's value of a gradient at t (config.evaluate_setting)."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
 
 
 def _gradient_call(values: tuple, make: Make) -> ast.Call:
