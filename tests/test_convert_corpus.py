@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 import mergelang
-from mergelang.convert import convert_file
+from mergelang.convert import METHODS, convert_file
 from tests.helpers import write_tokenized_model
 
 CORPUS = Path(__file__).parent / "data" / "mergekit_configs"
@@ -68,7 +68,6 @@ def folder(tmp_path_factory) -> Path:
 def test_the_corpus_covers_every_method_and_the_odd_keys():
     assert len(CONFIGS) >= 40
     methods = {_method(c) for c in CONFIGS}
-    from mergelang.convert import METHODS
     assert set(METHODS) - {"ram", "ramplus_tl"} <= methods   # no public configs found
     text = "\n".join(c.read_text() for c in CONFIGS)
     for odd in ("revision:", "pad_to_multiple_of", "output_dir", "dype:", "\nint8_mask:",
