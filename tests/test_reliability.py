@@ -364,6 +364,21 @@ def test_float8_and_empty_tensors_merge(tmp_path, capsys, output, expected):
         assert torch.equal(got[name].view(torch.uint8), want.view(torch.uint8)), name
 
 
+def test_float8_and_empty_tensors_merge_on_a_cluster_as_they_do_alone(tmp_path):
+    """The cluster's writer counts non-finite values of float8 outputs widened, as the
+    local one does (torch sums no float8): the same bytes as a local run."""
+    write_hf_folder(tmp_path / "a", _fp8_and_empty(0))
+    write_hf_folder(tmp_path / "b", _fp8_and_empty(1))
+    write(tmp_path, 'a = model("a")\nb = model("b")\noutput (a + b) / 2\n')
+    for out, flags in (("alone", []), ("cluster", ["--workers", "1"])):
+        child = subprocess.run([PYTHON, "-m", "mergelang", "run", "merge.merge", "-o", out,
+                                "--quiet", *flags], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=300)
+        assert child.returncode == 0, child.stderr[-2000:]
+    assert (tmp_path / "alone" / "model.safetensors").read_bytes() == \
+        (tmp_path / "cluster" / "model.safetensors").read_bytes()
+
+
 def test_a_fifo_config_is_not_waited_on(tmp_path):
     _fifo_config(tmp_path / "m")
     with open_model(tmp_path / "m") as model:

@@ -17,6 +17,7 @@ import torch
 
 from ..diagnostics import Diagnostic, MergeError, error
 from ..execute import execute, feed_model_wide, model_reductions
+from ..io.dtypes import FLOAT8
 from ..io.errors import ModelFileError
 from ..io.hf import SCRIPT_KEY
 from ..io.write import OutputTensor, ShardedWriter
@@ -125,8 +126,9 @@ def write_part(task: WriteTask) -> Outcome:
         report = _reporter(job.topic)
 
         def sink(name: str, row0: int, part: torch.Tensor) -> None:
-            if part.is_floating_point() and part.numel() and not torch.isfinite(part.sum()):
-                non_finite[name] += int((~torch.isfinite(part)).sum())
+            seen = part.float() if part.dtype in FLOAT8 else part  # torch sums no float8
+            if seen.is_floating_point() and seen.numel() and not torch.isfinite(seen.sum()):
+                non_finite[name] += int((~torch.isfinite(seen)).sum())
             writer.write_rows(name, row0, part)
 
         found = {site: _Found(by_tensor) for site, by_tensor in task.found.items()}
