@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ast
-from .diagnostics import Diagnostic, MergeError
+from .diagnostics import Diagnostic, MergeError, error
 from .syntax import parse
 from .unparse import WIDTH, Trivia, unparse
 
@@ -103,8 +103,21 @@ def _tidy(lines: list[str], top: bool) -> tuple[str, ...]:
 
 def format_source(text: str, name: str = "<script>", width: int = WIDTH) -> str:
     """The canonical text of a script. Raises MergeError (a located diagnostic) when it
-    does not parse."""
+    does not parse, or nests too deeply to lay out (the layout recurses over the tree)."""
     module = parse(text, name)
+    try:
+        return _layout(module, width)
+    except RecursionError:
+        for stmt in module.statements:
+            try:
+                hash(stmt)  # as deep as the statement: what the trivia map does first
+            except RecursionError:
+                raise error("this statement nests too deeply to lay out", stmt.span,
+                            hint="name the inner parts (x = ...)") from None
+        raise
+
+
+def _layout(module: ast.Module, width: int) -> str:
     lines = _Lines(module.source.text)
     out: list[str] = []
     run: list[ast.Stmt] = []

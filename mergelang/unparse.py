@@ -27,6 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from . import ast
+from .diagnostics import error
 
 WIDTH = 100
 INDENT = "    "
@@ -57,12 +58,18 @@ def unparse(node: ast.Module | ast.Stmt | ast.Expr, trivia: TriviaMap | None = N
     """The source text of a module (ending in a newline, `end` being the lines after its
     last statement), of one statement or of one expression (no final newline)."""
     printer = _Printer(trivia or {}, width)
-    if isinstance(node, ast.Module):
-        lines = printer.block(node.statements, "") + [_checked(line) for line in end]
-        return "".join(line + "\n" for line in lines)
-    if isinstance(node, ast.Stmt):
-        return "\n".join(printer.block((node,), ""))
-    return printer.render(_doc(node), 0, 0)
+    try:
+        if isinstance(node, ast.Module):
+            lines = printer.block(node.statements, "") + [_checked(line) for line in end]
+            return "".join(line + "\n" for line in lines)
+        if isinstance(node, ast.Stmt):
+            return "\n".join(printer.block((node,), ""))
+        return printer.render(_doc(node), 0, 0)
+    except RecursionError:  # the layout recurses over the tree: name the statement
+        for stmt in node.statements if isinstance(node, ast.Module) else ():
+            unparse(stmt, width=width)  # the one too deep raises, located
+        raise error("this expression nests too deeply to lay out", node.span,
+                    hint="name the inner parts (x = ...)") from None
 
 
 def number_text(value: int | float) -> str:

@@ -575,6 +575,16 @@ def test_a_stack_of_a_sum_of_1500_slices_runs(workspace):
                              lambda a: sum([a] * 1500, torch.zeros_like(a)) / 1500)
 
 
+def test_fmt_of_500_nested_operators_is_a_located_diagnostic(workspace, capsys):
+    """The layout recurses over the tree: too deep for it is a diagnostic (the script
+    itself checks and runs), and the file is left as it is."""
+    text = 'a = model("models/a")\noutput ' + "-" * 501 + "a\n"
+    write(workspace, text, "deep.merge")
+    assert_error(mergelang(capsys, "fmt", "deep.merge"), "deep.merge:2:1", None,
+                 "this statement nests too deeply to lay out", hint="name the inner parts")
+    assert (workspace / "deep.merge").read_text() == text
+
+
 def test_nesting_beyond_the_limit_is_a_located_diagnostic(workspace):
     out = _crash_free(workspace, 'a = model("models/a")\noutput ' + "-" * 25_000 + "a\n")
     assert "deep.merge:2:" in out
