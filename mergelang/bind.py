@@ -128,6 +128,13 @@ class Bound:
             paths.update(t.file for t in model.source.tensors.values())
         return sorted(paths)
 
+    @property
+    def num_layers(self) -> int:
+        """The output's layer count when it does not stack: the donor's, else the first
+        input's (a script whose inputs are all derived, `output delta("x")`, has no donor)."""
+        model = self.donor or next(iter(self.models.values()), None)
+        return model.num_layers if model is not None else 0
+
     def names(self, num_layers: int | None = None) -> list[str]:
         """Every tensor name of the output's candidates, the donor's first, each in file
         order. With `num_layers`, each layer tensor's name is made for every layer
@@ -146,7 +153,7 @@ class Bound:
 
     def context(self, name: str, num_layers: int | None = None) -> TensorContext:
         if num_layers is None:
-            num_layers = self.donor.num_layers if self.donor is not None else 0
+            num_layers = self.num_layers
         layer = layer_of(name)
         if layer is not None:
             return TensorContext(name, layer, num_layers, layer / max(num_layers - 1, 1))

@@ -151,7 +151,7 @@ def build_graph(tensors: list[TensorPlan]) -> nx.DiGraph:
 
 
 def _output_layers(s: Specialiser, root: Node) -> int:
-    """The output's number of layers: a stack's total, else the donor's. Checks every
+    """The output's number of layers: a stack's total, else Bound.num_layers. Checks every
     layer slice against its models first."""
     for node in nodes_of(root, Op.LAYERS):
         _check_slice(s.bound, node)
@@ -161,7 +161,7 @@ def _output_layers(s: Specialiser, root: Node) -> int:
                     f"{sorted(totals)}", root.span, hint="stack the same layer count")
     if totals:
         return totals.pop()
-    return s.bound.donor.num_layers if s.bound.donor is not None else 0
+    return s.bound.num_layers
 
 
 def _check_slice(bound: Bound, node: Node) -> None:

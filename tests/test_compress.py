@@ -30,6 +30,7 @@ from tests.helpers import (
     assert_error,
     assert_nothing_written,
     at,
+    layered_state,
     mergelang,
     quantised_state,
     ref_trim,
@@ -181,6 +182,21 @@ def test_float32_values_make_base_plus_delta_the_trim_bit_for_bit(tmp_path, caps
     for name in merged:
         assert merged[name].dtype == torch.bfloat16
         assert torch.equal(merged[name], trimmed[name]), name
+
+
+def test_a_delta_alone_is_the_whole_task_vector_layers_included(tmp_path, capsys):
+    """A script with no plain model has no donor; the layer count comes from the delta."""
+    base = layered_state(0)
+    ft = fine_tune(base)
+    models(tmp_path, base, ft)
+    assert compress(capsys, tmp_path, "--density", "1").code == 0
+    script = write(tmp_path, 'output delta("task.delta")\n', "alone.merge")
+    assert run(capsys, script, tmp_path / "alone").code == 0
+    alone = load_file(str(tmp_path / "alone" / "model.safetensors"))
+    assert any(".layers.1." in name for name in base)
+    assert alone.keys() == {n for n, t in base.items() if t.is_floating_point()}
+    for name, tensor in alone.items():
+        assert torch.equal(tensor, ft[name] - base[name]), name
 
 
 def test_values_in_the_fine_tunes_dtype_count_their_rounding_in_the_error(tmp_path, capsys):
