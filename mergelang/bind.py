@@ -181,34 +181,40 @@ def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bou
     """Open the models' headers. `sources` supplies in-memory models by key.
 
     Derived inputs (an adapter, a compressed task vector) are attached to the plain
-    models once every input is open: their tensors are defined relative to those."""
+    models once every input is open and the plain models are aligned to the output's
+    vocabulary (`set vocab`): their tensors are defined relative to those."""
     sources = sources or {}
     opened: dict[str, ModelSource] = {}
-    models: dict[str, BoundModel] = {}
     try:
         for key, ref in lowered.models.items():
             opened[key] = sources.get(key) or _open(key, ref.span)
-        frame = [s for s in opened.values() if not is_derived(s)]
-        for key, ref in lowered.models.items():
-            source = opened[key]
-            try:
-                if is_derived(source):
-                    source.attach(frame)
-                if key not in sources:
-                    check_tensors(source)
-                layers = count_layers(source)
-            except ModelFileError as exc:
-                raise error(exc.message, ref.span, hint=exc.hint) from None
-            models[key] = BoundModel(key, ref, source, layers)
+        plain = {key: _bound(key, ref, opened[key], sources)
+                 for key, ref in lowered.models.items() if not is_derived(opened[key])}
         merged = {n.attr for n in nodes_of(lowered.output, Op.MODEL)} \
-            if lowered.output is not None else set(models)
-        vocab = align(lowered.vocab, models, lowered.donor, merged)
+            if lowered.output is not None else set(opened)
+        vocab = align(lowered.vocab, plain, lowered.donor, merged)
+        frame = [model.source for model in plain.values()]  # aligned to the output's vocabulary
+        models = {key: plain.get(key) or _bound(key, ref, opened[key], sources, frame)
+                  for key, ref in lowered.models.items()}
     except BaseException:
         for source in opened.values():
             source.close()
         raise
     donor = models.get(lowered.donor) if lowered.donor else None
     return Bound(lowered, models, donor, vocab)
+
+
+def _bound(key: str, ref: ModelRef, source: ModelSource, given: dict[str, ModelSource],
+           frame: list[ModelSource] | None = None) -> BoundModel:
+    """One input, checked; a derived one first attached to the plain models (`frame`)."""
+    try:
+        if frame is not None:
+            source.attach(frame)
+        if key not in given:
+            check_tensors(source)
+        return BoundModel(key, ref, source, count_layers(source))
+    except ModelFileError as exc:
+        raise error(exc.message, ref.span, hint=exc.hint) from None
 
 
 def _open(key: str, span: Span) -> ModelSource:

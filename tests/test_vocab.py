@@ -411,3 +411,32 @@ def test_base_vocabulary_needs_the_donors_tokenizer(tmp_path, models, capsys):
                        'a = model("MODELS/a")\noutput linear(b, a)\n')
     assert_error(run(capsys, script, tmp_path / "out"), at(script, 2, 11), None,
                  "no tokenizer files")
+
+
+def test_an_adapter_merges_with_models_whose_vocabularies_differ(models, tmp_path, capsys):
+    """An adapter is attached to the plain models after their rows are aligned: one that
+    adapts attention only fits a union vocabulary, its delta zero on the aligned rows."""
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(str(models / "base"))
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
+                             init_lora_weights=False)
+    torch.manual_seed(7)
+    peft.get_peft_model(base, config).save_pretrained(tmp_path / "adapter")
+    script = write(tmp_path, f'set vocab = "union"\nbase = model("{models / "base"}")\n'
+                             f'a = model("{models / "a"}")\n'
+                             'output base + 0.5 * (a - base) + lora("adapter")\n')
+    out = tmp_path / "out"
+    result = run(capsys, script, out)
+    assert result.code == 0, result.text
+    merged = load_file(str(out / "model.safetensors"))
+    factors = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    vocab, a_state = rows(models / "a")
+    _, base_state = rows(models / "base")
+    q = "model.layers.1.self_attn.q_proj.weight"
+    peft_q = f"base_model.model.{q[:-len('.weight')]}"
+    lora_delta = 2.0 * factors[f"{peft_q}.lora_B.weight"] @ factors[f"{peft_q}.lora_A.weight"]
+    expected = base_state[q] + 0.5 * (a_state[q] - base_state[q]) + lora_delta
+    torch.testing.assert_close(merged[q], expected, rtol=0, atol=1e-6)
+    assert merged[EMBED].shape[0] == len(vocab)  # the union: base's tokens and a's two more
+    zebra = row(out, "zebra")
+    torch.testing.assert_close(zebra, row(models / "a", "zebra"), rtol=0, atol=1e-6)
