@@ -194,7 +194,8 @@ def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bou
             if lowered.output is not None else set(opened)
         vocab = align(lowered.vocab, plain, lowered.donor, merged)
         frame = [model.source for model in plain.values()]  # aligned to the output's vocabulary
-        models = {key: plain.get(key) or _bound(key, ref, opened[key], sources, frame)
+        models = {key: plain.get(key) or _bound(key, ref, opened[key], sources, frame,
+                                                  aligned=vocab is not None)
                   for key, ref in lowered.models.items()}
     except BaseException:
         for source in opened.values():
@@ -205,8 +206,9 @@ def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bou
 
 
 def _bound(key: str, ref: ModelRef, source: ModelSource, given: dict[str, ModelSource],
-           frame: list[ModelSource] | None = None) -> BoundModel:
-    """One input, checked; a derived one first attached to the plain models (`frame`)."""
+           frame: list[ModelSource] | None = None, aligned: bool = False) -> BoundModel:
+    """One input, checked; a derived one first attached to the plain models (`frame`,
+    `aligned` when `set vocab` re-rowed them)."""
     try:
         if frame is not None:
             source.attach(frame)
@@ -214,7 +216,11 @@ def _bound(key: str, ref: ModelRef, source: ModelSource, given: dict[str, ModelS
             check_tensors(source)
         return BoundModel(key, ref, source, count_layers(source))
     except ModelFileError as exc:
-        raise error(exc.message, ref.span, hint=exc.hint) from None
+        hint = exc.hint
+        if frame is not None and aligned:
+            hint = (f"{hint}; note that `set vocab` gave the models the output's vocabulary "
+                    "rows, and this input, made for the rows its model had, is not aligned")
+        raise error(exc.message, ref.span, hint=hint) from None
 
 
 def _open(key: str, span: Span) -> ModelSource:

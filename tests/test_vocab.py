@@ -440,3 +440,17 @@ def test_an_adapter_merges_with_models_whose_vocabularies_differ(models, tmp_pat
     assert merged[EMBED].shape[0] == len(vocab)  # the union: base's tokens and a's two more
     zebra = row(out, "zebra")
     torch.testing.assert_close(zebra, row(models / "a", "zebra"), rtol=0, atol=1e-6)
+
+
+def test_a_delta_made_before_the_rows_were_aligned_is_refused_at_its_call(models, tmp_path,
+                                                                           capsys):
+    compressed = tmp_path / "t.delta"
+    assert mergelang.cli.main(["compress", str(models / "r"), "--base", str(models / "base"),
+                               "--density", "0.5", "-o", str(compressed), "--quiet"]) == 0
+    script = write(tmp_path, f'set vocab = "union"\nbase = model("{models / "base"}")\n'
+                             f'a = model("{models / "a"}")\n'
+                             'output base + 0.5 * (a - base) + delta("t.delta")\n')
+    result = run(capsys, script, tmp_path / "out")
+    assert_error(result, at(script, 4, 40), '"t.delta"', "another base",
+                 "set vocab")
+    assert_nothing_written(tmp_path / "out")
