@@ -25,7 +25,7 @@ from .extraction.form import layout
 from .io.adapter import writer as adapter_writer
 from .io.errors import ModelFileError
 from .io.hf import OutputFolder, check_target, write_donor_files, write_model_card
-from .io.tokenizer import write_output_tokenizer
+from .io.tokenizer import vocab_size_updates, write_output_tokenizer
 from .io.write import OutputTensor, ShardedWriter, parse_size
 from .lower import Lowered, lower
 from .params import Override, Value, overrides_of, with_overrides_noted
@@ -212,7 +212,8 @@ def write_folder_files(program: Program, p: Plan, folder: Path) -> None:
                    "num_hidden_layers")
         updates[key] = p.num_layers
     if p.bound.vocab is not None:   # `set vocab`: the tokenizer and rows of the output's
-        updates["vocab_size"] = p.bound.vocab.rows
+        updates.update(vocab_size_updates(donor.source.config if donor else None,
+                                          p.bound.vocab.rows))
     write_donor_files(folder, donor.source.folder if donor else None, updates)
     if p.bound.vocab is not None:
         write_output_tokenizer(folder, p.bound.vocab, donor.source.folder if donor else None)

@@ -38,11 +38,14 @@ _HINT = ('align them by token string: `set vocab = "union"` (every token of ever
 
 @dataclass(frozen=True)
 class TokenRule:
-    """`[token, source]` or `[token, source, "force"]` of `set vocab_tokens`."""
+    """`[token, source]`, `[token, model, "from", other]` (mergekit's `model_token`:
+    the row of another token, a string or an id, of that model), each optionally with
+    `"force"` last, of `set vocab_tokens`."""
 
     token: str
     source: str      # "zero", "mean", or a model key
     force: bool = False
+    other: str | int | None = None   # with "from": the model's own token (or id) to copy
 
 
 @dataclass
@@ -89,22 +92,36 @@ def apply_setting(settings: VocabSettings, key: str, value: object, span: Span) 
             return
         raise error(f"vocab_pad_to must be a positive integer, not {describe(value)}", span,
                     hint="e.g. set vocab_pad_to = 64")
-    example = 'e.g. set vocab_tokens = [["<|im_start|>", chat], ["<pad>", "zero", "force"]]'
+    example = ('e.g. set vocab_tokens = [["<|im_start|>", chat], ["<pad>", "zero", "force"], '
+               '["<|im_end|>", chat, "from", "</s>"]]')
     if not isinstance(value, tuple):   # a list, while lowering
         raise error(f"vocab_tokens must be a list of [token, source] lists, not "
                     f"{describe(value)}", span, hint=example)
     rules = []
     for item in value:
-        ok = (isinstance(item, tuple) and len(item) in (2, 3) and isinstance(item[0], str)
-              and (item[1] in ("zero", "mean") or _is_model(item[1]))
-              and (len(item) == 2 or item[2] == "force"))
-        if not ok:
+        rule = _rule(item)
+        if rule is None:
             raise error(f"each entry of vocab_tokens is [token, source] or [token, source, "
-                        f'"force"] with a source "zero", "mean" or a model, not '
+                        f'"force"] with a source "zero", "mean" or a model, or [token, model, '
+                        f'"from", other token or id] (optionally "force" last), not '
                         f"{describe(item)}", span, hint=example)
-        rules.append(TokenRule(item[0], item[1].attr if _is_model(item[1]) else item[1],
-                               len(item) == 3))
+        rules.append(rule)
     settings.tokens = tuple(rules)
+
+
+def _rule(item: object) -> TokenRule | None:
+    """One entry of vocab_tokens, or None when it is not one of its spellings."""
+    if not isinstance(item, tuple) or not item or not isinstance(item[0], str):
+        return None
+    force = len(item) in (3, 5) and item[-1] == "force"
+    body = item[:-1] if force else item
+    if len(body) == 2 and (body[1] in ("zero", "mean") or _is_model(body[1])):
+        return TokenRule(body[0], body[1].attr if _is_model(body[1]) else body[1], force)
+    if (len(body) == 4 and _is_model(body[1]) and body[2] == "from"
+            and (isinstance(body[3], str)
+                 or (isinstance(body[3], int) and not isinstance(body[3], bool)))):
+        return TokenRule(body[0], body[1].attr, force, body[3])
+    return None
 
 
 def _is_model(value: object) -> bool:
@@ -252,11 +269,20 @@ def _wrap(found: list[_Model], plan: VocabPlan, settings: VocabSettings, donor: 
         maps[m.key] = [i if i < m.rows else MISSING for i in maps[m.key]]
     rules = {rule.token: rule for rule in settings.tokens}
     tokens_span = settings.spans.get("vocab_tokens")
+    by_key = {m.key: m for m in found}
+    others: dict[str, int] = {}   # a `from` rule's token -> the model's own row it copies
     for rule in settings.tokens:
         if rule.token not in plan.tokens:
             raise error(f'vocab_tokens names "{rule.token}", which is not in the output\'s '
                         "vocabulary", tokens_span, hint="list tokens of the output's tokenizer")
-        if rule.source in maps and maps[rule.source][plan.tokens[rule.token]] == MISSING:
+        if rule.source in models and rule.source not in maps:
+            raise error(f'vocab_tokens takes "{rule.token}" from '
+                        f"{models[rule.source].display}, which has no embedding to take rows "
+                        "from", tokens_span, hint='take it from a model with an embedding, or '
+                        '"zero"')
+        if rule.other is not None:
+            others[rule.token] = _other_row(rule, by_key[rule.source], models, tokens_span)
+        elif rule.source in maps and maps[rule.source][plan.tokens[rule.token]] == MISSING:
             raise error(f'vocab_tokens takes "{rule.token}" from {models[rule.source].display}'
                         ", which does not have it", tokens_span,
                         hint="take it from a model that has the token, or \"zero\"")
@@ -271,8 +297,11 @@ def _wrap(found: list[_Model], plan: VocabPlan, settings: VocabSettings, donor: 
             rule = rules.get(at.get(row))
             if row_map[row] != MISSING and not (rule and rule.force):
                 continue
-            source = rule.source if rule else settings.default
-            fills[row] = _fill(source, row, maps, donor, merged)
+            if rule and rule.other is not None:
+                fills[row] = Fill(rows=((rule.source, others[rule.token]),))
+            else:
+                fills[row] = _fill(rule.source if rule else settings.default, row, maps,
+                                   donor, merged)
             row_map[row] = MISSING
         aligned = {n for n, i in m.source.tensors.items()
                    if _VOCAB.search(n) and i.shape and i.shape[0] == m.rows}
@@ -280,6 +309,24 @@ def _wrap(found: list[_Model], plan: VocabPlan, settings: VocabSettings, donor: 
                                        embedding_name(m.source))
     for key, source in wrapped.items():
         models[key].source = source
+
+
+def _other_row(rule: TokenRule, m: _Model, models: dict[str, Any], span: Span | None) -> int:
+    """The row of `m` that a `from` rule copies: its own id for the token named (mergekit
+    reads it from the model's own tokenizer, before any alignment), or the id given."""
+    what = f'vocab_tokens takes "{rule.token}" from the row of '
+    if isinstance(rule.other, str):
+        if rule.other not in m.vocab.tokens:
+            raise error(f'{what}"{rule.other}" of {m.display}, which does not have that token',
+                        span, hint=f"name a token of {m.display}'s own tokenizer, or give "
+                        "its id")
+        row = m.vocab.tokens[rule.other]
+    else:
+        row = rule.other
+    if not 0 <= row < m.rows:
+        raise error(f"{what}id {row} of {m.display}, whose embedding has {m.rows} rows", span,
+                    hint=f"an id from 0 to {m.rows - 1}")
+    return row
 
 
 def _fill(source: str, row: int, maps: dict[str, list[int]], donor: str | None,

@@ -89,6 +89,13 @@ def read_vocabulary(folder: Path, cache: dict | None = None) -> Vocabulary:
         path = folder / "vocab.txt"
         lines = path.read_text(encoding="utf-8").splitlines()
         tokens = {line: i for i, line in enumerate(lines)}
+    elif (folder / "tokenizer.model").is_file():
+        raise ModelFileError(
+            f"{folder} has only a sentencepiece tokenizer (tokenizer.model, no "
+            "tokenizer.json), whose vocabulary needs the sentencepiece library to read",
+            hint="convert it once to a fast tokenizer, which writes tokenizer.json: pip "
+            "install sentencepiece protobuf, then in Python: transformers.AutoTokenizer."
+            "from_pretrained(FOLDER).save_pretrained(FOLDER)")
     else:
         raise ModelFileError(
             f"{folder} has no tokenizer.json (nor vocab.json or vocab.txt), so its "
@@ -182,3 +189,17 @@ def write_output_tokenizer(out: Path, plan: Any, donor_folder: Path | None) -> N
             copy_tokenizer(out, plan.folder)
     elif plan.added:
         write_union(out, plan.folder, plan.added, plan.tokens)
+
+
+def vocab_size_updates(config: dict | None, rows: int) -> dict:
+    """The keys of config.json to replace so that it gives `rows` as the vocabulary size:
+    `vocab_size`, or where a multimodal model (Llava, Gemma 3) keeps it, in `text_config`
+    (both where a config has both). The result replaces whole top-level keys."""
+    config = config if isinstance(config, dict) else {}
+    text = config.get("text_config")
+    if not isinstance(text, dict) or "vocab_size" not in text:
+        return {"vocab_size": rows}
+    updates: dict = {"text_config": {**text, "vocab_size": rows}}
+    if "vocab_size" in config:
+        updates["vocab_size"] = rows
+    return updates
