@@ -1,0 +1,54 @@
+"""Each input kind takes its own files: a LoRA adapter or a compressed delta named with
+model(...) is a located error at the call that names it (exit 2, nothing written), not
+a "model" whose tensors are the adapter's factors or the delta's stored parts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.helpers import (
+    assert_error,
+    assert_nothing_written,
+    at,
+    mergelang,
+    run,
+    write,
+    write_hf_folder,
+)
+
+
+def base_and_fine_tune(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 6, generator=g),
+            "model.norm.weight": torch.ones(6)}
+    ft = {n: t + 0.25 for n, t in base.items()}
+    config = {"architectures": ["LlamaForCausalLM"]}
+    write_hf_folder(tmp_path / "base", base, config)
+    write_hf_folder(tmp_path / "ft", ft, config)
+
+
+def test_an_adapter_named_as_a_model_is_refused_at_the_call(tmp_path, capsys):
+    base_and_fine_tune(tmp_path)
+    made = mergelang(capsys, "extract", tmp_path / "ft", "--base", tmp_path / "base",
+                     "--rank", "1", "-o", tmp_path / "adapter")
+    assert made.code == 0, made.text
+    for named in ("adapter", "adapter/adapter_model.safetensors"):
+        script = write(tmp_path, f'output model("{named}")\n')
+        result = run(capsys, script, tmp_path / "out")
+        assert_error(result, at(script, 1, 14), f'"{named}"', "LoRA adapter",
+                     hint="lora(")
+        assert_nothing_written(tmp_path / "out")
+
+
+def test_a_delta_named_as_a_model_is_refused_at_the_call(tmp_path, capsys):
+    base_and_fine_tune(tmp_path)
+    made = mergelang(capsys, "compress", tmp_path / "ft", "--base", tmp_path / "base",
+                     "--density", "0.5", "-o", tmp_path / "task.delta")
+    assert made.code == 0, made.text
+    script = write(tmp_path, 'b = model("base")\noutput b + model("task.delta")\n')
+    result = run(capsys, script, tmp_path / "out")
+    assert_error(result, at(script, 2, 18), '"task.delta"', "compressed task vector",
+                 hint="delta(")
+    assert_nothing_written(tmp_path / "out")
