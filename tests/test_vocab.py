@@ -454,3 +454,169 @@ def test_a_delta_made_before_the_rows_were_aligned_is_refused_at_its_call(models
     assert_error(result, at(script, 4, 40), '"t.delta"', "another base",
                  "set vocab")
     assert_nothing_written(tmp_path / "out")
+
+
+# --- a row from another token (mergekit's `model_token`) --------------------------------
+
+
+def test_a_row_from_another_token_of_a_model(tmp_path, models):
+    out = merge(tmp_path, models, """
+set vocab = "union"
+base = model("MODELS/base")
+a = model("MODELS/a")
+b = model("MODELS/b")
+set vocab_tokens = [["<|im|>", a, "from", "</s>"], ["zebra", b, "from", 3, "force"]]
+output linear(base, a, b)
+""")
+    merged = load_file(str(out / "model.safetensors"))
+    vocab = rows(out)[0]
+    folders = [models / n for n in ("base", "a", "b")]
+    b_state = load_file(str(folders[2] / "model.safetensors"))
+    for name in (EMBED, HEAD):
+        # <|im|>: b has it and keeps its row; base and a lack it and take a's "</s>" row,
+        # found through a's own tokenizer
+        expected = (2 * row(folders[1], "</s>", name) + row(folders[2], "<|im|>", name)) / 3
+        torch.testing.assert_close(merged[name][vocab["<|im|>"]], expected, rtol=0,
+                                   atol=1e-6)
+        # zebra, forced: every model takes row 3 of b's own tensor
+        torch.testing.assert_close(merged[name][vocab["zebra"]], b_state[name][3], rtol=0,
+                                   atol=1e-6)
+        assert not torch.equal(b_state[name][3], row(folders[2], "zebra", name))
+
+
+@pytest.mark.parametrize(("rule", "words", "hint"), [
+    ('["zebra", a, "from", "<nope>"]', ('"<nope>"', "does not have that token"),
+     "own tokenizer"),
+    ('["zebra", a, "from", 99]', ("id 99", "13 rows"), "from 0 to 12"),
+    ('["zebra", a, "from"]', ("each entry of vocab_tokens", '"from"'), "set vocab_tokens"),
+    ('["zebra", "zero", "from", "x"]', ("each entry of vocab_tokens",), "set vocab_tokens"),
+    ('["zebra", n, "from", "x"]', ("has no embedding to take rows from",), "with an "
+     "embedding"),
+])
+def test_bad_rows_from_another_token(tmp_path, models, capsys, rule, words, hint):
+    write_model(tmp_path / "n", {"model.layers.0.mlp.weight": torch.ones(2, 2)})
+    script = script_of(tmp_path, models, 'set vocab = "union"\nbase = model("MODELS/base")\n'
+                       f'a = model("MODELS/a")\nn = model("{tmp_path}/n")\n'
+                       f"set vocab_tokens = [{rule}]\noutput linear(base, a)\n")
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 5, 20), None, *words,
+                 hint=hint)
+    assert_nothing_written(tmp_path / "out")
+
+
+# --- a multimodal config.json: the vocabulary size in text_config ------------------------
+
+
+VISION = {"model_type": "clip_vision_model", "hidden_size": 8, "num_attention_heads": 2,
+          "intermediate_size": 16, "num_hidden_layers": 1}
+
+
+def multimodal(folder: Path, source: Path, top_level: bool) -> Path:
+    """A copy of `source` whose config.json is hand-written as Llava's and Gemma 3's are:
+    the language model's settings, vocab_size among them, inside `text_config`."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    text = json.loads((source / "config.json").read_text())
+    config = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
+              "image_token_index": 5, "text_config": text,
+              "vision_config": VISION}
+    if top_level:
+        config["vocab_size"] = text["vocab_size"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+@pytest.mark.parametrize("top_level", [False, True])
+def test_vocab_size_inside_text_config(tmp_path, models, top_level):
+    base = multimodal(tmp_path / "mm_base", models / "base", top_level)
+    multimodal(tmp_path / "mm_a", models / "a", top_level)
+    assert json.loads((base / "config.json").read_text())["text_config"]["vocab_size"] == 11
+    out = merge(tmp_path, tmp_path, """
+set vocab = "union"
+base = model("MODELS/mm_base")
+a = model("MODELS/mm_a")
+output linear(base, a)
+""")
+    config = json.loads((out / "config.json").read_text())
+    rows_out = load_file(str(out / "model.safetensors"))[EMBED].shape[0]
+    assert rows_out == len(rows(out)[0]) == 13
+    assert config["text_config"]["vocab_size"] == rows_out
+    assert config["text_config"]["num_hidden_layers"] == 2   # the rest is kept
+    assert config["vision_config"] == VISION
+    assert ("vocab_size" in config) == top_level
+    if top_level:
+        assert config["vocab_size"] == rows_out
+
+
+# --- a sentencepiece tokenizer without tokenizer.json ----------------------------------
+
+
+def test_sentencepiece_only_tokenizer_names_the_conversion(tmp_path, models, capsys):
+    import shutil
+
+    sp = tmp_path / "sp"
+    sp.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        shutil.copyfile(models / "a" / name, sp / name)
+    (sp / "tokenizer.model").write_bytes(b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02")
+    script = script_of(tmp_path, models, f'set vocab = "union"\nbase = model("MODELS/base")\n'
+                       f'sp = model("{sp}")\noutput linear(base, sp)\n')
+    assert_error(run(capsys, script, tmp_path / "out"), at(script, 3, 12), None,
+                 "only a sentencepiece tokenizer", "tokenizer.model",
+                 hint="pip install sentencepiece protobuf")
+    assert_nothing_written(tmp_path / "out")
+
+
+# --- set vocab with a layer stack, and on a cluster -------------------------------------
+
+
+def test_set_vocab_with_a_layer_stack(tmp_path, models):
+    out = merge(tmp_path, models, """
+set vocab = "union"
+base = model("MODELS/base")
+deep = model("MODELS/deep")
+output stack(base.layers[0:2], deep.layers[1:3])
+""")
+    merged = load_file(str(out / "model.safetensors"))
+    vocab = rows(out)[0]
+    base, deep = models / "base", models / "deep"
+    assert set(vocab) == set(rows(base)[0]) | {"<x>"} and merged[EMBED].shape == (12, 8)
+    for token, index in vocab.items():
+        # the embedding is the first slice's (base's; <x> from deep, the one that has it),
+        # the head the last slice's (deep's), each by token string
+        expected = row(base, token, EMBED)
+        expected = row(deep, token, EMBED) if expected is None else expected
+        torch.testing.assert_close(merged[EMBED][index], expected, rtol=0, atol=0)
+        torch.testing.assert_close(merged[HEAD][index], row(deep, token, HEAD), rtol=0, atol=0)
+    state = rows(deep)[1]
+    for out_layer, deep_layer in ((2, 1), (3, 2)):
+        key = "model.layers.{}.mlp.up_proj.weight"
+        assert torch.equal(merged[key.format(out_layer)], state[key.format(deep_layer)])
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["vocab_size"] == 12
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    assert model(torch.tensor([[vocab["<x>"], vocab["cat"]]])).logits.shape == (1, 2, 12)
+
+
+def test_set_vocab_on_a_cluster_of_two_workers(tmp_path, models, capsys):
+    """`--workers 2`: each worker process compiles the script again and aligns the rows
+    itself; the output is the local run's, byte for byte, tokenizer included."""
+    pytest.importorskip("distributed")
+    from mergelang.cli import main
+
+    text = ('set vocab = "union"\nbase = model("MODELS/base")\na = model("MODELS/a")\n'
+            'b = model("MODELS/b")\noutput linear(base, a, b, weights=[1, 2, 3])\n')
+    script = script_of(tmp_path, models, text)
+    local = tmp_path / "local"
+    mergelang.load(script).run(local, shard_size="1KB")
+    threads = torch.get_num_threads()
+    try:
+        assert main(["run", str(script), "-o", str(tmp_path / "out"), "--workers", "2",
+                     "--shard-size", "1KB", "--quiet"]) == 0, capsys.readouterr().err
+    finally:
+        torch.set_num_threads(threads)
+    names = sorted(p.name for p in local.iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    for name in names:
+        assert (local / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
