@@ -54,6 +54,7 @@ class Summary:
     output_bytes: int
     peak_bytes: int
     copied: int  # non-float tensors copied as they are
+    warnings: tuple[Diagnostic, ...] = ()  # found binding and planning (check prints them)
 
 
 class Program:
@@ -154,7 +155,8 @@ class Program:
                         write = adapter_writer(form, out_dtype, cluster)
                     warnings = write(self, p, folder, device, shard_bytes, strict, progress,
                                      budget, order)
-                return [Diagnostic(n, severity="warning") for n in output.notes] + warnings
+                return [Diagnostic(n, severity="warning") for n in output.notes] \
+                    + p.warnings + warnings
             except ModelFileError as exc:
                 raise error(exc.message, None, hint=exc.hint) from None
 
@@ -238,6 +240,7 @@ def summarize(p: Plan) -> Summary:
         peak_bytes=max((k.working_set(p.compute_dtype.itemsize) for k in schedule(p)),
                        default=0),
         copied=sum(t.copy_only for t in p.tensors),
+        warnings=tuple(p.warnings),
     )
 
 

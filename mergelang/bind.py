@@ -10,16 +10,16 @@ in the script.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
-from .diagnostics import Span, error
+from .diagnostics import Diagnostic, Span, error
 from .io.errors import ModelFileError
 from .io.read import TensorInfo
-from .io.sources import is_derived, open_source, split_key
+from .io.sources import frame_of, is_derived, key_options, open_source, split_key
 from .ir import Op, nodes_of
 from .lower import Lowered, ModelRef
 from .vocab import VocabPlan, align
@@ -105,6 +105,7 @@ class Bound:
     models: dict[str, BoundModel]
     donor: BoundModel | None
     vocab: VocabPlan | None = None   # with `set vocab`: the output's vocabulary
+    warnings: list[Diagnostic] = field(default_factory=list)
 
     def close(self) -> None:
         for model in self.models.values():
@@ -193,7 +194,7 @@ def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bou
         merged = {n.attr for n in nodes_of(lowered.output, Op.MODEL)} \
             if lowered.output is not None else set(opened)
         vocab = align(lowered.vocab, plain, lowered.donor, merged)
-        frame = [model.source for model in plain.values()]  # aligned to the output's vocabulary
+        frame = {key: model.source for key, model in plain.items()}  # aligned to the vocabulary
         models = {key: plain.get(key) or _bound(key, ref, opened[key], sources, frame,
                                                   aligned=vocab is not None)
                   for key, ref in lowered.models.items()}
@@ -202,16 +203,30 @@ def bind(lowered: Lowered, sources: dict[str, ModelSource] | None = None) -> Bou
             source.close()
         raise
     donor = models.get(lowered.donor) if lowered.donor else None
-    return Bound(lowered, models, donor, vocab)
+    warnings = [_measured_against(list(plain.values()), m) for key, m in models.items()
+                if key not in plain and len(plain) > 1 and "base" not in key_options(key)
+                and getattr(m.source, "needs_base", False)]
+    return Bound(lowered, models, donor, vocab, warnings)
+
+
+def _measured_against(plain: list[BoundModel], adapter: BoundModel) -> Diagnostic:
+    """The warning for an adapter measured against the first of several models by
+    default: which model that is, and how to name another."""
+    others = ", ".join(m.display for m in plain[1:4]) + (", ..." if len(plain) > 4 else "")
+    return Diagnostic(
+        f"{adapter.display} saves modules whole (modules_to_save), and its change to them "
+        f"is measured against the script's first model, {plain[0].display}, not {others}",
+        adapter.ref.span, severity="warning",
+        hint=f'if it was trained on another, name it: lora("{adapter.display}", base=MODEL)')
 
 
 def _bound(key: str, ref: ModelRef, source: ModelSource, given: dict[str, ModelSource],
-           frame: list[ModelSource] | None = None, aligned: bool = False) -> BoundModel:
-    """One input, checked; a derived one first attached to the plain models (`frame`,
-    `aligned` when `set vocab` re-rowed them)."""
+           frame: dict[str, ModelSource] | None = None, aligned: bool = False) -> BoundModel:
+    """One input, checked; a derived one first attached to plain models (`frame`, key ->
+    source: its `base=`, else all of them; `aligned` when `set vocab` re-rowed them)."""
     try:
         if frame is not None:
-            source.attach(frame)
+            source.attach(frame_of(key, frame))
         if key not in given:
             check_tensors(source)
         return BoundModel(key, ref, source, count_layers(source))

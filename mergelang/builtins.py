@@ -64,7 +64,10 @@ BUILTINS: dict[str, Builtin] = dict([
              "script's folder.", SigParam("path", True)),
     _builtin("lora", "A PEFT LoRA adapter folder as the change it makes to its model: "
              "scale * B @ A on each module it adapts, zero elsewhere (so model(\"base\") + "
-             "lora(\"adapter\") is the adapted model).", SigParam("path", True)),
+             "lora(\"adapter\") is the adapted model). `base`: the model it was trained on "
+             "(its tensor names and shapes, and what saved modules are measured against); "
+             "default: the script's first model.", SigParam("path", True),
+             SigParam("base", False, keyword_only=True)),
     _builtin("delta", "A compressed task vector written by `mergelang compress`, as the "
              "dense change it makes (so model(\"base\") + delta(\"math.delta\") is the "
              "fine-tune, approximately); its base is checked by content.",

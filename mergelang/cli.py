@@ -200,6 +200,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
 def _check(args: argparse.Namespace, console: Console) -> int:
     program = cli_params.load(args)
     summary = program.check()
+    _report(console, list(summary.warnings))
     out = Console(highlight=False)
     out.print(f"ok: {args.script}")
     if params := cli_params.params_line(program):

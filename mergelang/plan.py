@@ -120,7 +120,8 @@ def plan(bound: Bound, params: dict[str, Any] | None = None,
     if not tensors:
         raise error("the output has no tensors: no tensor name is in every model it uses",
                     lowered.output.span)
-    return Plan(bound, tensors, COMPUTE_DTYPES[lowered.dtype], lowered.seed, num_layers)
+    return Plan(bound, tensors, COMPUTE_DTYPES[lowered.dtype], lowered.seed, num_layers,
+                list(bound.warnings))
 
 
 def scalar_for(bound: Bound, node: Node, name: str, params: dict[str, Any] | None = None

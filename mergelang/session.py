@@ -41,7 +41,7 @@ from .execute import Collector, execute
 from .extraction.form import refuse_outside_scripts
 from .io.errors import ModelFileError
 from .io.read import TensorInfo
-from .io.sources import is_derived, open_source
+from .io.sources import frame_of, is_derived, open_source
 from .ir import SHAPE_RULES, TENSOR, Builder, Node, Op, static_args, tensor_args, walk
 from .lower import Lowered, ModelRef, lower
 from .ops import PRIMITIVES
@@ -225,8 +225,8 @@ class Session:
 
     def _open(self, lowered: Lowered) -> None:
         """Open the models not opened yet, checking them as bind would. A derived input
-        (an adapter) is attached once the plain models are open, to the session's
-        first plain model, and stays attached to it."""
+        (an adapter) is attached once the plain models are open, to its `base=` or the
+        session's first plain model, and stays attached to it."""
         new = [(key, ref) for key, ref in lowered.models.items() if key not in self.sources]
         opened = {}
         for key, ref in new:
@@ -241,7 +241,8 @@ class Session:
             source = opened[key]
             try:
                 if is_derived(source):
-                    source.attach([s for s in self.sources.values() if not is_derived(s)])
+                    source.attach(frame_of(key, {k: s for k, s in self.sources.items()
+                                                 if not is_derived(s)}))
                 check_tensors(source)
                 count_layers(source)
             except ModelFileError as exc:

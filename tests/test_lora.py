@@ -399,3 +399,131 @@ def test_inputs_that_are_not_adapters_are_located_errors(models, tmp_path, capsy
     alone = write(tmp_path, f'output lora("{models / "rslora"}")\n', "alone.merge")
     assert_error(cli(capsys, "check", alone), at(alone, 1, 13), None, "no model(...)",
                  hint='model("base") + lora("adapter")')
+
+
+# --- base=: the model an adapter is measured against -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def on_c(models) -> Path:
+    """An adapter PEFT made on the fine-tune c (not on base), lm_head saved whole."""
+    return make_adapter(models / "c", models / "on_c", 40, r=2, lora_alpha=4,
+                        target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])
+
+
+def test_base_names_the_model_an_adapter_with_saved_modules_is_measured_against(
+        models, on_c, tmp_path, capsys):
+    """The same adapter against each of two models: each half is PEFT's merge_and_unload
+    of the adapter into that model (the saved lm_head replaces each model's own), so the
+    two are two inputs; and no warning, as each names its base."""
+    base, c = models / "base", models / "c"
+    script = write(tmp_path, f'a = model("{base}")\nb = model("{c}")\n'
+                   f'output 0.5 * (a + lora("{on_c}", base=a)) '
+                   f'+ 0.5 * (b + lora("{on_c}", base=b))\n')
+    out = tmp_path / "merged"
+    result = run(capsys, script, out)
+    assert result.code == 0 and "warning:" not in result.text, result.text
+    written = load_file(str(out / "model.safetensors"))
+    on_base = peft_merged(base, on_c).state_dict()
+    on_fine = peft_merged(c, on_c).state_dict()
+    assert set(written) == set(on_fine)
+    for name, tensor in written.items():
+        torch.testing.assert_close(tensor, 0.5 * on_base[name] + 0.5 * on_fine[name],
+                                   msg=name)
+    saved = load_file(str(on_c / "adapter_model.safetensors"))
+    head = next(t for n, t in saved.items() if "lm_head" in n)
+    assert torch.equal(on_fine["lm_head.weight"], head)  # PEFT: the saved module, whole
+    assert mergelang.load(script).check().warnings == ()
+
+
+def test_an_adapter_with_saved_modules_on_a_second_model_needs_base(models, on_c, tmp_path,
+                                                                    capsys):
+    """Without base= the saved lm_head is measured against the first model: check warns,
+    at the lora call, and says how to name the other; with base= the result is PEFT's."""
+    base, c = models / "base", models / "c"
+    text = (f'a = model("{base}")\nb = model("{c}")\n'
+            f'output 0 * a + b + lora("{on_c}"{{}})\n')
+    script = write(tmp_path, text.format(""))
+    result = cli(capsys, "check", script)
+    assert result.code == 0, result.text
+    column = len('output 0 * a + b + lora(') + 1
+    assert f"warning: {on_c} saves modules whole (modules_to_save)" in result.text
+    assert f"--> {at(script, 3, column)}\n" in result.text
+    assert f"measured against the script's first model, {base}, not {c}" in result.text
+    assert f'= help: if it was trained on another, name it: lora("{on_c}", base=MODEL)' \
+        in result.text
+    with mergelang.load(script).plan() as p:
+        got = run_all(p.only(["lm_head.weight"]), budget=10**9)
+    want = peft_merged(c, on_c).state_dict()["lm_head.weight"]
+    original = load_file(str(base / "model.safetensors"))["lm_head.weight"]
+    fine = load_file(str(c / "model.safetensors"))["lm_head.weight"]
+    torch.testing.assert_close(got["lm_head.weight"], fine + want - original)  # the default
+    fixed = write(tmp_path, text.format(", base=b"), "fixed.merge")
+    result = cli(capsys, "check", fixed)
+    assert result.code == 0 and "warning:" not in result.text, result.text
+    with mergelang.load(fixed).plan() as p:
+        got = run_all(p, budget=10**9)
+    for name, tensor in peft_merged(c, on_c).state_dict().items():
+        torch.testing.assert_close(got[name], tensor, msg=name)
+
+
+def test_no_warning_where_the_first_model_is_the_only_measure(models, on_c, tmp_path, capsys):
+    base, c = models / "base", models / "c"
+    cases = {  # one model; an adapter saving nothing, beside two models
+        "one": f'output model("{c}") + lora("{on_c}")\n',
+        "nothing saved": f'output model("{base}") + 0 * model("{c}") '
+                         f'+ lora("{models / "patterns"}")\n',
+    }
+    for name, text in cases.items():
+        result = cli(capsys, "check", write(tmp_path, text, f"{name}.merge"))
+        assert result.code == 0 and "warning:" not in result.text, result.text
+
+
+BAD_BASES = {  # base= value -> (the message's words, the hint's)
+    'lora("ADAPTER")': (["base must be a model(...) of the script", "not lora(...)"],
+                        'base=b, where b = model("b")'),
+    "[a, b]": (["not a list of 2"], "base=b"),
+    "1": (["not the number 1"], "base=b"),
+    '"BASE"': (['not the string "BASE"'], 'base=model("BASE")'),
+    "a - b": (["not a tensor computed from models"], "base=b"),
+    "a.layers[0:1]": (["not a tensor computed from models"], "base=b"),
+}
+
+
+@pytest.mark.parametrize("value", BAD_BASES)
+def test_a_bad_base_is_a_located_error(models, on_c, tmp_path, capsys, value):
+    words, hint = BAD_BASES[value]
+    value = value.replace("ADAPTER", str(models / "patterns")).replace("BASE", str(models / "c"))
+    words = [w.replace("BASE", str(models / "c")) for w in words]
+    hint = hint.replace("BASE", str(models / "c"))
+    script = write(tmp_path, f'a = model("{models / "base"}")\nb = model("{models / "c"}")\n'
+                   f'output b + lora("{on_c}", base={value})\n')
+    out = tmp_path / "out"
+    column = len(f'output b + lora("{on_c}", base=') + 1
+    for result in (cli(capsys, "check", script), run(capsys, script, out)):
+        assert_error(result, at(script, 3, column), value, *words, hint=hint)
+    assert_nothing_written(out)
+
+
+def test_base_is_a_keyword_of_lora_only(models, on_c, tmp_path, capsys):
+    for i, call in enumerate([f'lora("{on_c}", a)', f'model("{models / "c"}", base=a)']):
+        script = write(tmp_path, f'a = model("{models / "base"}")\noutput a + {call}\n',
+                       f"s{i}.merge")
+        words = ["takes 1 positional argument"] if i == 0 else ['no parameter "base"']
+        assert_error(cli(capsys, "check", script), None, None, *words)
+
+
+def test_the_repl_attaches_an_adapter_to_its_base(models, on_c, tmp_path):
+    base, c = models / "base", models / "c"
+    session = Session(tmp_path / "session.merge")
+    try:
+        session.define(parse(f'a = model("{base}")\nb = model("{c}")\n'))
+        session.define(parse(f'x = lora("{on_c}", base=b)\n'))
+        lowered = session.lower(parse_expression("b + x").statements[0].value)
+        p = session.plan(lowered, names=["lm_head.weight",
+                                         "model.layers.0.self_attn.q_proj.weight"])
+        want = peft_merged(c, on_c).state_dict()
+        for t in p.tensors:
+            torch.testing.assert_close(session.compute(p, t).to(t.out_dtype), want[t.name])
+    finally:
+        session.close()

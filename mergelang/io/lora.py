@@ -8,9 +8,11 @@ file (`modules_to_save`, embedding layers saved whole) replace the model's.
 
 So the adapter denotes a delta, tensor by tensor: `scale * B @ A` on every targeted
 weight, `saved - M` on a saved one, zero on every other tensor of the model, where M
-is the model it is attached to: bind attaches it to the first plain `model(...)` of the
-program (the REPL: the first model of the session), which gives the tensor names and
-shapes; `M + lora(...)` is then what PEFT's merge makes of M. Nothing of the model is
+is the model it is attached to: the model `lora("x", base=m)` names, else the first
+plain `model(...)` of the program (the REPL: the first model of the session), which
+gives the tensor names and shapes; `M + lora(...)` is then what PEFT's merge makes of
+M. Only saved modules depend on M's values (`needs_base`): bind warns when such an
+adapter is measured against the first of several models by default. Nothing of the model is
 held: each delta (or a block of its rows) is computed when the executor asks for it,
 from the few MB of A and B, as the float32 rounding of an exact product (`factors`,
 `exact_product`), so its bytes do not depend on the rows asked for or the threads.
@@ -81,10 +83,17 @@ class LoraSource:
         self.model: Any = None
         self._parts: dict[str, _Part] = {}
 
+    @property
+    def needs_base(self) -> bool:
+        """Whether the delta depends on the values of the model it is attached to, not
+        only its names and shapes: a module saved whole is measured against them."""
+        return bool(self.saved)
+
     def attach(self, frame: list[Any]) -> None:
-        """Take the tensor names and shapes of the first model of `frame`; an adapter
-        is attached once (a REPL session attaches it when it is first named). Raises
-        ModelFileError, naming the module, for an adapter that does not fit."""
+        """Take the tensor names and shapes of the first model of `frame` (its `base=`,
+        else the program's plain models in order); an adapter is attached once (a REPL
+        session attaches it when it is first named). Raises ModelFileError, naming the
+        module, for an adapter that does not fit."""
         if self.model is not None:
             return
         if not frame:

@@ -15,7 +15,7 @@ from ..diagnostics import MergeError, Span, error, in_stdlib
 from ..extraction.form import elsewhere as extract_lora_elsewhere
 from ..io.delta import KIND as DELTA
 from ..io.lora import KIND as LORA
-from ..io.sources import source_key
+from ..io.sources import MODEL, source_key, split_key
 from ..ir import SCALAR, TENSOR, Node, Op
 from ..ops import REQUIRED, Param, Primitive
 from .values import ModelRef, Value, broadcast2, describe, is_number, is_sliced, is_tensor
@@ -119,17 +119,38 @@ def user_facing_call(frame: Frame) -> str | None:
 
 def input_builtin(kind: str, example: str) -> Callable[..., Value]:
     """The built-in that names an input of `kind` (io/sources.py): `model("x")`,
-    `lora("x")`, ... The path is relative to the script's folder."""
-    def named(lo: Lowerer, node: ast.Call, frame: Frame, path: Value) -> Value:
+    `lora("x")`, ... The path is relative to the script's folder. `base=` (only `lora`
+    declares it) names the plain model the input is measured against: its key goes
+    into the input's key."""
+    def named(lo: Lowerer, node: ast.Call, frame: Frame, path: Value,
+              base: Value = None) -> Value:
         if not isinstance(path, str):
             raise error(f"{kind}() takes a path string, not {describe(path)}",
                         node.args[0].span, hint=f'e.g. {kind}("{example}")')
         source_path = node.span.source.path
-        base = source_path.parent if source_path is not None else Path.cwd()
-        key = source_key(kind, _model_key(base / path))
+        folder = source_path.parent if source_path is not None else Path.cwd()
+        options = {"base": _base_key(lo, node, frame, kind, base)} if base is not None else None
+        key = source_key(kind, _model_key(folder / path), options)
         lo.models.setdefault(key, ModelRef(path, node.args[0].span))
         return lo.b.make(Op.MODEL, (), key, TENSOR, node.span)
     return named
+
+
+def _base_key(lo: Lowerer, node: ast.Call, frame: Frame, kind: str, base: Value) -> str:
+    """The key of the plain model `base=` names; anything else is a located error."""
+    if isinstance(base, Node) and base.op is Op.MODEL and split_key(base.attr)[0] == MODEL:
+        return base.attr
+    if isinstance(base, Node) and base.op is Op.MODEL:
+        what = f"{split_key(base.attr)[0]}(...), which is itself a change to a model"
+    elif is_tensor(base):
+        what = "a tensor computed from models"
+    else:
+        what = describe(base)
+    expr = next(kw.value for kw in node.kwargs if kw.name == "base")
+    example = f'model("{base}")' if isinstance(base, str) else "b, where b = model(\"b\")"
+    raise error(f"{kind}(): base must be a model(...) of the script, not {what}",
+                lo.user_span(expr, node, frame),
+                hint=f"name the one model the adapter was trained on: base={example}")
 
 
 def _model_key(path: Path) -> str:
