@@ -133,6 +133,7 @@ tokenizer_source: base
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 11
 
 
+MT = "merge_method: linear\nmodels:\n  - model: a\ntokenizer:\n  tokens:\n    x: {source: "
 BAD = [
     ("merge_method: linear\nmodels:\n  - model: a\ntokenizer_source: base\n",
      "base needs a base_model", ":4:1"),
@@ -144,6 +145,15 @@ BAD = [
      "must map each token", ":5:11"),
     ("merge_method: linear\nmodels:\n  - model: a\ntokenizer:\n  tokens:\n    x: {force: true}\n",
      'the token "x" has no `source:`', ":6:8"),
+    (MT + "{kind: model_token, token: y}}\n", "a model_token source needs `model:`", ":6:17"),
+    (MT + "{kind: model_token, model: a}}\n", "one of `token:` or `token_id:`", ":6:17"),
+    (MT + "{kind: model_token, model: a, token: y, token_id: 1}}\n",
+     "one of `token:` or `token_id:`", ":6:57"),
+    (MT + "{kind: model_token, model: a, token_id: -1}}\n", "token_id must be a whole number",
+     ":6:57"),
+    (MT + "{kind: model_token, model: c, token: y}}\n",
+     '"x" takes its row from "c", which is not merged', ":6:5"),
+    (MT + "{kind: other}}\n", 'unknown token source kind "other"', ":6:24"),
 ]
 
 
@@ -153,3 +163,38 @@ def test_bad_tokenizer_configs(config, message, where):
         convert(config, "bad.yml")
     text = str(info.value)
     assert message in text and f"bad.yml{where}" in text, text
+
+
+def test_model_token_sources_take_another_tokens_row(tmp_path, folder):
+    """mergekit's `kind: model_token`: a token a model lacks (or, forced, every model)
+    gets the row of another token of the model named, by its string (looked up in that
+    model's own tokenizer) or by its id."""
+    text, out = convert_and_run(tmp_path, folder, """\
+merge_method: linear
+models:
+  - model: base
+    parameters: {weight: 1.0}
+  - model: a
+    parameters: {weight: 3.0}
+tokenizer:
+  source: union
+  tokens:
+    <x>:
+      source: {kind: model_token, model: a, token: "</s>"}
+    cat:
+      source: {kind: model_token, model: base, token_id: 7}
+      force: true
+""")
+    assert '["<x>", a, "from", "</s>"]' in text and '["cat", base, "from", 7, "force"]' in text
+    merged = load_file(str(out / "model.safetensors"))
+    vocab = transformers.AutoTokenizer.from_pretrained(str(out)).get_vocab()
+    base, a = folder / "base", folder / "a"
+    base_state = load_file(str(base / "model.safetensors"))
+    for name in (EMBED, HEAD):
+        # <x>: a has it; the base lacks it and takes a's "</s>" row
+        expected = (row(a, "</s>", name) + 3 * row(a, "<x>", name)) / 4
+        torch.testing.assert_close(merged[name][vocab["<x>"]], expected, rtol=0, atol=1e-6)
+        # cat, forced: both models take row 7 (a) of the base's own tensor
+        torch.testing.assert_close(merged[name][vocab["cat"]], base_state[name][7], rtol=0,
+                                   atol=1e-6)
+        assert not torch.equal(base_state[name][7], row(base, "cat", name))

@@ -84,6 +84,7 @@ class TokenSource:
     ref: ModelRef | None   # None: mergekit's `kind: zero`
     force: bool
     node: yaml.Node
+    other: str | int | None = None   # `kind: model_token`: the model's `token` or `token_id`
 
 
 @dataclass
@@ -388,11 +389,34 @@ def _tokens(read: Reader, node: yaml.Node) -> tuple[TokenSource, ...]:
             kind = read.mapping(source, "a token source", ("kind", "model", "token",
                                                              "token_id"))
             name = read.scalar(kind["kind"][1])
+            if name == "model_token":
+                ref, other = _model_token(read, kind, source)
+                found.append(TokenSource(token, ref, force, key, other))
+                continue
             if name != "zero":
-                raise read.fail(f'a token source of kind "{name}" (another token\'s row) is '
-                                "not supported", kind["kind"][1],
-                                hint="take the token's own row from a model, or `kind: zero`")
+                raise read.fail(f'unknown token source kind "{name}"', kind["kind"][1],
+                                hint="mergekit takes: zero, model_token")
         else:
             ref = model_ref(read, source)
         found.append(TokenSource(token, ref, force, key))
     return tuple(found)
+
+
+def _model_token(read: Reader, entries: dict, node: yaml.Node) -> tuple[ModelRef, str | int]:
+    """`{kind: model_token, model: M, token: T}` or `token_id: N`: the row of another token
+    of M (exactly one of the two, as mergekit requires)."""
+    if "model" not in entries:
+        raise read.fail("a model_token source needs `model:`", node,
+                        hint="e.g. `{kind: model_token, model: chat_model, token: \"</s>\"}`")
+    given = [k for k in ("token", "token_id") if k in entries]
+    if len(given) != 1:
+        raise read.fail("a model_token source takes one of `token:` or `token_id:`",
+                        entries[given[1]][0] if given else node,
+                        hint="give the token's string, or its id in that model")
+    value_node = entries[given[0]][1]
+    if given[0] == "token":
+        return model_ref(read, entries["model"][1]), read.string(value_node, "a token")
+    value = read.scalar(value_node) if isinstance(value_node, yaml.ScalarNode) else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise read.fail("token_id must be a whole number >= 0", value_node)
+    return model_ref(read, entries["model"][1]), value

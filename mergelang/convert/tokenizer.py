@@ -54,7 +54,10 @@ def vocab_settings(translator: Any, tokenizer: Tokenizer, base: ModelRef | None)
                                      "`{kind: zero}`")
             source = at.name(translator._name(entry.ref, False)) if entry.ref is not None \
                 else at.lit("zero")
-            parts = [at.lit(entry.token), source] + ([at.lit("force")] if entry.force else [])
+            parts = [at.lit(entry.token), source]
+            if entry.other is not None:   # mergekit's `kind: model_token`
+                parts += [at.lit("from"), at.lit(entry.other)]
+            parts += [at.lit("force")] if entry.force else []
             items.append(ast.ListExpr(at.span, tuple(parts)))
         script.set("vocab_tokens", ast.ListExpr(make.span, tuple(items)),
                    "mergekit's tokenizer.tokens")
