@@ -52,3 +52,20 @@ def test_a_delta_named_as_a_model_is_refused_at_the_call(tmp_path, capsys):
     assert_error(result, at(script, 2, 18), '"task.delta"', "compressed task vector",
                  hint="delta(")
     assert_nothing_written(tmp_path / "out")
+
+
+def test_compress_of_an_adapter_or_against_a_delta_names_the_kind(tmp_path, capsys):
+    base_and_fine_tune(tmp_path)
+    assert mergelang(capsys, "extract", tmp_path / "ft", "--base", tmp_path / "base",
+                     "--rank", "1", "-o", tmp_path / "adapter").code == 0
+    assert mergelang(capsys, "compress", tmp_path / "ft", "--base", tmp_path / "base",
+                     "--density", "0.5", "-o", tmp_path / "task.delta").code == 0
+    adapter, delta = str(tmp_path / "adapter"), str(tmp_path / "task.delta")
+    for ft, base, points_at, words in (
+            (adapter, str(tmp_path / "base"), adapter, "LoRA adapter"),
+            (str(tmp_path / "ft"), delta, delta, "compressed task vector")):
+        out = tmp_path / "again.delta"
+        result = mergelang(capsys, "compress", ft, "--base", base, "--density", "0.5",
+                           "-o", out)
+        assert_error(result, None, points_at, words)
+        assert_nothing_written(out)

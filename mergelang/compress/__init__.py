@@ -50,7 +50,8 @@ from ..io.delta import (
 )
 from ..io.dtypes import dtype_name
 from ..io.errors import ModelFileError
-from ..io.read import SafetensorsModel, open_model
+from ..io.read import SafetensorsModel
+from ..io.sources import open_plain_model
 from ..schedule import DEFAULT_BUDGET
 from .encode import TensorFigures, encode_tensor
 from .writer import DeltaWriter
@@ -122,7 +123,7 @@ def compress(ft: str | Path, base: str | Path, out: str | Path, *,
     try:
         for key, path in (("--base", base), ("ft", ft)):
             try:
-                models.append(open_model(Path(path)))
+                models.append(open_plain_model(Path(path)))
             except ModelFileError as exc:
                 raise error(exc.message, at(key), hint=exc.hint) from None
         base_model, ft_model = models
