@@ -147,9 +147,13 @@ def test_model_plus_lora_is_a_model_plus_its_adapter():
               "  - model: {model: {path: b}, lora: {path: adapters/code}}\n"
               "    parameters: {weight: 0.5}\n")
     script = convert(config).script
-    assert 'math_lora = model("base") + lora("adapters/math-lora")' in script
-    assert 'code = model("b") + lora("adapters/code")' in script
+    # two models: each adapter names the model it is measured against
+    assert 'math_lora = base + lora("adapters/math-lora", base=base)' in script
+    assert 'b = model("b")\ncode = b + lora("adapters/code", base=b)' in script
     assert "task_arithmetic(math_lora - base, code - base" in " ".join(script.split())
+    one = convert("merge_method: linear\nmodels:\n  - model: a+la\n    parameters: {weight: 1}\n"
+                  "  - model: a\n    parameters: {weight: 1}\n").script
+    assert 'la = model("a") + lora("la")' in one  # one model: nothing to choose
 
 
 def test_model_plus_lora_runs_as_pefts_merge(tmp_path):
@@ -182,6 +186,43 @@ def test_model_plus_lora_runs_as_pefts_merge(tmp_path):
         torch.testing.assert_close(out[name], b + 0.5 * (merged[name] - b),
                                    atol=1e-6, rtol=1e-6)
     assert any(not torch.equal(out[n], base[n]) for n in base)
+
+
+def test_an_adapter_on_a_second_model_is_measured_against_it(tmp_path):
+    """`b+lb` where lb (PEFT, lm_head saved whole) was made on b, not on the base: mergekit
+    merges lb into b first, so the saved lm_head replaces b's. The script says base=b and
+    its result is the task arithmetic of PEFT's merge_and_unload of lb into b."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.LlamaConfig(hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=2, vocab_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for seed, name in enumerate(("base", "b")):
+            torch.manual_seed(seed)
+            transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+        adapted = peft.get_peft_model(model, peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+        with torch.no_grad():
+            for name, p in adapted.named_parameters():
+                if "lora_" in name or "modules_to_save" in name:
+                    p.normal_(0, 0.3)
+        adapted.save_pretrained(tmp_path / "lb")
+        merged = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b"),
+            tmp_path / "lb").merge_and_unload().state_dict()
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert not torch.equal(merged["lm_head.weight"], b["lm_head.weight"])
+    script, out = convert_and_run(tmp_path, "merge_method: task_arithmetic\nbase_model: base\n"
+                                  "models:\n  - model: b+lb\n    parameters: {weight: 0.5}\n")
+    assert 'lb = b + lora("lb", base=b)' in script
+    for name, x in base.items():
+        torch.testing.assert_close(out[name], x + 0.5 * (merged[name] - x), atol=1e-6,
+                                   rtol=1e-6, msg=name)
+    assert mergelang.load(tmp_path / "config.merge").check().warnings == ()
 
 
 # --------------------------------------------------------------------------------------

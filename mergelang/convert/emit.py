@@ -113,13 +113,17 @@ class Script:
         self.settings.append((ast.Set(value.span, key, value), comment))
 
     def model(self, name: str, path: str, span: Span, comment: str | None,
-              lora: str | None = None) -> None:
+              lora: str | None = None, base: str | None = None) -> None:
         """`name = model("path")`, or with mergekit's `path+lora` the adapted model
-        `model("path") + lora("adapter")`."""
+        `model("path") + lora("adapter")`; with `base` (the name of the plain model
+        `path`, where the script has several) `base + lora("adapter", base=base)`, so
+        that the adapter is measured against its own model, not the script's first."""
         make = Make(span)
-        value: ast.Expr = make.call("model", (make.lit(path),))
+        value: ast.Expr = make.call("model", (make.lit(path),)) if base is None \
+            else make.name(base)
         if lora is not None:
-            value = make.op(value, "+", make.call("lora", (make.lit(lora),)))
+            keywords = (("base", base),) if base is not None else ()
+            value = make.op(value, "+", make.call("lora", (make.lit(lora),), keywords))
         self.models.append((ast.Assign(span, name, value), comment))
 
     def bind(self, hint: str, value: ast.Expr, comment: str | None = None) -> ast.Name:

@@ -44,6 +44,7 @@ class Translator:
         self.notes: list[str] = []   # head comments, after the standard ones
         self.names: dict[tuple[str, str | None], str] = {}   # model key -> script name
         self.paths: dict[str, str] = {}   # model path -> its comment
+        self.plain: set[tuple[str, str | None]] = set()   # the models, adapters aside
 
     def run(self) -> str:
         """The script's text."""
@@ -103,6 +104,11 @@ class Translator:
         """The script's name for a model, given (with its `model(...)` line) on first use."""
         if ref.key in self.names:
             return self.names[ref.key]
+        plain = None  # the adapted model's own name, where the script has several models
+        if ref.lora is not None and len(self.plain) > 1:
+            model = ModelRef(ref.path, ref.revision, ref.node)
+            base = self.config.base
+            plain = self._name(model, base is not None and model.key == base.key)
         if is_base and "base" not in self.script.taken:
             name = "base"
         else:
@@ -117,7 +123,8 @@ class Translator:
             ([_HUB_NOTE] if self._local_dir(ref.path) is None and _HUB_ID.match(ref.path)
              else []) + ([f"revision {ref.revision}"] if ref.revision else []))
         self.paths.setdefault(ref.path, comment)
-        self.script.model(name, ref.path, self.read.span(ref.node), comment or None, ref.lora)
+        self.script.model(name, ref.path, self.read.span(ref.node), comment or None, ref.lora,
+                          plain)
         return name
 
     def _local_dir(self, path: str) -> Path | None:
@@ -159,6 +166,7 @@ class Translator:
             for s in slices[0].sources:
                 s.layer_range = None
         # names first, in the order the YAML gives the models (the base first)
+        self.plain = {(r.path, r.revision) for r in self._models()}
         if base is not None and method.base != "ignored":
             self._name(base, True)
         for s in slices:
@@ -189,6 +197,14 @@ class Translator:
                     f"slice_{index}", parts[index - 1],
                     f"slice {index}: layers {first[0]}-{first[1] - 1} of its models")
         return make.call("stack", tuple(parts))
+
+    def _models(self) -> list[ModelRef]:
+        """Every model the script names: the base (unless the method ignores it), each
+        slice's base and sources."""
+        config, used = self.config, self.method.base != "ignored"
+        bases = [config.base] if config.base is not None and used else []
+        bases += [s.base for s in config.slices if s.base is not None and used]
+        return bases + [src.model for s in config.slices for src in s.sources]
 
     def _whole_model(self, slices: list[SliceDef]) -> bool:
         """True for `models:`, and for one slice that is all of every source's layers
