@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.helpers import (
     assert_error,
@@ -16,6 +18,7 @@ from tests.helpers import (
     run,
     write,
     write_hf_folder,
+    write_model,
 )
 
 
@@ -69,3 +72,26 @@ def test_compress_of_an_adapter_or_against_a_delta_names_the_kind(tmp_path, caps
                            "-o", out)
         assert_error(result, None, points_at, words)
         assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("compression", [["--bits", "1"], ["--density", "0.5"]])
+def test_a_tensor_with_no_rows_compresses_and_applies_as_empty(tmp_path, capsys, compression):
+    g = torch.Generator().manual_seed(3)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 6, generator=g),
+            "model.empty.weight": torch.zeros(0, 6)}
+    ft = {n: t + 0.5 for n, t in base.items()}
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "ft", ft)
+    made = mergelang(capsys, "compress", tmp_path / "ft", "--base", tmp_path / "base",
+                     *compression, "-o", tmp_path / "task.delta")
+    assert made.code == 0, made.text
+    script = write(tmp_path, 'b = model("base")\noutput b + delta("task.delta")\n')
+    result = run(capsys, script, tmp_path / "out")
+    assert result.code == 0, result.text
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert out["model.empty.weight"].shape == (0, 6)
+    # every entry of the one matrix moved by 0.5: trim keeps half of them exactly;
+    # BitDelta's scale is mean |τ| = 0.5 with every sign +, so it is exact too
+    moved = out["model.layers.0.mlp.up_proj.weight"] - base["model.layers.0.mlp.up_proj.weight"]
+    expected = 8 * 6 if compression[0] == "--bits" else 8 * 6 // 2
+    assert int(torch.isclose(moved, torch.tensor(0.5)).sum()) == expected

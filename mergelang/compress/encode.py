@@ -57,7 +57,7 @@ def encode_tensor(entry: DeltaEntry, base: SafetensorsModel, ft: SafetensorsMode
     chunk_rows = max(1, min(rows, budget // max(1, row_numel * 4 * 8)))
     if entry.form in (SIGN, MASK):  # blocks start on a byte of bits
         step = 8 // math.gcd(row_numel or 8, 8)
-        chunk_rows = min(rows, -(-chunk_rows // step) * step)
+        chunk_rows = max(1, min(rows, -(-chunk_rows // step) * step))
     chunks = [(r, min(r + chunk_rows, rows)) for r in range(0, rows, chunk_rows)]
     whole = len(chunks) == 1
 
