@@ -788,8 +788,8 @@ def test_cli_prints_or_writes(tmp_path, capsys):
     ("merge_method: linear\nslices:\n  - sources:\n    - model: a\n      layer_range: [0, 2]\n"
      "    - model: b\n      layer_range: [0, 3]\n", "different numbers of layers", ":4:5"),
     ("merge_method: ties\nbase_model: c\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
-     "tokenizer:\n  source: base\n  tokens:\n    x:\n      source: {kind: model_token, model: a"
-     ", token: y}\n", 'kind "model_token"', ":10:22"),
+     "tokenizer:\n  source: base\n  tokens:\n    x:\n      source: {kind: model_token, model: b"
+     ", token: y}\n", '"x" takes its row from "b", which is not merged', ":9:5"),
 ])
 def test_bad_configs(config, message, where):
     with pytest.raises(mergelang.MergeError) as info:
