@@ -154,6 +154,9 @@ def test_model_plus_lora_is_a_model_plus_its_adapter():
     one = convert("merge_method: linear\nmodels:\n  - model: a+la\n    parameters: {weight: 1}\n"
                   "  - model: a\n    parameters: {weight: 1}\n").script
     assert 'la = model("a") + lora("la")' in one  # one model: nothing to choose
+    tokenizer = convert("merge_method: linear\nmodels:\n  - model: a+la\n"
+                        "    parameters: {weight: 1}\ntokenizer_source: c\n").script
+    assert 'la = a + lora("la", base=a)' in tokenizer  # c is a model of the script too
 
 
 def test_model_plus_lora_runs_as_pefts_merge(tmp_path):

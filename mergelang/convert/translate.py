@@ -199,12 +199,15 @@ class Translator:
         return make.call("stack", tuple(parts))
 
     def _models(self) -> list[ModelRef]:
-        """Every model the script names: the base (unless the method ignores it), each
-        slice's base and sources."""
+        """Every model the script may name: the base (unless the method ignores it and no
+        tokenizer setting names it), each slice's base and sources, the tokenizer's."""
         config, used = self.config, self.method.base != "ignored"
-        bases = [config.base] if config.base is not None and used else []
-        bases += [s.base for s in config.slices if s.base is not None and used]
-        return bases + [src.model for s in config.slices for src in s.sources]
+        tok = config.tokenizer
+        refs = [config.base] if used or tok is not None else []
+        refs += [s.base for s in config.slices if used]
+        refs += [src.model for s in config.slices for src in s.sources]
+        refs += [tok.ref, *(e.ref for e in tok.tokens)] if tok is not None else []
+        return [r for r in refs if r is not None]
 
     def _whole_model(self, slices: list[SliceDef]) -> bool:
         """True for `models:`, and for one slice that is all of every source's layers
