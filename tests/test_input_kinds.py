@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mergelang import MergeError, evaluate
 from tests.helpers import (
     assert_error,
     assert_nothing_written,
@@ -95,3 +96,19 @@ def test_a_tensor_with_no_rows_compresses_and_applies_as_empty(tmp_path, capsys,
     moved = out["model.layers.0.mlp.up_proj.weight"] - base["model.layers.0.mlp.up_proj.weight"]
     expected = 8 * 6 if compression[0] == "--bits" else 8 * 6 // 2
     assert int(torch.isclose(moved, torch.tensor(0.5)).sum()) == expected
+
+
+def test_a_delta_on_another_model_in_memory_names_it_in_words(tmp_path, capsys):
+    g = torch.Generator().manual_seed(5)
+    base = {"model.layers.0.mlp.up_proj.weight": torch.randn(8, 6, generator=g),
+            "model.norm.weight": torch.ones(6)}
+    write_model(tmp_path / "base", base)
+    write_model(tmp_path / "ft", {n: t + 0.5 for n, t in base.items()})
+    made = mergelang(capsys, "compress", tmp_path / "ft", "--base", tmp_path / "base",
+                     "--density", "0.5", "-o", tmp_path / "task.delta")
+    assert made.code == 0, made.text
+    other = dict(base, **{"model.norm.weight": torch.full((6,), 2.0)})
+    with pytest.raises(MergeError) as caught:
+        evaluate(f'a + delta("{tmp_path / "task.delta"}")', a=other)
+    message = caught.value.diagnostics[0].message
+    assert "the model given in memory" in message and "None" not in message

@@ -220,7 +220,7 @@ class DeltaSource:
         self._checked.update(e.name for e in small)
 
     def _other_bytes(self, name: str, models: list[Any]) -> str:
-        where = ", ".join(str(getattr(b, "path", None) or b.folder) for b in models)
+        where = ", ".join(_shown(b) for b in models)
         return (f"tensor {name!r} of {where} is not the one {self.path} was made against "
                 f"(the base {self.fields.get('base')}): its bytes differ, though the names, "
                 "shapes and dtypes agree")
@@ -443,9 +443,15 @@ def _ascending(file: SafetensorsModel, part: str, numel: int) -> bool:
     return previous < numel
 
 
+def _shown(model: Any) -> str:
+    """A model as a message names it: its path, or what it is when it has none (a
+    model given in memory to evaluate or an expression)."""
+    return str(getattr(model, "path", None) or model.folder or "the model given in memory")
+
+
 def _difference(recorded: dict[str, list], model: Any) -> str:
     """The first way `model`'s header differs from the base's, in words."""
-    where = str(getattr(model, "path", None) or model.folder or "the model")
+    where = _shown(model)
     for name, (shape, dtype) in recorded.items():
         info = model.tensors.get(name)
         if info is None:
