@@ -506,14 +506,20 @@ def test_bad_rows_from_another_token(tmp_path, models, capsys, rule, words, hint
 # --- a multimodal config.json: the vocabulary size in text_config ------------------------
 
 
+PATCH = "vision_tower.vision_model.embeddings.position_embedding.weight"
 VISION = {"model_type": "clip_vision_model", "hidden_size": 8, "num_attention_heads": 2,
           "intermediate_size": 16, "num_hidden_layers": 1}
 
 
 def multimodal(folder: Path, source: Path, top_level: bool) -> Path:
-    """A copy of `source` whose config.json is hand-written as Llava's and Gemma 3's are:
-    the language model's settings, vocab_size among them, inside `text_config`."""
+    """A copy of `source` laid out as Llava's and Gemma 3's checkpoints are: config.json
+    hand-written with the language model's settings, vocab_size among them, inside
+    `text_config`; the language model's tensors under `language_model.`, beside a vision
+    tensor whose first dimension happens to be the base's vocabulary size (not a vocabulary
+    tensor: it must be left as it is)."""
     import shutil
+
+    from safetensors.torch import save_file
 
     shutil.copytree(source, folder)
     text = json.loads((source / "config.json").read_text())
@@ -523,6 +529,9 @@ def multimodal(folder: Path, source: Path, top_level: bool) -> Path:
     if top_level:
         config["vocab_size"] = text["vocab_size"]
     (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state = {f"language_model.{k}": v for k, v in rows(source)[1].items()}
+    state[PATCH] = torch.arange(88.0).reshape(11, 8)   # the base's vocabulary size
+    save_file(state, str(folder / "model.safetensors"))
     return folder
 
 
@@ -538,14 +547,22 @@ a = model("MODELS/mm_a")
 output linear(base, a)
 """)
     config = json.loads((out / "config.json").read_text())
-    rows_out = load_file(str(out / "model.safetensors"))[EMBED].shape[0]
-    assert rows_out == len(rows(out)[0]) == 13
-    assert config["text_config"]["vocab_size"] == rows_out
+    merged = load_file(str(out / "model.safetensors"))
+    vocab = rows(out)[0]
+    assert merged["language_model." + EMBED].shape[0] == len(vocab) == 13
+    for token, index in vocab.items():   # rows by token string, under the prefix
+        expected = others(token, [models / "base", models / "a"], HEAD)
+        mine = [row(models / n, token, HEAD) for n in ("base", "a")]
+        mine = [expected if r is None else r for r in mine]
+        torch.testing.assert_close(merged["language_model." + HEAD][index],
+                                   (mine[0] + mine[1]) / 2, rtol=0, atol=1e-6)
+    assert torch.equal(merged[PATCH], torch.arange(88.0).reshape(11, 8))
+    assert config["text_config"]["vocab_size"] == 13
     assert config["text_config"]["num_hidden_layers"] == 2   # the rest is kept
     assert config["vision_config"] == VISION
     assert ("vocab_size" in config) == top_level
     if top_level:
-        assert config["vocab_size"] == rows_out
+        assert config["vocab_size"] == 13
 
 
 # --- a sentencepiece tokenizer without tokenizer.json ----------------------------------
