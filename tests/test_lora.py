@@ -21,6 +21,7 @@ import mergelang
 from mergelang.execute import run_tensor
 from mergelang.io.lora import exact_product, factors, grid_bits
 from mergelang.io.read import open_model
+from mergelang.io.sources import key_options, split_key
 from mergelang.repl import Repl
 from mergelang.schedule import schedule
 from mergelang.session import Session
@@ -527,3 +528,20 @@ def test_the_repl_attaches_an_adapter_to_its_base(models, on_c, tmp_path):
             torch.testing.assert_close(session.compute(p, t).to(t.out_dtype), want[t.name])
     finally:
         session.close()
+
+
+def test_an_adapters_key_holds_its_base(models, on_c, tmp_path):
+    """One input per adapter and base: the same base however it is reached (a name, a
+    second spelling of its path) is one input; another base is another."""
+    base, c = models / "base", models / "c"
+    script = write(tmp_path, f'a = model("{base}")\nb = model("{c}")\nalso = model("{c}/.")\n'
+                   f'x = lora("{on_c}", base=b)\n'
+                   f'output a + x + lora("{on_c}", base=also) + lora("{on_c}", base=a) '
+                   f'+ lora("{on_c}")\n')
+    keys = list(mergelang.load(script).lowered.models)
+    adapters = [k for k in keys if split_key(k)[0] == "lora"]
+    assert len(adapters) == 3
+    assert {split_key(k)[1] for k in adapters} == {on_c.resolve()}
+    assert [key_options(k).get("base") for k in adapters] == [str(c.resolve()),
+                                                              str(base.resolve()), None]
+    assert mergelang.load(script).lowered.models.keys() == set(keys)  # stable
