@@ -100,7 +100,8 @@ SETTINGS: dict[str, str] = {
              "donor's) or a model (its tokenizer); default: the models must share one",
     "vocab_default": 'a token a model lacks takes: "others" (default: the rows of the models '
                      'that have it, the donor\'s first), "zero", "mean" or a model\'s row',
-    "vocab_tokens": 'per-token sources: [[token, source], [token, source, "force"], ...]',
+    "vocab_tokens": 'per-token sources: [[token, source], [token, source, "force"], '
+                    '[token, model, "from", other token or id], ...]',
     "vocab_pad_to": "round the output's vocabulary rows up to a multiple of this",
 }
 
