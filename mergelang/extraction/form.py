@@ -33,6 +33,15 @@ NAME = "extract_lora"
 EMBEDDINGS = re.compile(r"(^|\.)(embed_tokens|embed_in|embed_out|lm_head|wte|wpe|"
                         r"word_embeddings|embeddings)(\.|$)")
 LORA, BIAS, KEEP, SKIP = "lora", "bias", "keep", "skip"
+# Model types whose linear layers are transformers' Conv1D, weights stored [in, out]
+# (every 2-D weight a LoRA pair can target; their embeddings and head are kept whole).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt"})
+
+
+def stores_transposed(config: dict | None) -> bool:
+    """Whether the base's linear weights are stored [in, out] (Conv1D): PEFT then
+    builds A as [r, in] and B as [out, r] and adds (B A)^T (fan_in_fan_out)."""
+    return bool(config) and config.get("model_type") in CONV1D_MODEL_TYPES
 
 
 def module_of(name: str) -> str | None:

@@ -24,7 +24,16 @@ import torch
 
 from ..builtins import COMPUTE_DTYPES
 from ..devices import parse_devices
-from ..extraction.form import BIAS, KEEP, LORA, SKIP, AdapterForm, layout, module_of
+from ..extraction.form import (
+    BIAS,
+    KEEP,
+    LORA,
+    SKIP,
+    AdapterForm,
+    layout,
+    module_of,
+    stores_transposed,
+)
 from ..extraction.svd import Factors, factorise
 from .header import HeaderEntry, encode_header
 from .hf import SCRIPT_KEY, _write_text
@@ -48,6 +57,7 @@ class AdapterSink:
         self.plan, self.form = p, form
         self.roles = layout(form, p)
         self.base = p.bound.models[form.base].source
+        self.fan_in_fan_out = stores_transposed(self.base.config)
         self.device = parse_devices(device)[0]
         self.shapes = {t.name: t.shape for t in p.tensors}
         # written in `dtype` if given, else in the base's dtype (compute dtype if it has none)
@@ -78,7 +88,9 @@ class AdapterSink:
     def _finished(self, name: str, delta: torch.Tensor) -> None:
         role, dtype = self.roles[name], self.dtypes[name]
         if role == LORA:
-            f = factorise(delta.to(self.device), self.form.rank, self.form.energy,
+            # a Conv1D weight is stored [in, out]; the pair PEFT loads factorises [out, in]
+            oriented = delta.T if self.fan_in_fan_out else delta
+            f = factorise(oriented.to(self.device), self.form.rank, self.form.energy,
                           self.form.svd, self.plan.seed, name)
             module = PREFIX + name.removesuffix(".weight")
             with self.lock:
@@ -112,7 +124,8 @@ class AdapterSink:
         target = [n for n, r in self.roles.items() if r == LORA]
         ranks = {n.removesuffix(".weight"): self.factors[n].rank for n in target}
         top = max(ranks.values(), default=self.form.rank or 1)
-        config = adapter_config(self.plan, self.form, ranks, top, self.roles)
+        config = adapter_config(self.plan, self.form, ranks, top, self.roles,
+                                self.fan_in_fan_out)
         save_tensors(folder / "adapter_model.safetensors", self.tensors,
                      {"format": "pt", SCRIPT_KEY: "see README.md"})
         _write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
@@ -154,10 +167,10 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 
 
 def adapter_config(p: Plan, form: AdapterForm, ranks: dict[str, int], top: int,
-                   roles: dict[str, str]) -> dict[str, Any]:
+                   roles: dict[str, str], fan_in_fan_out: bool = False) -> dict[str, Any]:
     """adapter_config.json as mergekit-extract-lora writes it: lora_alpha = r, so PEFT
     applies B A at scale 1; modules of another rank (energy=) in rank_pattern and
-    alpha_pattern."""
+    alpha_pattern; fan_in_fan_out for weights stored [in, out] (GPT-2's Conv1D)."""
     modules = {module_of(n): r for n, r in roles.items() if r in (LORA, KEEP)}
     different = {m: r for m, r in sorted(ranks.items()) if r != top}
     config = p.bound.models[form.base].source.config or {}
@@ -176,7 +189,7 @@ def adapter_config(p: Plan, form: AdapterForm, ranks: dict[str, int], top: int,
         "lora_dropout": 0.0,
         "bias": "none",
         "lora_bias": BIAS in roles.values(),
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": fan_in_fan_out,
         "inference_mode": True,
     }
 
