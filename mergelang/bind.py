@@ -217,7 +217,8 @@ def _measured_against(plain: list[BoundModel], adapter: BoundModel) -> Diagnosti
         f"{adapter.display} saves modules whole (modules_to_save), and its change to them "
         f"is measured against the script's first model, {plain[0].display}, not {others}",
         adapter.ref.span, severity="warning",
-        hint=f'if it was trained on another, name it: lora("{adapter.display}", base=MODEL)')
+        hint=f'if it was trained on another, name it, e.g. lora("{adapter.display}", '
+             f'base=model("{plain[1].display}"))')
 
 
 def _bound(key: str, ref: ModelRef, source: ModelSource, given: dict[str, ModelSource],

@@ -451,7 +451,8 @@ def test_an_adapter_with_saved_modules_on_a_second_model_needs_base(models, on_c
     assert f"warning: {on_c} saves modules whole (modules_to_save)" in result.text
     assert f"--> {at(script, 3, column)}\n" in result.text
     assert f"measured against the script's first model, {base}, not {c}" in result.text
-    assert f'= help: if it was trained on another, name it: lora("{on_c}", base=MODEL)' \
+    assert f'= help: if it was trained on another, name it, e.g. lora("{on_c}", ' \
+        f'base=model("{c}"))' \
         in result.text
     with mergelang.load(script).plan() as p:
         got = run_all(p.only(["lm_head.weight"]), budget=10**9)
