@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .. import ast
 from ..diagnostics import Span, error
@@ -144,6 +144,7 @@ def _describe(value: object) -> str:
 def layout(form: AdapterForm, p: Plan) -> dict[str, str]:
     """Each output tensor's role (LORA, KEEP or SKIP), checking the rank against the
     shapes of the tensors it factorises. Raises MergeError at the rank."""
+    _check_rows(form, p.bound.models[form.base].source)
     base = p.bound.models[form.base].source.tensors
     keep = [re.compile(k) for k in form.keep]
     roles: dict[str, str] = {}
@@ -176,6 +177,21 @@ def layout(form: AdapterForm, p: Plan) -> dict[str, str]:
                         hint=f"use rank={min(rows, cols)} or less, or keep that tensor whole "
                         "with keep=[...]")
     return roles
+
+
+def _check_rows(form: AdapterForm, source: Any) -> None:
+    """An adapter goes onto its base as the base is on disk: `set vocab` may not give
+    the base's embedding or head other rows (more, or in another order), which the
+    adapter's saved copy of them would have and PEFT would refuse."""
+    inner = getattr(source, "inner", None)  # io/aligned.AlignedSource
+    for name in sorted(getattr(source, "aligned", ()) if inner is not None else ()):
+        rows = inner.tensors[name].shape[0]
+        if source.rows != rows or source.row_map.tolist() != list(range(rows)):
+            raise error(f'`set vocab` gives "{name}" {source.rows} rows in another order '
+                        f"or number than the {rows} of the base the adapter goes onto, "
+                        "which an adapter cannot hold", form.span,
+                        hint="extract against a base with the output's vocabulary, or use "
+                             '`set vocab = "base"` with the adapter\'s base as the donor')
 
 
 def refuse_outside_scripts(form: AdapterForm | None, where: str) -> None:
