@@ -36,7 +36,8 @@ import torch
 
 from .diagnostics import Diagnostic, MergeError
 from .io.errors import ModelFileError
-from .io.read import SafetensorsModel, open_model
+from .io.read import SafetensorsModel
+from .io.sources import open_plain_model
 from .ops import PRIMITIVES, TENSOR_KINDS
 from .reduce import Chunk, Reduction
 from .schedule import DEFAULT_BUDGET
@@ -188,7 +189,7 @@ def compare(base: str | Path, models: list[str | Path], density: float = 0.2,
 
 def _open(path: str | Path) -> SafetensorsModel:
     try:
-        return open_model(Path(path))
+        return open_plain_model(Path(path))
     except ModelFileError as exc:
         raise MergeError(Diagnostic(exc.message, hint=exc.hint)) from None
 

@@ -112,3 +112,11 @@ def test_a_delta_on_another_model_in_memory_names_it_in_words(tmp_path, capsys):
         evaluate(f'a + delta("{tmp_path / "task.delta"}")', a=other)
     message = caught.value.diagnostics[0].message
     assert "the model given in memory" in message and "None" not in message
+
+
+def test_diff_against_an_adapter_names_the_kind(tmp_path, capsys):
+    base_and_fine_tune(tmp_path)
+    assert mergelang(capsys, "extract", tmp_path / "ft", "--base", tmp_path / "base",
+                     "--rank", "1", "-o", tmp_path / "adapter").code == 0
+    result = mergelang(capsys, "diff", tmp_path / "base", tmp_path / "adapter")
+    assert_error(result, None, None, "is a LoRA adapter, not a model", hint="lora(")
