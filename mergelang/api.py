@@ -104,12 +104,14 @@ class Program:
             return p
         except MergeError as exc:
             bound.close()
-            raise MergeError(self._in_script(exc.diagnostics)) from None
+            raise MergeError(self.in_script(exc.diagnostics)) from None
         except BaseException:
             bound.close()
             raise
 
-    def _in_script(self, diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+    def in_script(self, diagnostics: list[Diagnostic]) -> list[Diagnostic]:
+        """Diagnostics raised past lowering (plan, execute, a writer) located in this
+        script: one at no place, or inside the standard library, points at the output."""
         return move_to_script(diagnostics, self.lowered.output_span)
 
     def check(self) -> Summary:
@@ -194,10 +196,10 @@ def _write(program: Program, p: Plan, folder: Path, device: str, shard_bytes: in
     writer = ShardedWriter(folder, layout, shard_bytes,
                            {"mergelang_script": program.source_text})
     try:
-        warnings = program._in_script(execute(p, writer.write_rows, device, strict, progress,
+        warnings = program.in_script(execute(p, writer.write_rows, device, strict, progress,
                                               budget, order))
     except MergeError as exc:
-        raise MergeError(program._in_script(exc.diagnostics)) from None
+        raise MergeError(program.in_script(exc.diagnostics)) from None
     writer.close()
     write_folder_files(program, p, folder)
     return warnings

@@ -135,9 +135,9 @@ class Cluster:
         layout.write_index()
         write_folder_files(program, p, folder)
         try:
-            return program._in_script(_report(p, non_finite, strict))
+            return program.in_script(_report(p, non_finite, strict))
         except MergeError as exc:
-            raise MergeError(program._in_script(exc.diagnostics)) from None
+            raise MergeError(program.in_script(exc.diagnostics)) from None
 
     def _sweep(self, job: Job, kernels: list[Kernel], size: int) -> dict[str, dict[str, Any]]:
         """The model-wide reductions, swept over the whole model in rounds of tasks; what

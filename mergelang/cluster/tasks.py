@@ -136,7 +136,7 @@ def write_part(task: WriteTask) -> Outcome:
             execute(sub, sink, job.device, False, lambda t: report(task.index, t.name),
                     job.budget, model_wide=found)
         except MergeError as exc:
-            raise MergeError(program._in_script(exc.diagnostics)) from None
+            raise MergeError(program.in_script(exc.diagnostics)) from None
         writer.close()
         for i in task.shards:
             os.replace(writer.paths[i], folder / writer.paths[i].name)

@@ -192,7 +192,7 @@ def _check_output(out: Path, force: bool, inputs: list[Path], at) -> None:
 
 def _layout(base: SafetensorsModel, ft: SafetensorsModel, density: float | None,
             bits: int | None, values: torch.dtype | None, at
-            ) -> tuple[list[DeltaEntry], dict[str, str]]:
+            ) -> list[DeltaEntry]:
     """Each tensor's form and parts, from the headers alone; errors for models that are
     not a fine-tune and its base."""
     extra = [n for n in ft.tensors if n not in base.tensors]

@@ -141,6 +141,14 @@ def _describe(value: object) -> str:
     return describe(value)
 
 
+def keepable(roles: dict[str, str]) -> list[str]:
+    """The dropped tensors `keep=` could carry: biases of factorised modules, dropped
+    because not every factorised module has one (PEFT's lora_bias is all or nothing).
+    The other dropped tensors (integer buffers, loose parameters) no adapter holds."""
+    return sorted(n for n, r in roles.items() if r == SKIP and n.endswith(".bias")
+                  and roles.get(str(module_of(n)) + ".weight") == LORA)
+
+
 def layout(form: AdapterForm, p: Plan) -> dict[str, str]:
     """Each output tensor's role (LORA, KEEP or SKIP), checking the rank against the
     shapes of the tensors it factorises. Raises MergeError at the rank."""

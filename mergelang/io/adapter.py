@@ -30,21 +30,22 @@ from ..extraction.form import (
     LORA,
     SKIP,
     AdapterForm,
+    keepable,
     layout,
     module_of,
     stores_transposed,
 )
 from ..extraction.svd import Factors, factorise
 from .header import HeaderEntry, encode_header
-from .hf import SCRIPT_KEY, _write_text
-from .write import _writing
+from .hf import SCRIPT_KEY, write_text
+from .lora_config import PREFIX
+from .write import writing
 
 if TYPE_CHECKING:
     from ..api import Program
     from ..diagnostics import Diagnostic
     from ..plan import Plan
 
-PREFIX = "base_model.model."
 REPORT = "extraction.json"
 BLOCK = 1 << 20  # elements of a kept tensor's base read at once
 
@@ -128,8 +129,8 @@ class AdapterSink:
                                 self.fan_in_fan_out)
         save_tensors(folder / "adapter_model.safetensors", self.tensors,
                      {"format": "pt", SCRIPT_KEY: "see README.md"})
-        _write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
-        _write_text(folder / REPORT, json.dumps(self.report(), indent=2) + "\n")
+        write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
+        write_text(folder / REPORT, json.dumps(self.report(), indent=2) + "\n")
         write_card(folder, script, script_name, config["base_model_name_or_path"])
 
     def report(self) -> dict[str, Any]:
@@ -145,7 +146,8 @@ class AdapterSink:
                 "parameters": sum(t.numel() for t in self.tensors.values()),
                 "tensors": rows,
                 "kept": sorted(n for n, r in self.roles.items() if r == KEEP),
-                "dropped": sorted(n for n, r in self.roles.items() if r == SKIP)}
+                "dropped": sorted(n for n, r in self.roles.items() if r == SKIP),
+                "keepable": keepable(self.roles)}
 
 
 def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
@@ -160,7 +162,7 @@ def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
         entries.append(HeaderEntry(n, tensors[n].dtype, tuple(tensors[n].shape), position,
                                    position + nbytes))
         position += nbytes
-    with _writing(path), open(path, "wb") as f:
+    with writing(path), open(path, "wb") as f:
         f.write(encode_header(metadata, entries))
         for n in names:
             f.write(memoryview(tensors[n].contiguous().view(-1).view(torch.uint8).numpy()))
@@ -215,7 +217,7 @@ def write_card(folder: Path, script: str, script_name: str, base: str) -> None:
     while fence in script:
         fence += "`"
     body = script if script.endswith("\n") else script + "\n"
-    _write_text(folder / "README.md", (
+    write_text(folder / "README.md", (
         "---\ntags:\n- lora\n- mergelang\nlibrary_name: peft\n---\n\n"
         f"# {Path(script_name).stem or 'adapter'}\n\n"
         f"A LoRA adapter for `{Path(base).name}` extracted by mergelang from the script "
@@ -236,10 +238,10 @@ def writer(form: AdapterForm, out_dtype: str | None, cluster: object = None
         from ..execute import execute
         sink = AdapterSink(p, form, out_dtype or program.lowered.out_dtype, device)
         try:
-            warnings = program._in_script(execute(p, sink.write_rows, device, strict,
+            warnings = program.in_script(execute(p, sink.write_rows, device, strict,
                                                   progress, budget, order))
         except MergeError as exc:
-            raise MergeError(program._in_script(exc.diagnostics)) from None
+            raise MergeError(program.in_script(exc.diagnostics)) from None
         name = program.path.name if program.path else "extract.merge"
         sink.finish(folder, program.source_text, name)
         return warnings

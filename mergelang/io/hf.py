@@ -58,7 +58,7 @@ def write_donor_files(out: Path, donor_folder: Path | None, config_updates: dict
             if key == "torch_dtype" and "dtype" in config:
                 config["dtype"] = value
         text = json.dumps(config, indent=2, ensure_ascii=False) + "\n"
-        _write_text(out / "config.json", text)
+        write_text(out / "config.json", text)
     for name in DONOR_FILES:
         source = donor_folder / name
         if source.is_file():
@@ -79,7 +79,7 @@ def _read_json_object(path: Path) -> dict:
     return value
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     """Write a small output file; a full disk or a read-only folder is a ModelFileError."""
     try:
         path.write_text(text, encoding="utf-8")
@@ -112,7 +112,7 @@ def write_model_card(out: Path, script_text: str, script_name: str) -> None:
         f"{body}"
         f"{fence}\n"
     )
-    _write_text(Path(out) / "README.md", card)
+    write_text(Path(out) / "README.md", card)
 
 
 OUTPUT_FILES: frozenset[str] = frozenset(

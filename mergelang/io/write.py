@@ -109,7 +109,7 @@ class ShardedWriter:
             raise ValueError("safetensors metadata must map strings to strings")
         _check_declarations(tensors)
         self.folder = Path(folder)
-        with _writing(self.folder):
+        with writing(self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
         groups = _assign_shards(tensors, shard_size)
         count = len(groups)
@@ -165,7 +165,7 @@ class ShardedWriter:
         try:
             data = tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy()
             if slot.nbytes:
-                with _writing(slot.path), open(slot.path, "r+b") as f:
+                with writing(slot.path), open(slot.path, "r+b") as f:
                     f.seek(slot.offset)
                     f.write(memoryview(data))
         finally:
@@ -196,7 +196,7 @@ class ShardedWriter:
             if name in self._written:
                 raise ValueError(f"tensor {name!r} was written twice")
         if len(data):
-            with _writing(slot.path), open(slot.path, "r+b") as f:
+            with writing(slot.path), open(slot.path, "r+b") as f:
                 f.seek(slot.offset + start)
                 f.write(memoryview(data))
         with self._lock:
@@ -223,7 +223,7 @@ class ShardedWriter:
         if len(self.paths) > 1:
             index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             text = json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-            with _writing(self.folder / INDEX_NAME):
+            with writing(self.folder / INDEX_NAME):
                 (self.folder / INDEX_NAME).write_text(text, encoding="utf-8")
 
     def abort(self) -> None:
@@ -274,7 +274,7 @@ def _assign_shards(tensors: list[OutputTensor], shard_size: int) -> list[list[Ou
 
 def _create_shard(path: Path, header: bytes, size: int) -> None:
     """Write the header and reserve the file's full size, so a full disk shows up now."""
-    with _writing(path, size), open(path, "wb") as f:
+    with writing(path, size), open(path, "wb") as f:
         f.write(header)
         f.truncate(size)
         f.flush()
@@ -287,7 +287,7 @@ def _create_shard(path: Path, header: bytes, size: int) -> None:
 
 
 @contextlib.contextmanager
-def _writing(path: Path, size: int | None = None) -> Iterator[None]:
+def writing(path: Path, size: int | None = None) -> Iterator[None]:
     """OSErrors while writing output (a full disk, a read-only folder) as ModelFileError,
     which the command reports as a diagnostic, naming the file, with exit status 2."""
     try:
