@@ -207,8 +207,15 @@ def _check(args: argparse.Namespace, console: Console) -> int:
         out.print(f"  params:        {params}", markup=False)
     out.print(f"  models:        {', '.join(summary.models)}")
     out.print(f"  donor:         {summary.donor}")
-    out.print(f"  outputs:       {summary.outputs} tensors, {_bytes(summary.output_bytes)}"
-              + (f" ({summary.copied} non-float copied)" if summary.copied else ""))
+    if program.lowered.form is not None:  # extract_lora: what is written is the adapter
+        from .extraction.summary import summarize_adapter
+        with program.plan() as p:
+            adapter = summarize_adapter(p, program.lowered.form, program.lowered.out_dtype)
+        out.print(f"  outputs:       {adapter.line(_bytes(adapter.bytes))}", markup=False,
+                  soft_wrap=True)
+    else:
+        out.print(f"  outputs:       {summary.outputs} tensors, {_bytes(summary.output_bytes)}"
+                  + (f" ({summary.copied} non-float copied)" if summary.copied else ""))
     out.print(f"  graph:         {summary.tensors} operations")
     out.print(f"  inputs read:   {_bytes(summary.input_bytes)}")
     out.print(f"  working set:   about {_bytes(summary.peak_bytes)} of tensor data at once "

@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.helpers import (
     assert_error,
     assert_nothing_written,
     mergelang,
+    run,
+    write,
     write_hf_folder,
     write_tokenized_model,
 )
@@ -112,3 +115,47 @@ def test_the_adapter_writer_uses_no_private_name_of_another_module():
                and n.attr.startswith("_") and not n.attr.startswith("__")
                and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
     assert not foreign
+
+
+def adapter_bytes(folder: Path) -> int:
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def check_line(capsys, script: Path) -> str:
+    result = mergelang(capsys, "check", script)
+    assert result.code == 0, result.text
+    return next(x for x in result.text.splitlines() if "outputs:" in x)
+
+
+@pytest.mark.parametrize("options, dtype", [("rank=2", None), ("rank=1", "bfloat16")])
+def test_check_reports_the_adapter_the_run_writes(capsys, tmp_path, options, dtype):
+    pair(tmp_path, {"model.embed_tokens.weight": torch.randn(10, 4),
+                    "model.norm.weight": torch.ones(4), "model.scale": torch.ones(3)})
+    settings = f'set out_dtype = "{dtype}"\n' if dtype else ""
+    script = write(tmp_path, f'{settings}output extract_lora(model("ft") - model("base"), '
+                             f'{options})\n')
+    line = check_line(capsys, script)
+    rank = int(options.split("=")[1])
+    assert (f"a LoRA adapter: 2 factorised modules (rank {rank}), 2 tensors kept whole, "
+            "2 tensors dropped; about") in line, line
+    assert run(capsys, script, tmp_path / "out").code == 0
+    written = adapter_bytes(tmp_path / "out")
+    size = 2 if dtype else 4
+    # closed form: up (6x4) and down (4x6) at rank r, plus embedding and norm (up's bias
+    # and the loose model.scale are dropped)
+    assert written == (rank * (6 + 4) * 2 + 10 * 4 + 4) * size
+    assert line.endswith(f"about {written} B") or line.endswith(f"about {written / 1000:.1f} KB")
+
+
+def test_check_bounds_the_adapter_of_an_energy_extraction(capsys, tmp_path):
+    pair(tmp_path)
+    script = write(tmp_path, 'output extract_lora(model("ft") - model("base"), energy=0.5, '
+                             'rank=3)\n')
+    line = check_line(capsys, script)
+    assert "2 factorised modules (rank at most 3, by energy 0.5)" in line, line
+    assert "at most" in line.split(";")[-1]
+    assert run(capsys, script, tmp_path / "out").code == 0
+    bound = 3 * (6 + 4) * 2 * 4
+    assert adapter_bytes(tmp_path / "out") <= bound
+    assert line.endswith(f"at most {bound} B") or line.endswith(f"at most {bound / 1000:.1f} KB")
