@@ -36,7 +36,8 @@ class AdapterSummary:
             rank = f"rank at most {self.rank}, by energy {self.energy}"
         else:
             rank = f"rank {self.rank}"
-        parts = [f"{self.factorised} factorised modules ({rank})", f"{self.kept} tensors kept whole"]
+        parts = [f"{self.factorised} factorised modules ({rank})",
+                 f"{self.kept} tensors kept whole"]
         parts += [f"{self.biases} lora_B biases"] if self.biases else []
         parts += [f"{self.dropped} tensors dropped"] if self.dropped else []
         bound = "at most" if self.energy is not None else "about"
