@@ -89,7 +89,8 @@ def peft_merged(base: Path, adapter: Path):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """base (a tiny Llama), two adapters on it, a full fine-tune c, a GPT-2 (whose Conv1D
-    layers store weights transposed) with an adapter, and a wider Llama."""
+    layers store weights transposed) with an adapter and one with biases (lora_bias), a
+    wider Llama, and a Llama with attention biases and a lora_bias adapter."""
     root = tmp_path_factory.mktemp("lora")
     base = save_model(root / "base", transformers.LlamaConfig(**LLAMA), 0)
     for i, (name, settings) in enumerate(ADAPTERS.items()):
@@ -103,6 +104,12 @@ def models(tmp_path_factory) -> Path:
         n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32), 1)
     make_adapter(gpt2, root / "gpt2_adapter", 20, r=4, lora_alpha=6, fan_in_fan_out=True,
                  target_modules=["c_attn", "c_fc"])
+    make_adapter(gpt2, root / "gpt2_bias", 21, r=2, lora_alpha=5, fan_in_fan_out=True,
+                 lora_bias=True, target_modules=["c_attn", "c_proj"])
+    biased = save_model(root / "biased", transformers.LlamaConfig(**LLAMA, attention_bias=True), 3)
+    make_adapter(biased, root / "biased_adapter", 31, r=2, lora_alpha=3, use_rslora=True,
+                 lora_bias=True, rank_pattern={"k_proj": 3}, alpha_pattern={"v_proj": 7},
+                 target_modules=["q_proj", "k_proj", "v_proj"])
     wide = save_model(root / "wide", transformers.LlamaConfig(**{**LLAMA, "hidden_size": 48}), 2)
     make_adapter(wide, root / "wide_adapter", 30, r=4, lora_alpha=8,
                  target_modules=["q_proj", "v_proj"])
@@ -110,7 +117,8 @@ def models(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("base,adapter", [("base", "rslora"), ("base", "patterns"),
-                                          ("gpt2", "gpt2_adapter")])
+                                          ("gpt2", "gpt2_adapter"), ("gpt2", "gpt2_bias"),
+                                          ("biased", "biased_adapter")])
 def test_base_plus_lora_is_pefts_merge_and_unload(models, tmp_path, capsys, base, adapter):
     script = write(tmp_path, f'output model("{models / base}") + lora("{models / adapter}")\n')
     out = tmp_path / "merged"
@@ -211,6 +219,85 @@ def test_an_adapter_alone_is_its_delta_and_zero_elsewhere(models):
             assert not tensor.any(), name
 
 
+# rsLoRA with a rank and an alpha pattern (biased_adapter), and plain LoRA (gpt2_bias)
+BIAS_SCALES = {"biased_adapter": {"q_proj": 3 / math.sqrt(2), "k_proj": 3 / math.sqrt(3),
+                                  "v_proj": 7 / math.sqrt(2)},
+               "gpt2_bias": {"c_attn": 5 / 2, "c_proj": 5 / 2}}
+
+
+@pytest.mark.parametrize("base,adapter", [("gpt2", "gpt2_bias"), ("biased", "biased_adapter")])
+def test_lora_bias_moves_each_targeted_bias_by_scale_times_lora_b_bias(models, base,
+                                                                         adapter):
+    """With lora_bias, M + lora(...) adds scale * lora_B.bias to a targeted module's bias,
+    bit for bit what PEFT's merge_and_unload makes of it; every other bias stays M's."""
+    script = f'output model("{models / base}") + lora("{models / adapter}")\n'
+    with mergelang.compile(script).plan() as p:
+        got = run_all(p, budget=1)
+    merged = peft_merged(models / base, models / adapter).state_dict()
+    original = load_file(str(models / base / "model.safetensors"))
+    stored = load_file(str(models / adapter / "adapter_model.safetensors"))
+    moved = set()
+    for name in (n for n in got if n.endswith(".bias")):
+        assert torch.equal(got[name], merged[name]), name
+        lora_b = stored.get("base_model.model." + name.removesuffix(".bias") + ".lora_B.bias")
+        if lora_b is None:
+            assert torch.equal(got[name], original[name]), name
+            continue
+        scale = BIAS_SCALES[adapter][name.split(".")[-2]]
+        torch.testing.assert_close(got[name] - original[name], lora_b * scale, msg=name)
+        moved.add(name)
+    assert len(moved) == sum(k.endswith("lora_B.bias") for k in stored) >= 4
+
+
+def test_extract_of_a_biased_model_then_lora_gives_the_fine_tune_back(tmp_path, capsys):
+    """`mergelang extract` of a GPT-2 fine-tune (every Conv1D has a bias, so the adapter
+    has lora_bias) then model(BASE) + lora(ADAPTER): the fine-tune, a factorised weight
+    up to exactly the error extraction reports, biases and kept tensors to float32
+    rounding; and the same as PEFT's merge of the adapter."""
+    torch.manual_seed(0)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_embd=8, n_layer=2, n_head=2, vocab_size=20, n_positions=8))
+    _quiet(gpt2.save_pretrained, tmp_path / "base")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in gpt2.parameters():
+            if p.dim() == 2:  # a rank-3 change and noise: rank 2 loses some of it
+                p += torch.randn(p.shape[0], 3, generator=g) @ torch.randn(
+                    3, p.shape[1], generator=g) * 0.05
+                p += 0.001 * torch.randn(p.shape, generator=g)
+            else:
+                p += 0.05 * torch.randn(p.shape, generator=g)
+    _quiet(gpt2.save_pretrained, tmp_path / "ft")
+    capsys.readouterr()
+    made = cli(capsys, "extract", tmp_path / "ft", "--base", tmp_path / "base", "--rank", 2,
+               "-o", tmp_path / "adapter", "--json")
+    assert made.code == 0, made.text
+    report = json.loads(next(x for x in made.text.splitlines() if x.startswith("{")))
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_bias"]
+    assert report["dropped"] == []
+    script = write(tmp_path, 'output model("base") + lora("adapter")\n')
+    result = run(capsys, script, tmp_path / "back")
+    assert result.code == 0, result.text
+    back = load_file(str(tmp_path / "back" / "model.safetensors"))
+    fine = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    base = load_file(str(tmp_path / "base" / "model.safetensors"))
+    errors = {t["name"]: t["error"] for t in report["tensors"]}
+    biases = {n for n in back if n.removesuffix(".bias") + ".weight" in errors}
+    assert len(errors) == len(biases) == 8 and set(back) == set(fine)
+    for name, weight in back.items():
+        if name in errors:
+            lost = torch.linalg.norm(weight - fine[name]) / torch.linalg.norm(fine[name]
+                                                                             - base[name])
+            assert float(lost) == pytest.approx(errors[name], rel=1e-3), name
+            assert errors[name] > 1e-3  # rank 2 of a rank-3 change: something is lost
+        else:
+            assert torch.allclose(weight, fine[name], atol=1e-6), name
+            assert name not in biases or not torch.equal(weight, base[name]), name
+    merged = peft_merged(tmp_path / "base", tmp_path / "adapter").state_dict()
+    for name, weight in back.items():
+        torch.testing.assert_close(weight, merged[name], msg=name)
+
+
 def test_the_donor_is_a_model_never_an_adapter(models, tmp_path, capsys):
     script = write(tmp_path, f'output lora("{models / "rslora"}") + model("{models / "base"}")\n')
     out = tmp_path / "merged"
@@ -293,9 +380,9 @@ def test_the_repl_shows_an_adapter(models):
 # --- adapters that do not fit, or are not adapters ----------------------------------
 
 
-def _broken(models: Path, tmp_path: Path, change) -> Path:
-    """A copy of the "patterns" adapter with `change(config, tensors)` applied."""
-    folder = shutil.copytree(models / "patterns", tmp_path / "broken")
+def _broken(models: Path, tmp_path: Path, change, adapter: str = "patterns") -> Path:
+    """A copy of an adapter ("patterns") with `change(config, tensors)` applied."""
+    folder = shutil.copytree(models / adapter, tmp_path / "broken")
     config = json.loads((folder / "adapter_config.json").read_text())
     tensors = load_file(str(folder / "adapter_model.safetensors"))
     change(config, tensors)
@@ -308,6 +395,18 @@ def _rename(old: str, new: str):
     def change(config, tensors):
         for key in [k for k in tensors if old in k]:
             tensors[key.replace(old, new)] = tensors.pop(key)
+    return change
+
+
+def _biases(config: bool = True, **lengths: int):
+    """A lora_B.bias for every lora_B (of B's rows, or `lengths[module's last name]`),
+    and lora_bias set in the config unless config=False."""
+    def change(c, t):
+        if config:
+            c["lora_bias"] = True
+        for key in [k for k in t if k.endswith(".lora_B.weight")]:
+            rows = lengths.get(key.split(".")[-3], t[key].shape[0])
+            t[key.removesuffix(".weight") + ".bias"] = torch.ones(rows)
     return change
 
 
@@ -336,6 +435,24 @@ BAD_ADAPTERS = {
     "another PEFT method": (lambda c, t: c.update(peft_type="IA3"), ["'IA3' adapter"]),
     "malformed target_modules": (lambda c, t: c.update(target_modules=3),
                                  ['"target_modules"', "a list of module names"]),
+    "a LoRA bias the config does not set": (_biases(config=False),
+                                            ["holds lora_B.bias for", "does not set lora_bias",
+                                             "PEFT would leave it out"]),
+    "malformed lora_bias": (lambda c, t: c.update(lora_bias="yes"),
+                            ['"lora_bias" in', "must be true or false, not 'yes'"]),
+    "lora_bias without the biases": (lambda c, t: c.update(lora_bias=True),
+                                     ["sets lora_bias", "holds no lora_B.bias for"]),
+    "a bias of another length than B's rows": (_biases(q_proj=5), [
+        "lora_B.bias of 'model.layers.", "_proj' in", "is [5]", "one entry per row, [32]"]),
+    "a bias without its A and B": (lambda c, t: t.update(
+        {Q.replace("layers.0", "layers.5") + ".lora_B.bias": torch.zeros(32)}),
+        ["holds lora_B.bias for 'model.layers.5.self_attn.q_proj' but no lora_A or lora_B"]),
+    "a bias that is no vector": (
+        lambda c, t: t.update({f"{Q}.lora_B.bias": torch.zeros(32, 2)}),
+        ["lora_B.bias' in", "is [32, 2]", "LoRA biases are float vectors"]),
+    "lora_bias on modules without a bias": (_biases(), [
+        "with a bias (lora_bias)", "has no tensor 'model.layers.", "_proj.bias'",
+        "PEFT cannot merge it either"]),
 }
 
 
@@ -349,6 +466,49 @@ def test_a_bad_adapter_is_a_located_error(models, tmp_path, capsys, case):
     for result in (cli(capsys, "check", script), run(capsys, script, out)):
         assert_error(result, at(script, 2, 20), f'"{adapter}"', *words)
     assert_nothing_written(out)
+
+
+def test_lora_bias_on_a_module_without_a_bias_is_a_located_error(models, tmp_path, capsys):
+    """PEFT saves a lora_bias adapter on layers without a bias (with a warning), but its
+    merge fails; lora() refuses it at the call, from the headers."""
+    base = models / "base"
+    adapter = make_adapter(base, tmp_path / "adapter", 40, r=2, lora_bias=True,
+                           target_modules=["q_proj"])
+    with pytest.raises(RuntimeError, match="base layer has no bias"):
+        peft_merged(base, adapter)
+    script = write(tmp_path, f'base = model("{base}")\noutput base + lora("{adapter}")\n')
+    out = tmp_path / "out"
+    for result in (cli(capsys, "check", script), run(capsys, script, out)):
+        assert_error(result, at(script, 2, 20), f'"{adapter}"', "adapts 'model.layers.",
+                     "with a bias (lora_bias)", "has no tensor 'model.layers.",
+                     "q_proj.bias'", hint="base_model_name_or_path")
+    assert_nothing_written(out)
+
+
+def test_lora_bias_with_an_adapted_embedding_is_a_located_error(models, tmp_path, capsys):
+    """PEFT gives an embedding's adapter no bias and refuses lora_bias there, so it
+    cannot load such an adapter; lora() says so at the call."""
+    adapter = _broken(models, tmp_path, _biases(), "rslora")
+    with pytest.raises(ValueError, match="lora_bias=True is not supported for Embedding"):
+        peft_merged(models / "base", adapter)
+    script = write(tmp_path, f'base = model("{models / "base"}")\n'
+                   f'output base + lora("{adapter}")\n')
+    assert_error(cli(capsys, "check", script), at(script, 2, 20), f'"{adapter}"',
+                 "sets lora_bias", "'model.embed_tokens' is an adapted embedding",
+                 hint="without lora_bias")
+
+
+def test_a_bias_of_another_shape_than_the_models_is_a_located_error(models, tmp_path, capsys):
+    base = shutil.copytree(models / "biased", tmp_path / "base")
+    tensors = load_file(str(base / "model.safetensors"))
+    name = "model.layers.1.self_attn.v_proj.bias"
+    tensors[name] = tensors[name][:7].clone()
+    save_file(tensors, str(base / "model.safetensors"), {"format": "pt"})
+    adapter = models / "biased_adapter"
+    script = write(tmp_path, f'base = model("{base}")\noutput base + lora("{adapter}")\n')
+    assert_error(cli(capsys, "check", script), at(script, 2, 20), f'"{adapter}"',
+                 "adapts 'model.layers.1.self_attn.v_proj' with a bias (lora_bias) of shape "
+                 "[16]", f"but '{name}' of", "is [7] (float32)")
 
 
 def _no_config(folder: Path) -> None:

@@ -3,11 +3,14 @@
 An adapter folder holds `adapter_config.json` and `adapter_model.safetensors`. For each
 module it adapts, the file holds `lora_A` (r x in) and `lora_B` (out x r), and PEFT's
 `merge_and_unload` adds `scale * B @ A` to the module's weight (transposed for an
-embedding, and for a layer stored transposed, `fan_in_fan_out`). Other tensors in the
-file (`modules_to_save`, embedding layers saved whole) replace the model's.
+embedding, and for a layer stored transposed, `fan_in_fan_out`). With `lora_bias`, B is
+a linear layer with a bias, `lora_B.bias` (out), which the merge adds to the module's
+bias at the same scale. Other tensors in the file (`modules_to_save`, embedding layers
+saved whole) replace the model's.
 
 So the adapter denotes a delta, tensor by tensor: `scale * B @ A` on every targeted
-weight, `saved - M` on a saved one, zero on every other tensor of the model, where M
+weight, `scale * lora_B.bias` on a targeted module's bias, `saved - M` on a saved one,
+zero on every other tensor of the model, where M
 is the model it is attached to: the model `lora("x", base=m)` names, else the first
 plain `model(...)` of the program (the REPL: the first model of the session), which
 gives the tensor names and shapes; `M + lora(...)` is then what PEFT's merge makes of
@@ -26,21 +29,21 @@ tensor, so `mergelang check` costs nothing more with adapters.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import ModelFileError
-from .lora_config import CONFIG_NAME, LoraConfig, read_lora_config
+from .lora_config import CONFIG_NAME, PREFIX, LoraConfig, read_lora_config
 from .read import SafetensorsModel, TensorInfo, open_model
 from .sources import register_kind
 
 KIND = "lora"
 WEIGHTS_NAME = "adapter_model.safetensors"
-_PREFIX = "base_model.model."
 _LINEAR = re.compile(r"^(?P<module>.+)\.lora_(?P<side>[AB])(?:\.[^.]+)?\.weight$")
+_BIAS = re.compile(r"^(?P<module>.+)\.lora_B(?:\.[^.]+)?\.(?P<side>bias)$")
 _EMBEDDING = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<side>[AB])(?:\.[^.]+)?$")
 _ZERO = torch.zeros((), dtype=torch.float32)
 _EMBEDDING_LAYERS = ("embed_tokens", "lm_head", "wte", "embed_out", "word_embeddings")
@@ -51,12 +54,14 @@ _WRONG_MODEL = "apply the adapter to the model it was trained for (base_model_na
 
 @dataclass(frozen=True)
 class _Pair:
-    """One adapted module: its A and B tensors in the adapter's file."""
+    """One adapted module: its A and B tensors in the adapter's file, and B's bias
+    (lora_bias)."""
 
     module: str
     a: TensorInfo
     b: TensorInfo
     embedding: bool
+    bias: TensorInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class _Part:
     pair: _Pair | None = None
     scale: float = 0.0
     transposed: bool = False
+    bias: TensorInfo | None = None  # lora_B's bias: scale times it is the module's bias's
     saved: str | None = None  # an adapter tensor replacing the model's
 
 
@@ -103,6 +109,8 @@ class LoraSource:
                 hint='name the model it adapts too, e.g. model("base") + lora("adapter")')
         model = frame[0]
         parts = {f"{p.module}.weight": self._fit(p, model) for p in self.pairs.values()}
+        parts.update((f"{p.module}.bias", self._fit_bias(p, model))
+                     for p in self.pairs.values() if p.bias is not None)
         for name, stored in self.saved.items():
             info, mine = model.tensors.get(name), self.weights.tensors[stored]
             if info is None or info.shape != mine.shape:
@@ -110,8 +118,8 @@ class LoraSource:
                 raise ModelFileError(
                     f"{self.path} saves {name!r} whole, with shape {list(mine.shape)}, but "
                     f"{_name(model)} {found}", hint=_WRONG_MODEL)
-            parts[name] = _Part(parts[name].pair, parts[name].scale, parts[name].transposed,
-                                stored) if name in parts else _Part(saved=stored)
+            parts[name] = replace(parts[name], saved=stored) if name in parts else \
+                _Part(saved=stored)
         tensors = {}
         for name, info in model.tensors.items():
             if not info.dtype.is_floating_point:
@@ -147,11 +155,29 @@ class LoraSource:
                 f"({str(info.dtype).removeprefix('torch.')})", hint=hint)
         return _Part(pair, self.lora.scale(pair.module), transposed)
 
+    def _fit_bias(self, pair: _Pair, model: Any) -> _Part:
+        """The part of a targeted module's bias (lora_bias): PEFT's merge adds
+        `scale * lora_B.bias` to it, and fails where the module has no bias."""
+        name, bias = f"{pair.module}.bias", pair.bias
+        info = model.tensors.get(name)
+        if info is None:
+            raise ModelFileError(
+                f"{self.path} adapts {pair.module!r} with a bias (lora_bias), but "
+                f"{_name(model)} has no tensor {name!r}: the module has no bias to add it "
+                "to, and PEFT cannot merge it either", hint=_WRONG_MODEL)
+        if info.shape != bias.shape or not info.dtype.is_floating_point:
+            raise ModelFileError(
+                f"{self.path} adapts {pair.module!r} with a bias (lora_bias) of shape "
+                f"{list(bias.shape)}, but {name!r} of {_name(model)} is {list(info.shape)} "
+                f"({str(info.dtype).removeprefix('torch.')})", hint=_WRONG_MODEL)
+        return _Part(scale=self.lora.scale(pair.module), bias=bias)
+
     def _read(self, part: _Part | None) -> list[TensorInfo]:
         """The adapter's tensors a delta is computed from (none for a zero)."""
         if part is None:
             return []
         pair = [part.pair.a, part.pair.b] if part.pair else []
+        pair += [part.bias] if part.bias is not None else []
         return pair + ([self.weights.tensors[part.saved]] if part.saved else [])
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
@@ -186,6 +212,8 @@ class LoraSource:
             else:
                 delta = exact_product(b[rows[0]:rows[1]] if rows else b, a)
             delta.mul_(part.scale)
+        elif part.bias is not None:  # as PEFT's merge: lora_B.bias * scaling, in float32
+            delta = self.weights.load(part.bias.name, rows, dtype=f32).mul_(part.scale)
         if part.saved is not None:
             change = self.weights.load(part.saved, rows, dtype=f32)
             change.sub_(self.model.load(name, rows, dtype=f32))
@@ -255,14 +283,14 @@ def _check_folder(p: Path) -> None:
 
 def _read_tensors(p: Path, config: LoraConfig, weights: SafetensorsModel
                   ) -> tuple[dict[str, _Pair], dict[str, str]]:
-    """The adapted modules (A and B paired and checked) and the saved tensors (model
-    name -> name in the file), from the header."""
+    """The adapted modules (A and B, and B's bias, paired and checked) and the saved
+    tensors (model name -> name in the file), from the header."""
     sides: dict[str, dict[str, TensorInfo]] = {}
     embedding: dict[str, bool] = {}
     saved: dict[str, str] = {}
     for stored, info in weights.tensors.items():
-        key = stored.removeprefix(_PREFIX)
-        match = _LINEAR.match(key) or _EMBEDDING.match(key)
+        key = stored.removeprefix(PREFIX)
+        match = _LINEAR.match(key) or _EMBEDDING.match(key) or _BIAS.match(key)
         if match is None:
             name = _model_name(p, config, stored, key)
             saved[name] = stored
@@ -272,20 +300,24 @@ def _read_tensors(p: Path, config: LoraConfig, weights: SafetensorsModel
             raise ModelFileError(f"{p / WEIGHTS_NAME} holds LoRA weights for {module!r}, "
                                  f"which target_modules in {CONFIG_NAME} does not name",
                                  hint=_RESAVE)
-        if len(info.shape) != 2 or not info.dtype.is_floating_point:
+        vector = match.re is _BIAS
+        if len(info.shape) != (1 if vector else 2) or not info.dtype.is_floating_point:
             raise ModelFileError(
                 f"{stored!r} in {p / WEIGHTS_NAME} is {list(info.shape)} "
-                f"{str(info.dtype).removeprefix('torch.')}; LoRA weights are float matrices",
+                f"{str(info.dtype).removeprefix('torch.')}; LoRA "
+                + ("biases are float vectors" if vector else "weights are float matrices"),
                 hint="convolution adapters are not supported yet" if len(info.shape) == 4
                 else _RESAVE)
         sides.setdefault(module, {})[match["side"]] = info
-        embedding[module] = match.re is _EMBEDDING
+        if not vector:
+            embedding[module] = match.re is _EMBEDDING
     pairs = {}
     for module, found in sides.items():
-        if set(found) != {"A", "B"}:
-            has, lacks = ("A", "B") if "A" in found else ("B", "A")
-            raise ModelFileError(f"{p / WEIGHTS_NAME} holds lora_{has} for {module!r} but "
-                                 f"no lora_{lacks}", hint=_RESAVE)
+        if not {"A", "B"} <= set(found):
+            has = "lora_A" if "A" in found else "lora_B" if "B" in found else "lora_B.bias"
+            lacks = " or ".join(f"lora_{side}" for side in "AB" if side not in found)
+            raise ModelFileError(f"{p / WEIGHTS_NAME} holds {has} for {module!r} but "
+                                 f"no {lacks}", hint=_RESAVE)
         a, b = found["A"], found["B"]
         rank = config.rank(module)
         if a.shape[0] != b.shape[1]:
@@ -296,8 +328,36 @@ def _read_tensors(p: Path, config: LoraConfig, weights: SafetensorsModel
             raise ModelFileError(
                 f"lora_A and lora_B of {module!r} in {p} have rank {a.shape[0]}, but "
                 f"{CONFIG_NAME} gives it rank {rank} (r, or rank_pattern)", hint=_RESAVE)
-        pairs[module] = _Pair(module, a, b, embedding[module])
+        pairs[module] = _Pair(module, a, b, embedding[module],
+                              _lora_bias(p, config, module, found, embedding[module]))
     return pairs, saved
+
+
+def _lora_bias(p: Path, config: LoraConfig, module: str, found: dict[str, TensorInfo],
+               embedding: bool) -> TensorInfo | None:
+    """lora_B's bias of a module, checked as PEFT builds it: there exactly when the
+    config sets lora_bias, one entry per row of B, and never on an embedding (PEFT
+    refuses lora_bias there, so it could not load the adapter)."""
+    bias, b = found.get("bias"), found["B"]
+    if bias is not None and not config.lora_bias:
+        raise ModelFileError(
+            f"{p / WEIGHTS_NAME} holds lora_B.bias for {module!r}, but {CONFIG_NAME} does "
+            "not set lora_bias, so PEFT would leave it out", hint=_RESAVE)
+    if config.lora_bias and embedding:
+        raise ModelFileError(
+            f"{p / CONFIG_NAME} sets lora_bias, but {module!r} is an adapted embedding, "
+            "which PEFT gives no bias (it refuses to load such an adapter)",
+            hint="save the adapter again without lora_bias, or without the embedding in "
+                 "target_modules")
+    if config.lora_bias and bias is None:
+        raise ModelFileError(
+            f"{p / CONFIG_NAME} sets lora_bias, but {p / WEIGHTS_NAME} holds no "
+            f"lora_B.bias for {module!r}", hint=_RESAVE)
+    if bias is not None and bias.shape != (b.shape[0],):
+        raise ModelFileError(
+            f"lora_B.bias of {module!r} in {p} is {list(bias.shape)}, but lora_B is "
+            f"{list(b.shape)}: its bias has one entry per row, [{b.shape[0]}]", hint=_RESAVE)
+    return bias
 
 
 def _model_name(p: Path, config: LoraConfig, stored: str, key: str) -> str:

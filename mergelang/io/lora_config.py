@@ -3,11 +3,12 @@
 PEFT gives each adapted module a rank `r` and an `alpha` (from `rank_pattern` and
 `alpha_pattern` where a pattern names the module, else the config's `r` and
 `lora_alpha`), and scales its product by `alpha / r`, or `alpha / sqrt(r)` with
-`use_rslora`. `fan_in_fan_out` says the layer stores its weight transposed (GPT-2's
-Conv1D), so the product is transposed too. `target_modules` and `modules_to_save` say
-which modules the adapter may hold weights for. Everything here is read and checked
-when the adapter is opened, so a damaged or unsupported config is a located error
-before any tensor is read.
+`use_rslora`; with `lora_bias`, lora_B has a bias too, which PEFT's merge adds to the
+module's bias at the same scale. `fan_in_fan_out` says the layer stores its weight
+transposed (GPT-2's Conv1D), so the product is transposed too. `target_modules` and
+`modules_to_save` say which modules the adapter may hold weights for. Everything here
+is read and checked when the adapter is opened, so a damaged or unsupported config is a
+located error before any tensor is read.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from .errors import ModelFileError
 from .jsonfile import read_json
 
 CONFIG_NAME = "adapter_config.json"
+# what PEFT puts before a model's tensor name in an adapter's file (read and written)
+PREFIX = "base_model.model."
 _RESAVE = ("save the adapter again with PEFT (peft_model.save_pretrained(folder)), or "
            "correct adapter_config.json")
 # config keys naming LoRA variants whose merged weight is not base + scale * B @ A
 _UNSUPPORTED = {
     "use_dora": "DoRA adapters (use_dora) rescale the merged weight by its norm",
-    "lora_bias": "adapters with a LoRA bias (lora_bias) change the layer's bias too",
     "target_parameters": "adapters on parameters (target_parameters) are stored differently",
     "layer_replication": "adapters with layer_replication change the model's layers",
     "trainable_token_indices": "adapters that train single tokens (trainable_token_indices) "
@@ -45,6 +47,7 @@ class LoraConfig:
     alpha: float
     use_rslora: bool = False
     fan_in_fan_out: bool = False
+    lora_bias: bool = False
     target_modules: list[str] | str | None = None
     modules_to_save: list[str] = field(default_factory=list)
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -108,6 +111,7 @@ def read_lora_config(folder: Path) -> LoraConfig:
         use_rslora=_get(raw, path, "use_rslora", _is_bool, "true or false", default=False),
         fan_in_fan_out=_get(raw, path, "fan_in_fan_out", _is_bool, "true or false",
                             default=False),
+        lora_bias=_get(raw, path, "lora_bias", _is_bool, "true or false", default=False),
         target_modules=_get(raw, path, "target_modules", _is_names,
                             "a list of module names or a regular expression", default=None),
         modules_to_save=_get(raw, path, "modules_to_save", _is_name_list,
