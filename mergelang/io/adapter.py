@@ -38,6 +38,7 @@ from ..extraction.form import (
 from ..extraction.svd import Factors, factorise
 from .header import HeaderEntry, encode_header
 from .hf import SCRIPT_KEY, write_text
+from .lora_config import PREFIX
 from .write import writing
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ if TYPE_CHECKING:
     from ..diagnostics import Diagnostic
     from ..plan import Plan
 
-PREFIX = "base_model.model."
 REPORT = "extraction.json"
 BLOCK = 1 << 20  # elements of a kept tensor's base read at once
 
