@@ -159,3 +159,43 @@ def test_check_bounds_the_adapter_of_an_energy_extraction(capsys, tmp_path):
     bound = 3 * (6 + 4) * 2 * 4
     assert adapter_bytes(tmp_path / "out") <= bound
     assert line.endswith(f"at most {bound} B") or line.endswith(f"at most {bound / 1000:.1f} KB")
+
+
+def test_kept_tensors_go_through_a_scratch_file_into_the_adapter(tmp_path):
+    """The adapter file from held tensors and tensors streamed block by block through a
+    KeptFile is what the safetensors library reads back, bit for bit; the scratch file is
+    removed."""
+    from mergelang.io.adapter import KeptFile, save_tensors
+    g = torch.Generator().manual_seed(3)
+    held = {"a.lora_A.weight": torch.randn(2, 5, generator=g),
+            "b.lora_B.weight": torch.randn(7, 2, generator=g).to(torch.bfloat16)}
+    kept = {"embed.weight": torch.randn(9, 5, generator=g).to(torch.bfloat16),
+            "norm.weight": torch.randn(5, generator=g), "scalar": torch.tensor(2.5)}
+    scratch = KeptFile(tmp_path / "scratch")
+    for name, t in kept.items():  # rows in two pieces, the later one first
+        if t.dim() == 0:
+            scratch.write(name, t.dtype, (), 0, [t])
+        else:
+            scratch.write(name, t.dtype, tuple(t.shape), 3, t[3:].split(2))
+            scratch.write(name, t.dtype, tuple(t.shape), 0, [t[:3]])
+    save_tensors(tmp_path / "a.safetensors", held, {"format": "pt"}, scratch)
+    scratch.close()
+    assert not (tmp_path / "scratch").exists()
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert sorted(back) == sorted({**held, **kept})
+    for name, t in {**held, **kept}.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+def test_an_extraction_leaves_no_scratch_file_and_keeps_base_plus_delta(capsys, tmp_path):
+    g = torch.Generator().manual_seed(4)
+    pair(tmp_path, {"model.embed_tokens.weight": torch.randn(10, 4, generator=g),
+                    "model.norm.weight": torch.ones(4)})
+    result = extract(capsys, tmp_path, "--rank", "1", "--out-dtype", "bfloat16", "--quiet")
+    assert result.code == 0, result.text
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "extraction.json"]
+    adapter = load_file(str(tmp_path / "out" / "adapter_model.safetensors"))
+    fine = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(adapter["base_model.model." + name], fine[name].to(torch.bfloat16))

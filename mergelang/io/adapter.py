@@ -6,17 +6,20 @@ place of the sharded model writer. The sink assembles a tensor, factorises it if
 a LoRA target (the SVD runs on the writer thread, while the next tensor is computed),
 and keeps only the factors: rank-r A and B, small next to the tensor. Tensors kept whole
 (embeddings, head, norms: PEFT's `modules_to_save`) are written as base + x, the base
-tensor read here. At the end come `adapter_model.safetensors`, `adapter_config.json`
-(the fields mergekit-extract-lora writes), `extraction.json` (each tensor's rank and
-relative error) and a README model card holding the script; the folder is moved into
-place by OutputFolder like a model folder.
+tensor read here a block of rows at a time, and appended to a scratch file in the
+output's temporary folder (KeptFile), so no kept tensor is held whole. At the end come
+`adapter_model.safetensors` (the kept tensors' bytes copied in from the scratch file,
+which is then removed), `adapter_config.json` (the fields mergekit-extract-lora writes),
+`extraction.json` (each tensor's rank and relative error) and a README model card
+holding the script; the folder is moved into place by OutputFolder like a model folder.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,8 +57,10 @@ class AdapterSink:
     """Receives finished rows of each delta (execute's sink) and keeps the adapter's
     tensors; `finish` writes the folder."""
 
-    def __init__(self, p: Plan, form: AdapterForm, dtype: str | None, device: str = "cpu"):
+    def __init__(self, p: Plan, form: AdapterForm, dtype: str | None, device: str,
+                 scratch: Path):
         self.plan, self.form = p, form
+        self.kept = KeptFile(scratch)
         self.roles = layout(form, p)
         self.base = p.bound.models[form.base].source
         self.fan_in_fan_out = stores_transposed(self.base.config)
@@ -73,6 +78,12 @@ class AdapterSink:
     def write_rows(self, name: str, row0: int, part: torch.Tensor) -> None:
         shape = self.shapes[name]
         rows = shape[0] if shape else 1
+        if shape and self.roles[name] == KEEP:  # written as it comes, never assembled
+            dtype = self.dtypes[name]
+            with self.lock:
+                self.kept.write(PREFIX + name, dtype, tuple(shape), row0,
+                                self._base_plus(name, part, dtype, row0))
+            return
         if not shape or (row0 == 0 and len(part) == rows):
             self._finished(name, part.reshape(shape))
             return
@@ -102,23 +113,22 @@ class AdapterSink:
             with self.lock:
                 self.tensors[PREFIX + module_of(name) + ".lora_B.bias"] = \
                     delta.to(dtype).cpu().contiguous()
-        elif role == KEEP:
-            whole = self._base_plus(name, delta, dtype)
+        elif role == KEEP:  # a 0-d tensor (kept tensors with rows go by write_rows)
             with self.lock:
-                self.tensors[PREFIX + name] = whole
+                self.kept.write(PREFIX + name, dtype, (), 0, self._base_plus(name, delta, dtype))
 
-    def _base_plus(self, name: str, delta: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """base + delta in `dtype`, a block of rows at a time: an embedding's float32 copy
-        of the base would cost as much as the delta itself."""
+    def _base_plus(self, name: str, delta: torch.Tensor, dtype: torch.dtype, row0: int = 0
+                   ) -> Iterator[torch.Tensor]:
+        """base + delta (rows row0... of the tensor) in `dtype`, a block of rows at a
+        time: neither an embedding's float32 copy of the base nor the sum is held whole."""
         if delta.dim() == 0:
-            return (self.base.load(name, None, delta.dtype) + delta).to(dtype)
-        whole = torch.empty(delta.shape, dtype=dtype)
+            yield (self.base.load(name, None, delta.dtype) + delta).to(dtype)
+            return
         step = max(1, BLOCK // max(1, delta[0].numel()))
         for r in range(0, len(delta), step):
-            rows = (r, min(r + step, len(delta)))
-            block = self.base.load(name, rows, delta.dtype).add_(delta[rows[0]:rows[1]])
-            whole[rows[0]:rows[1]] = block
-        return whole
+            rows = (row0 + r, row0 + min(r + step, len(delta)))
+            yield self.base.load(name, rows, delta.dtype).add_(
+                delta[r:r + step]).to(dtype)
 
     def finish(self, folder: Path, script: str, script_name: str) -> None:
         """Write the adapter files into `folder`."""
@@ -128,7 +138,8 @@ class AdapterSink:
         config = adapter_config(self.plan, self.form, ranks, top, self.roles,
                                 self.fan_in_fan_out)
         save_tensors(folder / "adapter_model.safetensors", self.tensors,
-                     {"format": "pt", SCRIPT_KEY: "see README.md"})
+                     {"format": "pt", SCRIPT_KEY: "see README.md"}, self.kept)
+        self.kept.close()
         write_text(folder / "adapter_config.json", json.dumps(config, indent=2) + "\n")
         write_text(folder / REPORT, json.dumps(self.report(), indent=2) + "\n")
         write_card(folder, script, script_name, config["base_model_name_or_path"])
@@ -143,29 +154,81 @@ class AdapterSink:
         lost = sum((r["error"] * r["norm"]) ** 2 for r in rows)
         return {"rank": self.form.rank, "energy": self.form.energy,
                 "overall_error": (lost / total) ** 0.5 if total > 0 else 0.0,
-                "parameters": sum(t.numel() for t in self.tensors.values()),
+                "parameters": sum(t.numel() for t in self.tensors.values())
+                + sum(math.prod(e[1]) for e in self.kept.entries.values()),
                 "tensors": rows,
                 "kept": sorted(n for n, r in self.roles.items() if r == KEEP),
                 "dropped": sorted(n for n, r in self.roles.items() if r == SKIP),
                 "keepable": keepable(self.roles)}
 
 
-def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]
-                 ) -> None:
+class KeptFile:
+    """The tensors kept whole, appended as they are finished to a scratch file (in the
+    output's temporary folder, so an error or Ctrl-C leaves nothing): the sink holds one
+    block of rows of one at a time, and `save_tensors` copies their bytes into place."""
+
+    def __init__(self, path: Path):
+        self.path, self.file, self.end = path, None, 0
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+
+    def write(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], row0: int,
+              blocks: Iterable[torch.Tensor]) -> None:
+        """Write consecutive blocks of `name`'s rows from row `row0` on, into the place
+        the tensor was given when first written (after the tensors before it)."""
+        if name not in self.entries:
+            self.entries[name] = (dtype, shape, self.end)
+            self.end += math.prod(shape) * dtype.itemsize
+        start = self.entries[name][2] + row0 * math.prod(shape[1:]) * dtype.itemsize
+        with writing(self.path):
+            if self.file is None:
+                self.file = open(self.path, "w+b")  # closed by close()
+            self.file.seek(start)
+            for block in blocks:
+                self.file.write(_bytes_of(block))
+
+    def copy(self, name: str, out: Any) -> None:
+        """`name`'s bytes into the open file `out`, BLOCK bytes at a time."""
+        dtype, shape, start = self.entries[name]
+        left = math.prod(shape) * dtype.itemsize
+        self.file.seek(start)
+        while left:
+            chunk = self.file.read(min(left, BLOCK))
+            out.write(chunk)
+            left -= len(chunk)
+
+    def close(self) -> None:
+        """Remove the scratch file (it must not be left in the adapter folder)."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+            self.path.unlink(missing_ok=True)
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                 kept: KeptFile | None = None) -> None:
     """A safetensors file whose bytes depend only on its contents (the safetensors library
     orders metadata keys differently from run to run); widest dtypes first, so every
-    tensor stays aligned, then by name."""
-    names = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    tensor stays aligned, then by name. `kept`'s tensors are copied from its file."""
+    parts = {n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}
+    parts.update((n, (e[0], e[1])) for n, e in (kept.entries if kept else {}).items())
+    names = sorted(parts, key=lambda n: (-parts[n][0].itemsize, n))
     entries, position = [], 0
     for n in names:
-        nbytes = tensors[n].numel() * tensors[n].element_size()
-        entries.append(HeaderEntry(n, tensors[n].dtype, tuple(tensors[n].shape), position,
-                                   position + nbytes))
+        dtype, shape = parts[n]
+        nbytes = math.prod(shape) * dtype.itemsize
+        entries.append(HeaderEntry(n, dtype, shape, position, position + nbytes))
         position += nbytes
     with writing(path), open(path, "wb") as f:
         f.write(encode_header(metadata, entries))
         for n in names:
-            f.write(memoryview(tensors[n].contiguous().view(-1).view(torch.uint8).numpy()))
+            if n in tensors:
+                f.write(_bytes_of(tensors[n]))
+            else:
+                kept.copy(n, f)
 
 
 def adapter_config(p: Plan, form: AdapterForm, ranks: dict[str, int], top: int,
@@ -236,13 +299,17 @@ def writer(form: AdapterForm, out_dtype: str | None, cluster: object = None
               strict: bool, progress, budget: int, order) -> list[Diagnostic]:
         from ..diagnostics import MergeError
         from ..execute import execute
-        sink = AdapterSink(p, form, out_dtype or program.lowered.out_dtype, device)
+        sink = AdapterSink(p, form, out_dtype or program.lowered.out_dtype, device,
+                           folder / ".kept-tensors.tmp")
         try:
-            warnings = program.in_script(execute(p, sink.write_rows, device, strict,
-                                                  progress, budget, order))
-        except MergeError as exc:
-            raise MergeError(program.in_script(exc.diagnostics)) from None
-        name = program.path.name if program.path else "extract.merge"
-        sink.finish(folder, program.source_text, name)
+            try:
+                warnings = program.in_script(execute(p, sink.write_rows, device, strict,
+                                                     progress, budget, order))
+            except MergeError as exc:
+                raise MergeError(program.in_script(exc.diagnostics)) from None
+            name = program.path.name if program.path else "extract.merge"
+            sink.finish(folder, program.source_text, name)
+        finally:
+            sink.kept.close()
         return warnings
     return write
