@@ -309,21 +309,22 @@ def test_the_donor_is_a_model_never_an_adapter(models, tmp_path, capsys):
                  "lora(...)")
 
 
-def test_check_reads_headers_only(models, tmp_path, capsys):
+@pytest.mark.parametrize("base,source", [("base", "rslora"), ("biased", "biased_adapter")])
+def test_check_reads_headers_only(models, tmp_path, capsys, base, source):
     """check opens the adapter and plans against the model without reading a tensor:
     the adapter's data can be garbage (its header intact), and check still succeeds."""
-    adapter = shutil.copytree(models / "rslora", tmp_path / "adapter")
+    adapter = shutil.copytree(models / source, tmp_path / "adapter")
     weights = adapter / "adapter_model.safetensors"
     raw = bytearray(weights.read_bytes())
     length = int.from_bytes(raw[:8], "little")
     raw[8 + length:] = b"\xff" * (len(raw) - 8 - length)  # every weight is NaN
     weights.write_bytes(bytes(raw))
-    script = write(tmp_path, f'output model("{models / "base"}") + lora("{adapter}")\n')
+    script = write(tmp_path, f'output model("{models / base}") + lora("{adapter}")\n')
     result = cli(capsys, "check", script)
     assert result.code == 0, result.text
     assert "ok:" in result.text
     # what a run reads: the model, and every tensor of this adapter once (no zeros)
-    with open_model(models / "base") as m, open_model(weights) as w:
+    with open_model(models / base) as m, open_model(weights) as w:
         read = sum(t.nbytes for t in m.tensors.values()) + sum(
             t.nbytes for t in w.tensors.values())
     assert mergelang.load(script).check().input_bytes == read

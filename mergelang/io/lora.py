@@ -22,7 +22,8 @@ from the few MB of A and B, as the float32 rounding of an exact product (`factor
 
 Opening reads `adapter_config.json` and the safetensors header and checks their
 agreement (pairs of A and B of one rank, the rank the config gives, targets the config
-names); attaching checks every target against the model's headers. Neither reads a
+names, B's bias exactly where the config sets lora_bias); attaching checks every target
+(and its bias) against the model's headers. Neither reads a
 tensor, so `mergelang check` costs nothing more with adapters.
 """
 
