@@ -10,21 +10,21 @@ saved whole) replace the model's.
 
 So the adapter denotes a delta, tensor by tensor: `scale * B @ A` on every targeted
 weight, `scale * lora_B.bias` on a targeted module's bias, `saved - M` on a saved one,
-zero on every other tensor of the model, where M
-is the model it is attached to: the model `lora("x", base=m)` names, else the first
-plain `model(...)` of the program (the REPL: the first model of the session), which
-gives the tensor names and shapes; `M + lora(...)` is then what PEFT's merge makes of
-M. Only saved modules depend on M's values (`needs_base`): bind warns when such an
-adapter is measured against the first of several models by default. Nothing of the model is
-held: each delta (or a block of its rows) is computed when the executor asks for it,
-from the few MB of A and B, as the float32 rounding of an exact product (`factors`,
-`exact_product`), so its bytes do not depend on the rows asked for or the threads.
+zero on every other tensor of the model, where M is the model it is attached to: the
+model `lora("x", base=m)` names, else the first plain `model(...)` of the program (the
+REPL: the first model of the session), which gives the tensor names and shapes;
+`M + lora(...)` is then what PEFT's merge makes of M. Only saved modules depend on M's
+values (`needs_base`): bind warns when such an adapter is measured against the first of
+several models by default. Nothing of the model is held: each delta (or a block of its
+rows) is computed when the executor asks for it, from the few MB of A and B, as the
+float32 rounding of an exact product (`factors`, `exact_product`), so its bytes do not
+depend on the rows asked for or the threads.
 
 Opening reads `adapter_config.json` and the safetensors header and checks their
 agreement (pairs of A and B of one rank, the rank the config gives, targets the config
 names, B's bias exactly where the config sets lora_bias); attaching checks every target
-(and its bias) against the model's headers. Neither reads a
-tensor, so `mergelang check` costs nothing more with adapters.
+(and its bias) against the model's headers. Neither reads a tensor, so
+`mergelang check` costs nothing more with adapters.
 """
 
 from __future__ import annotations
