@@ -482,7 +482,7 @@ def test_lora_bias_on_a_module_without_a_bias_is_a_located_error(models, tmp_pat
     for result in (cli(capsys, "check", script), run(capsys, script, out)):
         assert_error(result, at(script, 2, 20), f'"{adapter}"', "adapts 'model.layers.",
                      "with a bias (lora_bias)", "has no tensor 'model.layers.",
-                     "q_proj.bias'", hint="base_model_name_or_path")
+                     "q_proj.bias'", hint="train it again without lora_bias")
     assert_nothing_written(out)
 
 

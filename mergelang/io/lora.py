@@ -165,7 +165,11 @@ class LoraSource:
             raise ModelFileError(
                 f"{self.path} adapts {pair.module!r} with a bias (lora_bias), but "
                 f"{_name(model)} has no tensor {name!r}: the module has no bias to add it "
-                "to, and PEFT cannot merge it either", hint=_WRONG_MODEL)
+                "to, and PEFT cannot merge it either",
+                hint="PEFT makes such an adapter (warning that it cannot be merged) when "
+                     "lora_bias is set for layers without a bias: train it again without "
+                     "lora_bias, or apply it to the model it was trained for if that one "
+                     "has the biases")
         if info.shape != bias.shape or not info.dtype.is_floating_point:
             raise ModelFileError(
                 f"{self.path} adapts {pair.module!r} with a bias (lora_bias) of shape "
