@@ -199,3 +199,16 @@ def test_an_extraction_leaves_no_scratch_file_and_keeps_base_plus_delta(capsys, 
     fine = load_file(str(tmp_path / "ft" / "model.safetensors"))
     for name in ("model.embed_tokens.weight", "model.norm.weight"):
         assert torch.equal(adapter["base_model.model." + name], fine[name].to(torch.bfloat16))
+
+
+def test_compress_functions_annotated_to_return_a_tuple_return_one():
+    """compress/__init__.py's _layout said `tuple[list, dict]` and returned a list."""
+    path = Path(__file__).parents[1] / "mergelang" / "compress" / "__init__.py"
+    for f in ast.walk(ast.parse(path.read_text())):
+        if isinstance(f, ast.FunctionDef) and f.returns is not None:
+            says_tuple = ast.unparse(f.returns).startswith("tuple[")
+            returns = [r.value for r in ast.walk(f) if isinstance(r, ast.Return) and r.value]
+            for value in returns:  # a literal or a variable: a tuple only if written as one
+                if isinstance(value, (ast.Tuple, ast.Name, ast.List)):
+                    assert says_tuple == isinstance(value, ast.Tuple), \
+                        (f.name, ast.unparse(value))
