@@ -5,7 +5,9 @@ The command is the language form written out: it compiles
     output extract_lora(model("FT") - model("BASE"), rank=R)
 
 and runs it as `mergelang run` would, so a script and the command write the same
-adapter bytes and share every check and diagnostic. Then it prints what the adapter
+adapter bytes and share every check and diagnostic; a diagnostic is shown under the
+argument of the command line that wrote the part of the script it points at
+(CommandLine), not in a script the user never wrote. Then it prints what the adapter
 lost: each factorised tensor's relative error ||delta - B A||_F / ||delta||_F, and the
 error over all of them (`--json`: the same as one JSON object).
 """
