@@ -22,6 +22,7 @@ from .io.read import TensorInfo
 from .io.sources import frame_of, is_derived, key_options, open_source, split_key
 from .ir import Op, nodes_of
 from .lower import Lowered, ModelRef
+from .sparse import Sparse
 from .vocab import VocabPlan, align
 
 # `model.layers.12.`, `transformer.h.3.`, `encoder.layer.7.`, `blocks.0.`
@@ -47,9 +48,10 @@ class ModelSource(Protocol):
 
 
 class InMemoryModel:
-    """A state dict (or a single tensor) held by the caller, for `mergelang.evaluate`."""
+    """A state dict (or a single tensor) held by the caller, for `mergelang.evaluate`; a
+    value may be a mergelang.sparse.Sparse (an optimizer's kept task vector)."""
 
-    def __init__(self, state: dict[str, torch.Tensor]):
+    def __init__(self, state: dict[str, torch.Tensor | Sparse]):
         self.state = state
         self.config = None
         self.folder = None
@@ -60,10 +62,13 @@ class InMemoryModel:
         }
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
-             dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor:
+             dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor | Sparse:
         """Rows of a tensor converted to `dtype`, or as they are with view=True (the
         executor never writes to a view), else a copy."""
         tensor = self.state[name]
+        if isinstance(tensor, Sparse):  # never written: no copy
+            part = tensor.rows(*rows) if rows is not None else tensor
+            return part.to(dtype)
         part = tensor[rows[0]:rows[1]] if rows is not None else tensor
         if dtype is not None and dtype != part.dtype:
             return part.to(dtype)

@@ -28,6 +28,7 @@ from .lower import Lowered, lower
 from .plan import Plan, plan
 from .resolve import resolve
 from .schedule import Kernel, schedule
+from .sparse import Sparse
 from .syntax import parse_expression
 
 _BARE = "tensor"  # the one name of a model given as a bare tensor
@@ -55,19 +56,32 @@ class Expression:
         self._lowered: dict[frozenset[str], Lowered] = {}
         self._plans: dict[tuple, tuple[Plan, list[Kernel]]] = {}
 
-    @torch.no_grad()
     def __call__(self, *, seed: int = 0, device: str = "cpu", dtype: str = "float32",
                  **inputs: Any) -> torch.Tensor | dict[str, torch.Tensor]:
         """The merge of these inputs. Runs without autograd: the inputs may be
         parameters that require grad (a merge is not differentiated)."""
+        return self._call(inputs, seed, device, dtype, sparse=False)
+
+    def sparse(self, *, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+               **inputs: Any) -> torch.Tensor | Sparse | dict[str, torch.Tensor | Sparse]:
+        """As a call, but a result that the expression computed as a Sparse (the rules that
+        keep a few entries: keep_random, top_fraction, and what is computed from them and
+        other Sparse inputs) is returned as one, not made dense: an optimizer adds its
+        few entries where they are."""
+        return self._call(inputs, seed, device, dtype, sparse=True)
+
+    @torch.no_grad()
+    def _call(self, inputs: dict[str, Any], seed: int, device: str, dtype: str,
+              sparse: bool) -> Any:
         missing = sorted(self.names - inputs.keys())
         if missing:
             raise TypeError(f"this expression takes {', '.join(sorted(self.names))}; "
                             f"missing {', '.join(missing)}")
         inputs = {k: v for k, v in inputs.items() if k in self.names}
-        models = {k: v for k, v in inputs.items() if isinstance(v, (torch.Tensor, dict))}
+        models = {k: v for k, v in inputs.items()
+                  if isinstance(v, (torch.Tensor, Sparse, dict))}
         values = {k: v for k, v in inputs.items() if k not in models}
-        bare = {k for k, v in models.items() if isinstance(v, torch.Tensor)}
+        bare = {k for k, v in models.items() if isinstance(v, (torch.Tensor, Sparse))}
         if bare and len(bare) != len(models):
             raise TypeError("give all model inputs as tensors or all as state dicts")
         states = {k: {_BARE: v} if k in bare else dict(v) for k, v in models.items()}
@@ -80,7 +94,8 @@ class Expression:
                 results = Collector(p.tensors)
                 # a call returns tensors, not warnings: no pass over each result to count
                 # NaNs that nobody would be told of
-                execute(p, results.sink, device, kernels=kernels, check_finite=False)
+                execute(p, results.sink, device, kernels=kernels, check_finite=False,
+                        sparse_results=sparse)
         except MergeError as exc:
             raise MergeError(move_to_script(exc.diagnostics, self.span)) from None
         return results.tensors[_BARE] if bare else results.tensors

@@ -25,6 +25,7 @@ from .ops import BINARY, PRIMITIVES
 from .plan import Plan, TensorPlan
 from .reduce import Chunk, RandomStream, Reduction, reduce_whole
 from .schedule import DEFAULT_BUDGET, Kernel, Order, Pass, schedule
+from .sparse import Sparse, densify, entrywise, is_sparse, join_rows
 from .staging import Loaded, Sink, Stager, Writer
 
 _IN_PLACE = {Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.DIV: torch.div}
@@ -37,10 +38,12 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
             budget: int = DEFAULT_BUDGET, order: Order | None = None,
             kernels: list[Kernel] | None = None,
             model_wide: Mapping[str, Any] | None = None,
-            check_finite: bool = True) -> list[Diagnostic]:
+            check_finite: bool = True, sparse_results: bool = False) -> list[Diagnostic]:
     """Compute every output tensor into `sink`. Returns warnings (NaN/Inf); with
     strict=True a non-finite result is an error instead; check_finite=False skips the
     check (a pass over each result) for a caller that would not report it.
+    sparse_results=True: a result computed as a mergelang.sparse.Sparse reaches the sink
+    as one (in row blocks, each its own Sparse), not made dense.
 
     `device` is one device or several GPUs ("cuda:0,cuda:1", "cuda:all"), which split
     the tensors between them; the results are the same bytes either way, and whatever
@@ -57,11 +60,12 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
         with _Run(plan, devices[0], sink, non_finite) as run:
             model_wide = run.sweep_model(kernels)
     if len(devices) == 1:
-        _run_kernels(plan, devices[0], kernels, sink, non_finite, progress, model_wide)
+        _run_kernels(plan, devices[0], kernels, sink, non_finite, progress, model_wide,
+                     sparse_results)
     else:
         with ThreadPoolExecutor(len(devices), thread_name_prefix="mergelang-gpu") as pool:
             runs = [pool.submit(_run_kernels, plan, d, group, sink, non_finite, progress,
-                                model_wide)
+                                model_wide, sparse_results)
                     for d, group in zip(devices, _split(kernels, len(devices)), strict=True)]
             for run in runs:
                 run.result()
@@ -69,8 +73,9 @@ def execute(plan: Plan, sink: Sink, device: str = "cpu", strict: bool = False,
 
 
 def _run_kernels(plan: Plan, device: torch.device, kernels: list[Kernel], sink: Sink,
-                 non_finite: Counter, progress, model_wide: dict[str, Reduction]) -> None:
-    with _Run(plan, device, sink, non_finite) as run:
+                 non_finite: Counter, progress, model_wide: dict[str, Reduction],
+                 sparse_results: bool) -> None:
+    with _Run(plan, device, sink, non_finite, sparse_results) as run:
         for kernel in kernels:
             run.kernel(kernel, model_wide)
             if progress is not None:
@@ -128,18 +133,37 @@ def run_tensor(plan: Plan, t: TensorPlan, device: str = "cpu",
 
 class Collector:
     """A sink that assembles the results in memory (for `evaluate` and tests). A tensor
-    that arrives in one piece is kept as it is, not copied."""
+    that arrives in one piece is kept as it is, not copied; one that arrives in Sparse row
+    blocks (see execute's sparse_results) is joined into one Sparse."""
 
     def __init__(self, tensors: list[TensorPlan]):
         self.shapes = {t.name: (t.shape, t.out_dtype) for t in tensors}
-        self.tensors: dict[str, torch.Tensor] = {}
+        self._tensors: dict[str, torch.Tensor] = {}
+        self._blocks: dict[str, list[tuple[int, Sparse]]] = {}
 
-    def sink(self, name: str, row0: int, part: torch.Tensor) -> None:
+    @property
+    def tensors(self) -> dict[str, torch.Tensor | Sparse]:
+        for name, blocks in self._blocks.items():
+            self._tensors[name] = join_rows(blocks, self.shapes[name][0])
+        self._blocks.clear()
+        return self._tensors
+
+    def sink(self, name: str, row0: int, part: torch.Tensor | Sparse) -> None:
         shape, dtype = self.shapes[name]
-        if row0 == 0 and part.numel() == _numel(shape) and name not in self.tensors:
-            self.tensors[name] = part.reshape(shape)
+        if isinstance(part, Sparse):
+            self._blocks.setdefault(name, []).append((row0, part))
             return
-        whole = self.tensors.setdefault(name, torch.empty(shape, dtype=dtype))
+        if name in self._blocks:  # a block came dense: the Sparse ones go in dense too
+            for start, block in self._blocks.pop(name):
+                self.sink(name, start, block.dense())
+        if row0 == 0 and part.numel() == _numel(shape) and name not in self._tensors:
+            self._tensors[name] = part.reshape(shape)
+            return
+        self._write_rows(name, row0, part)
+
+    def _write_rows(self, name: str, row0: int, part: torch.Tensor) -> None:
+        shape, dtype = self.shapes[name]
+        whole = self._tensors.setdefault(name, torch.empty(shape, dtype=dtype))
         rows = whole.view(-1) if whole.dim() == 0 else whole
         rows[row0:row0 + len(part)] = part
 
@@ -156,8 +180,9 @@ class _Run:
     computing the steps and feeding reductions; inputs and results go through the
     Stager and the Writer."""
 
-    def __init__(self, plan: Plan, device: torch.device, sink: Sink, non_finite: Counter):
-        self.plan, self.device = plan, device
+    def __init__(self, plan: Plan, device: torch.device, sink: Sink, non_finite: Counter,
+                 sparse_results: bool = False):
+        self.plan, self.device, self.sparse_results = plan, device, sparse_results
         self.stager = Stager(plan, device)
         self.writer = Writer(sink, non_finite)
 
@@ -193,7 +218,7 @@ class _Run:
                 loads = self.stager.load(k, k.model_pass, rows)
                 values = self._compute(k.model_pass, loads, chunk)
                 for node in nodes:
-                    reductions[node.attr[1]].add(*(self.stager.widen(values[a])
+                    reductions[node.attr[1]].add(*(densify(self.stager.widen(values[a]))
                                                    for a in tensor_args(node)),
                                                  chunk.at(node))
                 loads.done()
@@ -236,13 +261,15 @@ class _Run:
                 result = values[t.root]
                 if id(result) in loads.views:  # the output is an input as it is
                     result = result.clone()
+                if isinstance(result, Sparse) and not self.sparse_results:
+                    result = result.dense()
                 loads.done()
                 self.writer.write(t, rows[0], result)
                 continue
             open_ = [r for r in p.reductions if r not in stats]
             for r in open_:
-                reductions[r].add(*(self.stager.widen(values[a]) for a in tensor_args(r)),
-                                  chunk.at(r))
+                reductions[r].add(*(densify(self.stager.widen(values[a]))
+                                    for a in tensor_args(r)), chunk.at(r))
             loads.done()
             if rows[1] == k.rows:
                 for r in open_:
@@ -291,16 +318,24 @@ def _list(step: _Step, node: Node) -> list:
     return step.args(node)
 
 
-def _neg(step: _Step, node: Node) -> torch.Tensor:
+def _neg(step: _Step, node: Node) -> torch.Tensor | Sparse:
     x = step.args(node)[0]
+    if isinstance(x, Sparse):
+        return entrywise(torch.neg, [step.run.stager.widen(x)])
     if x.dtype != step.compute:
         return x.to(step.compute).neg_()
     return x.neg_() if step.reusable(node.args[0], x) else -x
 
 
 def _arithmetic(step: _Step, node: Node) -> Any:
-    """a op b, into the buffer of an operand this is the last use of where possible."""
+    """a op b, into the buffer of an operand this is the last use of where possible;
+    at their positions only where both are Sparse (or one is, beside a number)."""
     op, (a, b) = node.op, step.args(node)
+    if isinstance(a, Sparse) or isinstance(b, Sparse):
+        a, b = (step.run.stager.widen(x) if isinstance(x, Sparse) else x for x in (a, b))
+        if not any(isinstance(x, torch.Tensor) for x in (a, b)):
+            return entrywise(_BINARY[op], [a, b])
+        a, b = densify(a), densify(b)  # beside a dense tensor: dense, as below
     if not any(isinstance(x, torch.Tensor) and x.dtype == step.compute for x in (a, b)):
         # neither is in the compute dtype yet: widen one (a fresh buffer) and let the
         # operation promote the other
@@ -316,19 +351,28 @@ def _arithmetic(step: _Step, node: Node) -> Any:
 
 
 def _primitive(step: _Step, node: Node) -> Any:
+    """A primitive's call: on Sparse arguments its sparse form (or, entrywise, at their
+    positions only), else on them made dense."""
     prim = PRIMITIVES[node.attr[0]]
     args = [step.run.stager.widen(a) for a in step.args(node)]
+    if any(map(is_sparse, args)):
+        if prim.entrywise:
+            return entrywise(prim.fn, args)
+        if prim.sparse is None:
+            args = [densify(a) for a in args]
+    fn = prim.sparse or prim.fn
     if not prim.takes_chunk:
-        return _own(prim.fn(*args), args)
+        return _own(fn(*args), args)
     chunk = step.chunk
     if node in chunk.inline and node not in chunk.stats:
         chunk.stats[node] = reduce_whole(chunk.inline[node],
-                                         [a for a in args if not _is_static(a)], chunk.at(node))
-    return _own(prim.fn(*args, chunk=chunk.at(node)), args)
+                                         [densify(a) for a in args if not _is_static(a)],
+                                         chunk.at(node))
+    return _own(fn(*args, chunk=chunk.at(node)), args)
 
 
 def _copy_agreeing(step: _Step, node: Node) -> torch.Tensor:
-    args = step.args(node)
+    args = [densify(a) for a in step.args(node)]
     for other in args[1:]:
         if not torch.equal(args[0], other):
             name = step.chunk.kernel.tensor.name
@@ -370,7 +414,7 @@ def _fits(out: torch.Tensor, a: Any, b: Any) -> bool:
 
 def _is_static(value: Any) -> bool:
     """A primitive's number or string argument (not a tensor or a list of them)."""
-    return not isinstance(value, (torch.Tensor, list))
+    return not isinstance(value, (torch.Tensor, Sparse, list))
 
 
 def reduction_of(node: Node, numel: int) -> Reduction:

@@ -21,6 +21,7 @@ from .io.dtypes import FLOAT8
 from .ir import Node
 from .plan import Plan, TensorPlan
 from .schedule import Kernel, Pass
+from .sparse import Sparse
 
 # sink(name, first row, rows of the result in the output dtype, on the CPU)
 Sink = Callable[[str, int, torch.Tensor], None]
@@ -78,7 +79,9 @@ class Stager:
             if view:
                 loaded.views.add(id(tensor))
                 loaded.release.append((source, name, part))
-            if self.copy_stream is not None:
+            if isinstance(tensor, Sparse):
+                tensor = tensor.to(device=self.device)
+            elif self.copy_stream is not None:
                 with torch.cuda.stream(self.copy_stream):
                     tensor = tensor.pin_memory().to(self.device, non_blocking=True)
             loaded.tensors[node] = tensor
@@ -106,7 +109,7 @@ class Stager:
         in float32)."""
         if isinstance(value, list):
             return [self.widen(v) for v in value]
-        if isinstance(value, torch.Tensor) and value.dtype != self.plan.compute_dtype:
+        if isinstance(value, (torch.Tensor, Sparse)) and value.dtype != self.plan.compute_dtype:
             return value.to(self.plan.compute_dtype)
         if isinstance(value, float) and abs(value) > self.largest and value == value:
             return torch.tensor(value, dtype=torch.float64).to(self.plan.compute_dtype).item()
@@ -125,14 +128,17 @@ class Writer:
     def close(self) -> None:
         self.pool.shutdown()
 
-    def write(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
-        if part.numel() < SMALL:
+    def write(self, t: TensorPlan, row0: int, part: torch.Tensor | Sparse) -> None:
+        if isinstance(part, Sparse) or part.numel() < SMALL:
             self._cast_and_sink(t, row0, part)
             return
         self.drain(1)
         self.pending.append(self.pool.submit(self._cast_and_sink, t, row0, part))
 
-    def _cast_and_sink(self, t: TensorPlan, row0: int, part: torch.Tensor) -> None:
+    def _cast_and_sink(self, t: TensorPlan, row0: int, part: torch.Tensor | Sparse) -> None:
+        if isinstance(part, Sparse):
+            self._sink_sparse(t, row0, part)
+            return
         out = part.to(t.out_dtype).cpu()
         # one reduction finds out whether any value is NaN or infinite (the sum would
         # be); only then are they counted (float8, which torch cannot sum, widened)
@@ -144,6 +150,19 @@ class Writer:
                 with _COUNTING:
                     self.non_finite[t.name] += bad
         self.sink(t.name, row0, out.reshape(-1) if not t.shape else out)
+
+    def _sink_sparse(self, t: TensorPlan, row0: int, part: Sparse) -> None:
+        """A Sparse result: its values and fill cast, counted and handed on as a Sparse."""
+        out = part.to(t.out_dtype).cpu()
+        if self.non_finite is not None and out.is_floating_point():
+            wide = out.to(torch.float32) if out.dtype in FLOAT8 else out
+            bad = int((~torch.isfinite(wide.values)).sum())
+            if not bool(torch.isfinite(wide.fill)):
+                bad += out.numel() - len(out.support)
+            if bad:
+                with _COUNTING:
+                    self.non_finite[t.name] += bad
+        self.sink(t.name, row0, out)
 
     def drain(self, keep: int) -> None:
         """Wait until at most `keep` writes are outstanding (raising their errors)."""

@@ -54,6 +54,12 @@ class Primitive:
     whole: bool = False
     # Calling it with a list where the first parameter takes one tensor maps over the list.
     maps: bool = True
+    # Each entry of the result depends on the same entry of the tensor arguments only (and
+    # the numbers): on Sparse values (mergelang.sparse) it runs at their positions only.
+    entrywise: bool = False
+    # The same values as fn, returned as a mergelang.sparse.Sparse where few entries are
+    # kept; takes fn's arguments, each tensor dense or Sparse (the executor uses it).
+    sparse: Callable | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         errors = declaration_errors(self)
@@ -103,6 +109,10 @@ def declaration_errors(prim: Primitive) -> list[str]:
                          if prim.takes_chunk else "it takes none"))
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
         errors.append("the function takes *args or **kwargs")
+    if prim.sparse is not None and _shape(inspect.signature(prim.sparse)) != _shape(signature):
+        errors.append("the sparse form's parameters are not the function's")
+    if prim.entrywise and prim.takes_chunk:
+        errors.append("an entrywise primitive draws nothing and reduces nothing")
     if prim.reduction is not None:
         factory = list(inspect.signature(prim.reduction).parameters.values())
         if not factory or factory[0].name != "numel":
@@ -118,6 +128,10 @@ def declaration_errors(prim: Primitive) -> list[str]:
     return errors
 
 
+def _shape(signature: inspect.Signature) -> list[tuple]:
+    return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+
 @functools.cache
 def _factory_names(factory: Callable) -> tuple[str, ...]:
     return tuple(inspect.signature(factory).parameters)[1:]
@@ -131,12 +145,14 @@ PRIMITIVES: dict[str, Primitive] = {}
 
 
 def primitive(name: str, *params: Param, random: bool = False, maps: bool = True,
-              reduction: Callable | None = None, whole: bool = False):
+              reduction: Callable | None = None, whole: bool = False,
+              entrywise: bool = False, sparse: Callable | None = None):
     def register(fn: Callable) -> Callable:
         if name in PRIMITIVES:
             raise ValueError(f"primitive {name!r} is registered twice")
         PRIMITIVES[name] = Primitive(name, params, fn, (fn.__doc__ or "").strip(),
-                                     random=random, reduction=reduction, maps=maps, whole=whole)
+                                     random=random, reduction=reduction, maps=maps, whole=whole,
+                                     entrywise=entrywise, sparse=sparse)
         return fn
     return register
 

@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from ..reduce import RANDOM_PAGE, Chunk, RandomStream, reduce_whole
+from ..sparse import Sparse, densify, gather
 from . import PRIMITIVES, Param, primitive
 from .common import FRACTION, NON_NEGATIVE
+from .sparsify import top_mask
 
 KEEP = Param("keep", "number", range=FRACTION)
 
@@ -62,8 +64,22 @@ def random_key(seed: int, tensor_name: str, site: str) -> str:
     return RandomStream(seed, tensor_name, site).key
 
 
+def _keep_random_sparse(x: torch.Tensor | Sparse, keep: float, rescale: str = "density", *,
+                        chunk: Chunk) -> torch.Tensor | Sparse:
+    """keep_random's values as a Sparse (x dense or Sparse): the same draws, the kept
+    entries only."""
+    if keep >= 1:
+        return x
+    at = kept_positions(chunk.random.key, chunk.offset, x.numel(), chunk.numel, keep) \
+        if keep > 0 else torch.empty(0, dtype=torch.int64)
+    at = at.to(x.device)
+    kept = gather(x, at)
+    return Sparse(at, kept.div_(keep) if rescale == "density" else kept, x.shape)
+
+
 @primitive("keep_random", Param("x", "tensor"), KEEP,
-           Param("rescale", "string", "density", choices=("density", "none")), random=True)
+           Param("rescale", "string", "density", choices=("density", "none")), random=True,
+           sparse=_keep_random_sparse)
 def keep_random(x: torch.Tensor, keep: float, rescale: str = "density", *,
                 chunk: Chunk) -> torch.Tensor:
     """DARE's random mask, drawn sparsely: keep each entry with probability `keep` and
@@ -95,8 +111,21 @@ def _top(numel: int, keep: float, small: str):
     return PRIMITIVES["trim"].make_reduction(numel, (keep, "tensor"))
 
 
+def _top_fraction_sparse(x: torch.Tensor | Sparse, keep: float, small: str = "one", *,
+                         chunk: Chunk | None = None) -> torch.Tensor | Sparse:
+    """top_fraction's kept entries as a Sparse: the same selection; the entries it drops
+    are zeros (where x * mask would leave -0.0, or NaN for an infinite entry)."""
+    numel = x.numel() if chunk is None else chunk.numel
+    if keeps_all(numel, keep, small):
+        return x
+    x = densify(x)
+    index = top_mask(x, keep, chunk).view(-1).nonzero().squeeze(1)
+    return Sparse(index, x.reshape(-1)[index], x.shape)
+
+
 @primitive("top_fraction", Param("x", "tensor"), KEEP,
-           Param("small", "string", "one", choices=("one", "all")), reduction=_top)
+           Param("small", "string", "one", choices=("one", "all")), reduction=_top,
+           sparse=_top_fraction_sparse)
 def top_fraction(x: torch.Tensor, keep: float, small: str = "one", *,
                  chunk: Chunk | None = None) -> torch.Tensor:
     """Keep the k = int(keep * numel) entries of largest magnitude, zero the rest: `trim`
@@ -111,7 +140,8 @@ def top_fraction(x: torch.Tensor, keep: float, small: str = "one", *,
     return PRIMITIVES["trim"].fn(x, keep, "tensor", chunk=chunk)
 
 
-@primitive("clamp_abs", Param("x", "tensor"), Param("limit", "number", range=NON_NEGATIVE))
+@primitive("clamp_abs", Param("x", "tensor"), Param("limit", "number", range=NON_NEGATIVE),
+           entrywise=True)
 def clamp_abs(x: torch.Tensor, limit: float) -> torch.Tensor:
     """x clamped to [-limit, limit] (the reference code's `clip_val` on OnDARE's task vector
     and rescaled updates)."""

@@ -273,7 +273,7 @@ def energy_share(x: torch.Tensor, xs: list[torch.Tensor], *,
     return torch.full_like(x, share)
 
 
-@primitive("clamp_min", Param("x", "tensor"), Param("floor", "number"))
+@primitive("clamp_min", Param("x", "tensor"), Param("floor", "number"), entrywise=True)
 def clamp_min(x: torch.Tensor, floor: float) -> torch.Tensor:
     """max(x, floor) per entry (a divisor kept away from 0, as SCE's clamp(min=1e-6))."""
     return x.clamp(min=floor)
@@ -282,7 +282,8 @@ def clamp_min(x: torch.Tensor, floor: float) -> torch.Tensor:
 # --- RAM ------------------------------------------------------------------------------
 
 
-@primitive("above", Param("x", "tensor"), Param("threshold", "number", range=NON_NEGATIVE))
+@primitive("above", Param("x", "tensor"), Param("threshold", "number", range=NON_NEGATIVE),
+           entrywise=True)
 def above(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """1 where |x| > threshold, else 0 (RAM: the entries a task changed)."""
     return (x.abs() > threshold).to(x.dtype)

@@ -32,8 +32,13 @@ def trim(x: torch.Tensor, density: float, scope: str = "tensor", *,
     equals masking with a stable descending argsort of |x|, but is found by an exact
     selection (selection.KthMagnitude) instead of a sort.
     """
+    return x * top_mask(x, density, chunk)
+
+
+def top_mask(x: torch.Tensor, density: float, chunk: Chunk | None = None) -> torch.Tensor:
+    """Which entries of this chunk of x `trim` keeps (a bool tensor shaped like x)."""
     chunk = with_stats(chunk, x, [x], lambda: top_k(x.numel(), density, "tensor"))
-    return x * keep_top(x.abs(), *chunk.stats, chunk.state)
+    return keep_top(x.abs(), *chunk.stats, chunk.state)
 
 
 def _keep_mask(density: float):

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..sparse import Sparse
+
 logger = logging.getLogger("mergelang.optim")
 
 
@@ -55,8 +57,12 @@ class Tally:
     def update(self, delta: torch.Tensor) -> None:
         self.update_sq += float(delta.float().square().sum())
 
-    def merged(self, merged: torch.Tensor) -> None:
+    def merged(self, merged: torch.Tensor | Sparse) -> None:
         self.numel += merged.numel()
+        if isinstance(merged, Sparse):
+            self.nonzero += merged.nonzero_count()
+            self.merged_sq += merged.square_sum()
+            return
         self.nonzero += int(torch.count_nonzero(merged))
         self.merged_sq += float(merged.float().square().sum())
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ..sparse import Sparse
+
 Source = str | os.PathLike | Mapping[str, torch.Tensor] | torch.nn.Module
 
 
@@ -131,6 +133,16 @@ def dense(state: Mapping[str, torch.Tensor], like: torch.Tensor,
         out.zero_()
     out.view(-1)[state["ref_index"]] = values
     return out
+
+
+def kept_task_vector(state: Mapping[str, torch.Tensor], like: torch.Tensor
+                     ) -> torch.Tensor | Sparse:
+    """The kept task vector as a rule reads it: a Sparse of its kept entries (the int32
+    positions widened for the step), or the dense tensor when it is stored dense."""
+    values, index = state["ref_values"], state.get("ref_index")
+    if index is None:
+        return values
+    return Sparse(index.to(torch.int64), values, like.shape)
 
 
 def ref_bytes(state: Mapping[str, torch.Tensor]) -> int:

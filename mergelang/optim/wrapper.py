@@ -9,19 +9,23 @@ keyed by parameter name:
 - `update`: the inner optimizer's update (with every=k, the sum of its k updates);
 - `ref`: the reference task vector tau = reference - base as the rule keeps it, made once
   by the `prepare` expression of `tau` (for the standard rules, `ondare_ref`/`onties_ref`
-  with the rule's own keep, clip, small and rescale) and held sparse between steps;
+  with the rule's own keep, clip, small and rescale), held sparse between steps and given
+  to the rule as a mergelang.sparse.Sparse;
 - `before`: the parameters before the step (θ_before; `param` is a keyword of the
   language, so that name cannot be read).
 
 The rule is evaluated on batches of parameters (`batch` entries at a time: one call, many
 tensors), so the per-call cost of the compiled expression is paid a few times per step,
-not once per parameter, and the dense inputs of one batch are all that exists at once.
-Randomness is keyed by (seed + step, parameter name, call site in the rule).
+not once per parameter. Randomness is keyed by (seed + step, parameter name, call site in
+the rule). The standard rules keep a few entries of the update (`keep_random`,
+`top_fraction`): the executor computes them, and what follows from them and the sparse
+`ref`, at those entries only (mergelang.sparse), and the merged entries are added where
+they are; a rule that is dense somewhere is computed densely there, with the same values.
 
 Wrapping costs memory the built-in classes do not spend: the parameters before the step
 (one copy of the parameters being trained, kept from step to step so that no memory is
-asked for at each step) and the dense task vectors of one batch (`ref`). The update is
-computed in the parameters' own memory, which the merged values then overwrite.
+asked for at each step). The update is computed in the parameters' own memory, which the
+merged values then overwrite.
 """
 
 from __future__ import annotations
@@ -36,9 +40,10 @@ from .. import syntax
 from ..ast import Call, Name
 from ..compiled import Expression
 from ..resolve import stdlib_scope
+from ..sparse import Sparse, densify
 from .adamw import _names_of, begin_step
 from .monitor import Monitor, StepStats, Tally
-from .sources import Source, store, task_vectors
+from .sources import Source, kept_task_vector, store, task_vectors
 
 INPUTS = frozenset({"update", "ref", "before"})
 # the standard rules and the keywords their preparation shares with them
@@ -90,8 +95,6 @@ class OnlineMerging(torch.optim.Optimizer):
         self.text, self.every, self.seed, self.batch = rule, every, seed, batch
         self.device, self.dtype = device, dtype
         self.count = 0
-        self.buffers: dict[tuple, torch.Tensor] = {}
-        self.placed: dict[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         self.window: set[int] = set()
         self.monitor = Monitor(callback, stats)
         self.names = _names_of(self.param_groups, names)
@@ -164,20 +167,19 @@ class OnlineMerging(torch.optim.Optimizer):
         reads = self.rule.names
         for batch in self._batches(params):
             names = [self.names[id(p)] for p in batch]
-            inputs: dict[str, dict[str, torch.Tensor]] = {"update": {}, "ref": {}, "before": {}}
-            starts = self._layout(batch)
+            inputs: dict[str, dict[str, Any]] = {"update": {}, "ref": {}, "before": {}}
             for name, p in zip(names, batch, strict=True):
                 anchor = self.state[p]["anchor"]
                 # the update in the parameter's own memory (it is written over at the end):
                 # no buffer for it
                 inputs["update"][name] = p.sub_(anchor)
                 inputs["before"][name] = anchor
-            if "ref" in reads:
-                inputs["ref"] = self._refs(batch, names, starts)
+                if "ref" in reads:
+                    inputs["ref"][name] = kept_task_vector(self.state[p], p)
             call = {"seed": self.seed + self.count, "device": self._device(batch),
                     "dtype": self.dtype, **{k: v for k, v in inputs.items() if k in reads}}
             try:
-                merged = self.rule(**call)
+                merged = self.rule.sparse(**call)
             except BaseException:  # back to where the inner optimizer left them (to rounding)
                 for p in batch:
                     p.add_(self.state[p]["anchor"])
@@ -188,67 +190,16 @@ class OnlineMerging(torch.optim.Optimizer):
                     p.add_(self.state[p]["anchor"])
                 raise KeyError(f"the rule gives no value for parameter {missing[0]!r}")
             for name, p in zip(names, batch, strict=True):
-                out = merged[name].to(p.device)
+                out = merged[name].to(device=p.device)
                 if tally is not None:
                     self._tally(tally, p, out, self.state[p])
-                torch.add(self.state[p]["anchor"], out, out=p)
+                add_into(p, self.state[p]["anchor"], out)
             del inputs, merged
         self.monitor.emit(tally, self.count, True)
 
     @staticmethod
-    def _layout(batch: list[torch.Tensor]) -> list[int]:
-        """Where each parameter of a batch lies in the buffers of its dtype."""
-        at: dict[torch.dtype, int] = {}
-        starts = []
-        for p in batch:
-            starts.append(at.get(p.dtype, 0))
-            at[p.dtype] = starts[-1] + p.numel()
-        return starts
-
-    def _scratch(self, what: str, p: torch.Tensor, start: int) -> torch.Tensor:
-        """A tensor shaped like p in a buffer kept from step to step (one per input and
-        dtype, as large as a batch): no memory is asked for, and faulted in, at each step.
-        A new buffer is zeros."""
-        key = (what, p.dtype, p.device)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < start + p.numel():
-            size = max(self.batch, start + p.numel())
-            buffer = self.buffers[key] = torch.zeros(size, dtype=p.dtype, device=p.device)
-            self.placed.pop(key, None)
-        return buffer[start:start + p.numel()].view(p.shape)
-
-    def _refs(self, batch: list[torch.Tensor], names: list[str], starts: list[int]
-              ) -> dict[str, torch.Tensor]:
-        """The kept task vectors of a batch, dense. A sparse one is scattered into a zeroed
-        buffer; the buffer keeps what it holds from call to call (nothing writes into an
-        input of the rule), so only the entries placed there for other parameters are
-        zeroed again: with one batch, nothing is written after the first step."""
-        out: dict[str, torch.Tensor] = {}
-        wanted: dict[tuple, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for name, p, start in zip(names, batch, starts, strict=True):
-            state = self.state[p]
-            if "ref_index" not in state:
-                out[name] = state["ref_values"]
-                continue
-            out[name] = self._scratch("ref", p, start)
-            wanted.setdefault(("ref", p.dtype, p.device), {})[start] = \
-                (state["ref_values"], state["ref_index"])
-        for key, entries in wanted.items():
-            flat = self.buffers[key]
-            placed = self.placed.get(key, {})
-            same = placed.keys() == entries.keys() and all(
-                placed[s][0] is v and placed[s][1] is i for s, (v, i) in entries.items())
-            if same:
-                continue
-            for start, (_, index) in placed.items():  # what other parameters left there
-                flat[start:][index] = 0
-            for start, (values, index) in entries.items():
-                flat[start:][index] = values
-            self.placed[key] = entries
-        return out
-
-    @staticmethod
-    def _tally(tally: Tally, update: torch.Tensor, merged: torch.Tensor, state: dict) -> None:
+    def _tally(tally: Tally, update: torch.Tensor, merged: torch.Tensor | Sparse,
+               state: dict) -> None:
         tally.update(update)
         tally.merged(merged)
         if "ref_values" in state:
@@ -284,18 +235,27 @@ class OnlineMerging(torch.optim.Optimizer):
 
     def memory(self) -> dict[str, int]:
         """Bytes this wrapper holds beyond the inner optimizer: the kept task vectors
-        ("reference"), the parameters before the step ("anchor") and the dense task vectors
-        of one batch of the rule ("scratch")."""
-        out = {"reference": 0, "anchor": 0, "scratch": 0}
+        ("reference") and the parameters before the step ("anchor")."""
+        out = {"reference": 0, "anchor": 0}
         for state in self.state.values():
             for key, value in state.items():
                 where = "anchor" if key == "anchor" else "reference"
                 out[where] += value.numel() * value.element_size()
-        out["scratch"] = sum(b.numel() * b.element_size() for b in self.buffers.values())
         return out
 
     def __repr__(self) -> str:
         return f"OnlineMerging({self.optimizer!r}, rule={self.text!r})"
+
+
+def add_into(p: torch.Tensor, before: torch.Tensor, merged: torch.Tensor | Sparse) -> None:
+    """p = before + merged, rounded into p's dtype. A Sparse `merged` (zero elsewhere) is
+    added at its entries only: p takes `before`, and the sums where merged has values."""
+    if isinstance(merged, Sparse) and not bool(merged.fill != 0) and p.is_contiguous():
+        p.copy_(before)
+        at = merged.support.index
+        p.view(-1)[at] = (before.view(-1)[at] + merged.values).to(p.dtype)
+    else:
+        torch.add(before, densify(merged), out=p)
 
 
 def default_prepare(rule: str) -> str:
