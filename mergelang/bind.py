@@ -22,7 +22,7 @@ from .io.read import TensorInfo
 from .io.sources import frame_of, is_derived, key_options, open_source, split_key
 from .ir import Op, nodes_of
 from .lower import Lowered, ModelRef
-from .sparse import Sparse
+from .sparse import Difference, Sparse
 from .vocab import VocabPlan, align
 
 # `model.layers.12.`, `transformer.h.3.`, `encoder.layer.7.`, `blocks.0.`
@@ -49,9 +49,10 @@ class ModelSource(Protocol):
 
 class InMemoryModel:
     """A state dict (or a single tensor) held by the caller, for `mergelang.evaluate`; a
-    value may be a mergelang.sparse.Sparse (an optimizer's kept task vector)."""
+    value may be a mergelang.sparse.Sparse (an optimizer's kept task vector) or Difference
+    (its update)."""
 
-    def __init__(self, state: dict[str, torch.Tensor | Sparse]):
+    def __init__(self, state: dict[str, torch.Tensor | Sparse | Difference]):
         self.state = state
         self.config = None
         self.folder = None
@@ -62,11 +63,12 @@ class InMemoryModel:
         }
 
     def load(self, name: str, rows: tuple[int, int] | None = None,
-             dtype: torch.dtype | None = None, view: bool = False) -> torch.Tensor | Sparse:
+             dtype: torch.dtype | None = None, view: bool = False
+             ) -> torch.Tensor | Sparse | Difference:
         """Rows of a tensor converted to `dtype`, or as they are with view=True (the
         executor never writes to a view), else a copy."""
         tensor = self.state[name]
-        if isinstance(tensor, Sparse):  # never written: no copy
+        if isinstance(tensor, (Sparse, Difference)):  # never written: no copy
             part = tensor.rows(*rows) if rows is not None else tensor
             return part.to(dtype)
         part = tensor[rows[0]:rows[1]] if rows is not None else tensor

@@ -28,7 +28,7 @@ from .lower import Lowered, lower
 from .plan import Plan, plan
 from .resolve import resolve
 from .schedule import Kernel, schedule
-from .sparse import Sparse
+from .sparse import Difference, Sparse
 from .syntax import parse_expression
 
 _BARE = "tensor"  # the one name of a model given as a bare tensor
@@ -79,9 +79,10 @@ class Expression:
                             f"missing {', '.join(missing)}")
         inputs = {k: v for k, v in inputs.items() if k in self.names}
         models = {k: v for k, v in inputs.items()
-                  if isinstance(v, (torch.Tensor, Sparse, dict))}
+                  if isinstance(v, (torch.Tensor, Sparse, Difference, dict))}
         values = {k: v for k, v in inputs.items() if k not in models}
-        bare = {k for k, v in models.items() if isinstance(v, (torch.Tensor, Sparse))}
+        bare = {k for k, v in models.items()
+                if isinstance(v, (torch.Tensor, Sparse, Difference))}
         if bare and len(bare) != len(models):
             raise TypeError("give all model inputs as tensors or all as state dicts")
         states = {k: {_BARE: v} if k in bare else dict(v) for k, v in models.items()}

@@ -25,7 +25,7 @@ from .ops import BINARY, PRIMITIVES
 from .plan import Plan, TensorPlan
 from .reduce import Chunk, RandomStream, Reduction, reduce_whole
 from .schedule import DEFAULT_BUDGET, Kernel, Order, Pass, schedule
-from .sparse import Sparse, densify, entrywise, is_sparse, join_rows
+from .sparse import Difference, Sparse, densify, entrywise, is_sparse, join_rows
 from .staging import Loaded, Sink, Stager, Writer
 
 _IN_PLACE = {Op.ADD: torch.add, Op.SUB: torch.sub, Op.MUL: torch.mul, Op.DIV: torch.div}
@@ -304,8 +304,17 @@ class _Step:
         self.chunk = chunk
         self.compute = run.plan.compute_dtype
 
-    def args(self, node: Node) -> list:
-        return [a.attr if a.is_const else self.values[a] for a in node.args]
+    def args(self, node: Node, lazy: bool = False) -> list:
+        """The values of a node's arguments. A Difference is computed whole unless `lazy`
+        (a primitive's sparse form reads it where it keeps entries), and is then an input
+        like a file's view: never written over."""
+        out = [a.attr if a.is_const else self.values[a] for a in node.args]
+        if not lazy:
+            for i, value in enumerate(out):
+                if isinstance(value, Difference):
+                    out[i] = value.dense()
+                    self.in_lists[id(out[i])] += 1
+        return out
 
     def reusable(self, arg: Node, value: Any) -> bool:
         """A tensor this step is the last user of, and nothing else refers to."""
@@ -354,7 +363,7 @@ def _primitive(step: _Step, node: Node) -> Any:
     """A primitive's call: on Sparse arguments its sparse form (or, entrywise, at their
     positions only), else on them made dense."""
     prim = PRIMITIVES[node.attr[0]]
-    args = [step.run.stager.widen(a) for a in step.args(node)]
+    args = [step.run.stager.widen(a) for a in step.args(node, lazy=prim.sparse is not None)]
     if any(map(is_sparse, args)):
         if prim.entrywise:
             return entrywise(prim.fn, args)
@@ -414,7 +423,7 @@ def _fits(out: torch.Tensor, a: Any, b: Any) -> bool:
 
 def _is_static(value: Any) -> bool:
     """A primitive's number or string argument (not a tensor or a list of them)."""
-    return not isinstance(value, (torch.Tensor, Sparse, list))
+    return not isinstance(value, (torch.Tensor, Sparse, Difference, list))
 
 
 def reduction_of(node: Node, numel: int) -> Reduction:

@@ -182,6 +182,69 @@ class Sparse:
                 f"fill={float(self.fill)}, dtype={self.dtype})")
 
 
+class Difference:
+    """a - b (in their dtype, then converted to `dtype`), computed where it is read: at a
+    few positions (`gather`) without a pass over the whole, or whole once, into a's own
+    memory when `in_place` (the caller gives a up: an optimizer's parameters after its
+    step, whose update this is). Row blocks of it are computed apart, never in place."""
+
+    __slots__ = ("a", "b", "dtype", "in_place", "_dense")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None,
+                 in_place: bool = False):
+        self.a, self.b, self.in_place = a, b, in_place
+        self.dtype = dtype or a.dtype
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.a.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    @property
+    def computed(self) -> bool:
+        """Whether a - b has been computed whole (into a, when in place)."""
+        return self._dense is not None
+
+    def numel(self) -> int:
+        return self.a.numel()
+
+    def element_size(self) -> int:
+        return torch.empty(0, dtype=self.dtype).element_size()
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.a.sub_(self.b) if self.in_place else self.a - self.b
+        return self._dense.to(self.dtype)
+
+    def clone(self) -> torch.Tensor:
+        return self.dense().clone()
+
+    def to(self, dtype: torch.dtype | None = None, device: Any = None
+           ) -> Difference | torch.Tensor:
+        if device is not None and torch.device(device) != self.device:
+            return self.dense().to(dtype=dtype, device=device)
+        if dtype is None or dtype == self.dtype:
+            return self
+        made = Difference(self.a, self.b, dtype, self.in_place)
+        made._dense = self._dense
+        return made
+
+    def rows(self, lo: int, hi: int) -> Difference | torch.Tensor:
+        if self._dense is not None:
+            return self._dense[lo:hi].to(self.dtype)
+        return Difference(self.a[lo:hi], self.b[lo:hi], self.dtype)
+
+    def gather(self, index: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return torch.index_select(self._dense.reshape(-1), 0, index).to(self.dtype)
+        a = torch.index_select(self.a.reshape(-1), 0, index)
+        return a.sub_(torch.index_select(self.b.reshape(-1), 0, index)).to(self.dtype)
+
+
 def join_rows(blocks: list[tuple[int, Sparse]], shape: Sequence[int]) -> torch.Tensor | Sparse:
     """One tensor of `shape` from Sparse blocks of its rows, (first row, block) in any
     order: a Sparse when they share a fill (else dense)."""
@@ -196,9 +259,13 @@ def join_rows(blocks: list[tuple[int, Sparse]], shape: Sequence[int]) -> torch.T
     return Sparse(index, torch.cat([b.values for _, b in blocks]), shape, fill)
 
 
-def gather(x: torch.Tensor | Sparse, index: torch.Tensor) -> torch.Tensor:
-    """x's values at the sorted flat positions `index`, x dense or Sparse."""
-    return x.at(index) if isinstance(x, Sparse) else x.reshape(-1)[index]
+def gather(x: torch.Tensor | Sparse | Difference, index: torch.Tensor) -> torch.Tensor:
+    """x's values at the sorted flat positions `index`, x dense, Sparse or a Difference."""
+    if isinstance(x, Sparse):
+        return x.at(index)
+    if isinstance(x, Difference):
+        return x.gather(index)
+    return torch.index_select(x.reshape(-1), 0, index)
 
 
 def is_sparse(value: Any) -> bool:
@@ -208,11 +275,22 @@ def is_sparse(value: Any) -> bool:
 
 
 def densify(value: Any) -> Any:
-    """A Sparse value (or those of a list) as a dense tensor; anything else as it is."""
-    if isinstance(value, Sparse):
+    """A Sparse value or a Difference (or those of a list) as a dense tensor; anything
+    else as it is."""
+    if isinstance(value, (Sparse, Difference)):
         return value.dense()
-    if isinstance(value, list) and any(isinstance(v, Sparse) for v in value):
+    if isinstance(value, list) and any(isinstance(v, (Sparse, Difference)) for v in value):
         return [densify(v) for v in value]
+    return value
+
+
+def settle(value: Any) -> Any:
+    """A Difference (or those of a list) computed whole; anything else as it is: what an
+    operation that reads every entry is given."""
+    if isinstance(value, Difference):
+        return value.dense()
+    if isinstance(value, list) and any(isinstance(v, Difference) for v in value):
+        return [settle(v) for v in value]
     return value
 
 

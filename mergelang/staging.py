@@ -21,7 +21,7 @@ from .io.dtypes import FLOAT8
 from .ir import Node
 from .plan import Plan, TensorPlan
 from .schedule import Kernel, Pass
-from .sparse import Sparse
+from .sparse import Difference, Sparse
 
 # sink(name, first row, rows of the result in the output dtype, on the CPU)
 Sink = Callable[[str, int, torch.Tensor], None]
@@ -79,7 +79,7 @@ class Stager:
             if view:
                 loaded.views.add(id(tensor))
                 loaded.release.append((source, name, part))
-            if isinstance(tensor, Sparse):
+            if isinstance(tensor, (Sparse, Difference)):
                 tensor = tensor.to(device=self.device)
             elif self.copy_stream is not None:
                 with torch.cuda.stream(self.copy_stream):
@@ -109,7 +109,8 @@ class Stager:
         in float32)."""
         if isinstance(value, list):
             return [self.widen(v) for v in value]
-        if isinstance(value, (torch.Tensor, Sparse)) and value.dtype != self.plan.compute_dtype:
+        if isinstance(value, (torch.Tensor, Sparse, Difference)) and \
+                value.dtype != self.plan.compute_dtype:
             return value.to(self.plan.compute_dtype)
         if isinstance(value, float) and abs(value) > self.largest and value == value:
             return torch.tensor(value, dtype=torch.float64).to(self.plan.compute_dtype).item()

@@ -191,3 +191,47 @@ def test_a_sparse_form_must_take_the_primitives_parameters():
         return x
     with pytest.raises(TypeError, match="sparse form's parameters"):
         dataclasses.replace(PRIMITIVES["keep_random"], sparse=wrong)
+
+
+# --- Difference: an update computed where it is read ------------------------------------
+
+
+def test_a_difference_is_computed_at_the_kept_entries_or_whole_in_place():
+    from mergelang.sparse import Difference, gather
+    g = torch.Generator().manual_seed(0)
+    after, before = torch.randn(40, 5, generator=g), torch.randn(40, 5, generator=g)
+    expected = after - before
+    held = after.clone()
+    at = torch.tensor([0, 7, 199])
+    diff = Difference(held, before, in_place=True)
+    assert torch.equal(gather(diff, at), expected.view(-1)[at])
+    assert not diff.computed and torch.equal(held, after)  # nothing written yet
+    rows = diff.rows(3, 9)
+    assert torch.equal(rows.dense(), expected[3:9]) and torch.equal(held, after)  # apart
+    assert diff.dense() is held and torch.equal(held, expected)  # whole: in a's memory
+    assert torch.equal(gather(diff, at), expected.view(-1)[at])  # read from there after
+    assert torch.equal(diff.rows(3, 9), expected[3:9])
+    widened = Difference(after.bfloat16(), before.bfloat16()).to(torch.float32)
+    assert torch.equal(widened.dense(), (after.bfloat16() - before.bfloat16()).float())
+
+
+@pytest.mark.parametrize("rule", [
+    "keep_random(update, 0.3) + update * 2",   # read sparsely, then whole (never written)
+    "top_fraction(update * 1, 0.1) - update",  # whole first, in a selection's two sweeps
+    "update",
+])
+@pytest.mark.parametrize("budget", [1, 10**9])
+def test_rules_on_a_difference_give_the_dense_update_s_results(rule, budget):
+    from mergelang.sparse import Difference
+    g = torch.Generator().manual_seed(1)
+    after = {"w": torch.randn(30, 20, generator=g), "b": torch.randn(20, generator=g)}
+    before = {k: torch.randn(v.shape, generator=g) for k, v in after.items()}
+    expr = mergelang.expression(rule)
+    expected = expr(update={k: after[k] - before[k] for k in after}, seed=4)
+    update = {k: Difference(after[k].clone(), before[k], in_place=True) for k in after}
+    plan, _ = expr._plan({"update": update}, {}, 4, "float32")
+    results = Collector(plan.tensors)
+    with plan:
+        execute(plan, results.sink, budget=budget, sparse_results=True)
+    for name in after:
+        assert torch.equal(as_dense(results.tensors[name]), expected[name]), name

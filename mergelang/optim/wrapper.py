@@ -40,7 +40,7 @@ from .. import syntax
 from ..ast import Call, Name
 from ..compiled import Expression
 from ..resolve import stdlib_scope
-from ..sparse import Sparse, densify
+from ..sparse import Difference, Sparse, densify
 from .adamw import _names_of, begin_step
 from .monitor import Monitor, StepStats, Tally
 from .sources import Source, kept_task_vector, store, task_vectors
@@ -168,11 +168,13 @@ class OnlineMerging(torch.optim.Optimizer):
         for batch in self._batches(params):
             names = [self.names[id(p)] for p in batch]
             inputs: dict[str, dict[str, Any]] = {"update": {}, "ref": {}, "before": {}}
+            updates: list[Difference] = []
             for name, p in zip(names, batch, strict=True):
                 anchor = self.state[p]["anchor"]
-                # the update in the parameter's own memory (it is written over at the end):
-                # no buffer for it
-                inputs["update"][name] = p.sub_(anchor)
+                # the update, computed where the rule reads it: at the entries it keeps, or
+                # whole in the parameter's own memory (written over at the end)
+                updates.append(Difference(p, anchor, in_place=True))
+                inputs["update"][name] = updates[-1]
                 inputs["before"][name] = anchor
                 if "ref" in reads:
                     inputs["ref"][name] = kept_task_vector(self.state[p], p)
@@ -180,19 +182,18 @@ class OnlineMerging(torch.optim.Optimizer):
                     "dtype": self.dtype, **{k: v for k, v in inputs.items() if k in reads}}
             try:
                 merged = self.rule.sparse(**call)
+                missing = [name for name in names if name not in merged]
+                if missing:
+                    raise KeyError(f"the rule gives no value for parameter {missing[0]!r}")
             except BaseException:  # back to where the inner optimizer left them (to rounding)
-                for p in batch:
-                    p.add_(self.state[p]["anchor"])
+                for p, update in zip(batch, updates, strict=True):
+                    if update.computed:
+                        p.add_(self.state[p]["anchor"])
                 raise
-            missing = [name for name in names if name not in merged]
-            if missing:
-                for p in batch:
-                    p.add_(self.state[p]["anchor"])
-                raise KeyError(f"the rule gives no value for parameter {missing[0]!r}")
-            for name, p in zip(names, batch, strict=True):
+            for name, p, update in zip(names, batch, updates, strict=True):
                 out = merged[name].to(device=p.device)
                 if tally is not None:
-                    self._tally(tally, p, out, self.state[p])
+                    self._tally(tally, update.dense(), out, self.state[p])
                 add_into(p, self.state[p]["anchor"], out)
             del inputs, merged
         self.monitor.emit(tally, self.count, True)
@@ -253,7 +254,11 @@ def add_into(p: torch.Tensor, before: torch.Tensor, merged: torch.Tensor | Spars
     if isinstance(merged, Sparse) and not bool(merged.fill != 0) and p.is_contiguous():
         p.copy_(before)
         at = merged.support.index
-        p.view(-1)[at] = (before.view(-1)[at] + merged.values).to(p.dtype)
+        if merged.dtype == p.dtype:  # one add at each (distinct) position: before + merged
+            p.view(-1).index_add_(0, at, merged.values)
+            return
+        summed = torch.index_select(before.view(-1), 0, at) + merged.values
+        p.view(-1).index_copy_(0, at, summed.to(p.dtype))
     else:
         torch.add(before, densify(merged), out=p)
 
