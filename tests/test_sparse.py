@@ -235,3 +235,15 @@ def test_rules_on_a_difference_give_the_dense_update_s_results(rule, budget):
         execute(plan, results.sink, budget=budget, sparse_results=True)
     for name in after:
         assert torch.equal(as_dense(results.tensors[name]), expected[name]), name
+
+
+def test_top_fraction_s_sparse_form_spreads_non_finite_entries_as_the_dense_one():
+    x = torch.randn(20, 10, generator=torch.Generator().manual_seed(2))
+    x[4, 4], x[7, 1] = math.nan, -math.inf  # the NaN is dropped (|NaN| compares false)
+    expr = mergelang.expression("top_fraction(x, 0.1)")
+    dense = PRIMITIVES["top_fraction"].fn(x, 0.1)
+    assert same(as_dense(expr.sparse(x=x)), dense) and dense.isnan().any()
+    finite = torch.randn(20, 10)
+    kept = expr.sparse(x=finite)
+    assert isinstance(kept, Sparse) and len(kept.support) == 20
+    assert torch.equal(kept.dense(), PRIMITIVES["top_fraction"].fn(finite, 0.1))

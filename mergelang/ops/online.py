@@ -114,13 +114,17 @@ def _top(numel: int, keep: float, small: str):
 def _top_fraction_sparse(x: torch.Tensor | Sparse, keep: float, small: str = "one", *,
                          chunk: Chunk | None = None) -> torch.Tensor | Sparse:
     """top_fraction's kept entries as a Sparse: the same selection; the entries it drops
-    are zeros (where x * mask would leave -0.0, or NaN for an infinite entry)."""
+    are zeros (x * mask leaves -0.0 for a negative one). A chunk holding NaN or infinite
+    entries is computed densely, so that they spread as top_fraction spreads them."""
     numel = x.numel() if chunk is None else chunk.numel
     if keeps_all(numel, keep, small):
         return x
     x = densify(x)
-    index = top_mask(x, keep, chunk).view(-1).nonzero().squeeze(1)
-    return Sparse(index, x.reshape(-1)[index], x.shape)
+    mask = top_mask(x, keep, chunk)
+    if not bool(torch.isfinite(x.sum())):  # a NaN or infinity, or a sum that overflows
+        return x * mask
+    index = mask.view(-1).nonzero().squeeze(1)
+    return Sparse(index, torch.index_select(x.reshape(-1), 0, index), x.shape)
 
 
 @primitive("top_fraction", Param("x", "tensor"), KEEP,
