@@ -270,18 +270,21 @@ class Terminal:
 def test_a_session_in_a_terminal_and_its_history(tmp_path):
     g = torch.Generator().manual_seed(0)
     for name in ("big_a", "big_b"):
-        write_hf_folder(tmp_path / name, {"w": torch.randn(1000, 1000, generator=g)})
+        write_hf_folder(tmp_path / name, {"w": torch.randn(2000, 1000, generator=g)})
     script = tmp_path / "s.merge"
     script.write_text(f'base = model("{EXAMPLES}/models/base")\n'
                       f'math = model("{EXAMPLES}/models/math")\n'
                       'a = model("big_a")\nb = model("big_b")\n'
-                      # 64 trims of a million entries: a few seconds at least
+                      # 256 trims of two million entries: several seconds on an idle
+                      # machine (64 of a million took 0.5 s, done before the Ctrl-C)
                       "fn t4(d, x) = trim(d, x) + trim(d, x + 0.01) + trim(d, x + 0.02) + "
                       "trim(d, x + 0.03)\n"
                       "fn t16(d, x) = t4(d, x) + t4(d, x + 0.04) + t4(d, x + 0.08) + "
                       "t4(d, x + 0.12)\n"
                       "fn t64(d, x) = t16(d, x) + t16(d, x + 0.16) + t16(d, x + 0.32) + "
-                      "t16(d, x + 0.48)\n")
+                      "t16(d, x + 0.48)\n"
+                      "fn t256(d, x) = t64(d, x) + t64(d, x + 0.004) + t64(d, x + 0.008) + "
+                      "t64(d, x + 0.012)\n")
     history = tmp_path / "history"
     term = Terminal(tmp_path, history, str(script))
     # completion: a name, a command, a keyword argument
@@ -303,7 +306,7 @@ def test_a_session_in_a_terminal_and_its_history(tmp_path):
     out = term.run(':time trim(d, 0.2)["layers.2.mlp.up"]', until="values from the cache")
     assert "loaded 0 tensors (0 B); 1 " in out
     # Ctrl-C stops a long evaluation, not the session
-    term.child.send(':time t64(a - b, 0.1)["w"]\r')
+    term.child.send(':time t256(a - b, 0.1)["w"]\r')
     term.child.expect_exact("\x1b[?2004l")  # the line editor let go: the evaluation began
     time.sleep(1.5)
     term.child.sendintr()
