@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from .bind import InMemoryModel
 from .io.dtypes import FLOAT8
 from .ir import Node
 from .plan import Plan, TensorPlan
@@ -56,9 +57,12 @@ class Stager:
         self.reader.shutdown()
 
     def prefetch(self, k: Kernel, p: Pass, rows: tuple[int, int]) -> Future:
-        """Start loading a task's inputs on the reader thread; small ones are loaded
-        right away, where a thread hand-off would cost more than the read."""
-        if len(p.loads) * (rows[1] - rows[0]) * k.row_numel < SMALL:
+        """Start loading a task's inputs on the reader thread; small ones, and tensors the
+        caller holds in memory (nothing to read), are loaded right away, where a thread
+        hand-off would cost more than the read."""
+        if len(p.loads) * (rows[1] - rows[0]) * k.row_numel < SMALL or all(
+                isinstance(self.plan.bound.models[n.attr[0]].source, InMemoryModel)
+                for n in p.loads):
             done: Future = Future()
             done.set_result(self.load(k, p, rows))
             return done
