@@ -180,22 +180,19 @@ class OnlineMerging(torch.optim.Optimizer):
                     inputs["ref"][name] = kept_task_vector(self.state[p], p)
             call = {"seed": self.seed + self.count, "device": self._device(batch),
                     "dtype": self.dtype, **{k: v for k, v in inputs.items() if k in reads}}
-            try:
+            try:  # every result is found (and moved) before any parameter is written
                 merged = self.rule.sparse(**call)
-                missing = [name for name in names if name not in merged]
-                if missing:
-                    raise KeyError(f"the rule gives no value for parameter {missing[0]!r}")
+                outs = [_result_for(merged, name, p) for name, p in zip(names, batch, strict=True)]
             except BaseException:  # back to where the inner optimizer left them (to rounding)
                 for p, update in zip(batch, updates, strict=True):
                     if update.computed:
                         p.add_(self.state[p]["anchor"])
                 raise
-            for name, p, update in zip(names, batch, updates, strict=True):
-                out = merged[name].to(device=p.device)
+            for p, update, out in zip(batch, updates, outs, strict=True):
                 if tally is not None:
                     self._tally(tally, update.dense(), out, self.state[p])
                 add_into(p, self.state[p]["anchor"], out)
-            del inputs, merged
+            del inputs, merged, outs
         self.monitor.emit(tally, self.count, True)
 
     @staticmethod
@@ -246,6 +243,14 @@ class OnlineMerging(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         return f"OnlineMerging({self.optimizer!r}, rule={self.text!r})"
+
+
+def _result_for(merged: Mapping[str, Any], name: str, p: torch.Tensor
+                ) -> torch.Tensor | Sparse:
+    """The rule's result for parameter `name`, on p's device."""
+    if name not in merged:
+        raise KeyError(f"the rule gives no value for parameter {name!r}")
+    return merged[name].to(device=p.device)
 
 
 def add_into(p: torch.Tensor, before: torch.Tensor, merged: torch.Tensor | Sparse) -> None:
