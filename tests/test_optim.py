@@ -407,9 +407,10 @@ def test_online_merging_applies_the_compiled_rule_to_the_inner_update(models):
 
 
 def test_online_merging_is_the_rule_at_every_step_whatever_the_batches(models):
-    """The dense task vectors live in buffers shared by the batches and kept between steps
-    (only what another parameter left there is zeroed): each step is still before + rule,
-    with the task vector the optimizer holds, also after a state dict brings other ones."""
+    """The rule runs on batches of parameters, on the sparse task vector and the update
+    read where it keeps entries: each step is still before + rule (the dense evaluation's
+    bits), with the task vector the optimizer holds, also after a state dict brings other
+    ones."""
     base, sft, data = models
     rule = "ondare(update, ref, keep=0.5, alpha=0.3)"
     model = copy.deepcopy(sft)
