@@ -247,3 +247,21 @@ def test_top_fraction_s_sparse_form_spreads_non_finite_entries_as_the_dense_one(
     kept = expr.sparse(x=finite)
     assert isinstance(kept, Sparse) and len(kept.support) == 20
     assert torch.equal(kept.dense(), PRIMITIVES["top_fraction"].fn(finite, 0.1))
+
+
+def test_ondare_reads_the_update_at_its_kept_entries_only():
+    """OnlineMerging's OnDARE rule: the update (a Difference) is gathered where the mask
+    keeps entries, never computed whole, and the result is Sparse with the dense bits."""
+    from mergelang.sparse import Difference
+    update, tau = online_inputs()
+    before = {k: torch.randn(v.shape) for k, v in update.items()}
+    after = {k: before[k] + update[k] for k in update}
+    ref = mergelang.evaluate("ondare_ref(tau, keep=0.1)", tau=tau, seed=1)
+    rule = mergelang.expression("ondare(update, ref, keep=0.1, alpha=0.3)")
+    lazy = {k: Difference(after[k].clone(), before[k], in_place=True) for k in update}
+    merged = rule.sparse(update=lazy, ref=sparse_state(ref), seed=2)
+    assert not any(d.computed for d in lazy.values())
+    expected = rule(update={k: after[k] - before[k] for k in update}, ref=ref, seed=2)
+    for name in update:
+        assert isinstance(merged[name], Sparse)
+        assert torch.equal(merged[name].dense(), expected[name]), name
