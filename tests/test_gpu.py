@@ -39,3 +39,30 @@ def test_several_gpus_split_the_tensors(tmp_path):
     every = merge(tmp_path, expression, "cuda:all", 10**9)
     for name in one:
         assert torch.equal(one[name], every[name]), name
+
+
+@cuda
+@pytest.mark.parametrize("rule", ["ondare(update, ref, keep=0.1, alpha=0.3)",
+                                  "onties(update, ref, keep=0.1, alpha=0.3)"])
+def test_online_rules_on_sparse_values_on_the_gpu(rule):
+    """Sparse values on the GPU (unions by torch.unique there): the CPU's results."""
+    import mergelang
+    from mergelang.sparse import Difference, Sparse
+    g = torch.Generator().manual_seed(0)
+    after = {"w": torch.randn(300, 200, generator=g), "b": torch.randn(200, generator=g)}
+    before = {k: torch.randn(v.shape, generator=g) for k, v in after.items()}
+    tau = {k: torch.randn(v.shape, generator=g) for k, v in after.items()}
+    prepare = rule.split("(")[0] + "_ref(tau, keep=0.1)"
+    ref = mergelang.evaluate(prepare, tau=tau, seed=1)
+    sparse_ref = {}
+    for k, v in ref.items():
+        at = v.reshape(-1).nonzero().squeeze(1)
+        sparse_ref[k] = Sparse(at, v.reshape(-1)[at], v.shape)
+    expr = mergelang.expression(rule)
+    on_cpu = expr(update={k: after[k] - before[k] for k in after}, ref=ref, seed=2)
+    update = {k: Difference(after[k].cuda(), before[k].cuda(), in_place=True) for k in after}
+    on_gpu = expr.sparse(update=update, ref={k: v.to(device="cuda") for k, v in
+                                             sparse_ref.items()}, seed=2, device="cuda")
+    for name, tensor in on_cpu.items():
+        got = on_gpu[name].dense() if isinstance(on_gpu[name], Sparse) else on_gpu[name]
+        torch.testing.assert_close(got.cpu(), tensor, rtol=1e-6, atol=1e-6)
