@@ -122,7 +122,7 @@ class Sparse:
 
     def dense(self) -> torch.Tensor:
         out = self.fill.expand(self.shape).clone()
-        out.view(-1)[self.support.index] = self.values
+        out.view(-1).index_copy_(0, self.support.index, self.values)
         return out
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None) -> Sparse:
@@ -184,15 +184,21 @@ class Difference:
     """a - b (in their dtype, then converted to `dtype`), computed where it is read: at a
     few positions (`gather`) without a pass over the whole, or whole once, into a's own
     memory when `in_place` (the caller gives a up: an optimizer's parameters after its
-    step, whose update this is). Row blocks of it are computed apart, never in place."""
+    step, whose update this is).
 
-    __slots__ = ("a", "b", "dtype", "in_place", "_dense")
+    `to(dtype)` and `rows(lo, hi)` give views of the same difference: all of them read
+    the whole once it is computed (so a - b is never taken twice from a's memory), and a
+    row block read before that computes its rows apart, never in place."""
+
+    __slots__ = ("a", "b", "dtype", "in_place", "_dense", "_root", "_rows")
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None,
                  in_place: bool = False):
         self.a, self.b, self.in_place = a, b, in_place
         self.dtype = dtype or a.dtype
-        self._dense: torch.Tensor | None = None
+        self._dense: torch.Tensor | None = None  # the whole (at the root) or a row block
+        self._root: Difference = self
+        self._rows: tuple[int, int] | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -205,7 +211,7 @@ class Difference:
     @property
     def computed(self) -> bool:
         """Whether a - b has been computed whole (into a, when in place)."""
-        return self._dense is not None
+        return self._root._dense is not None
 
     def numel(self) -> int:
         return self.a.numel()
@@ -213,13 +219,37 @@ class Difference:
     def element_size(self) -> int:
         return torch.empty(0, dtype=self.dtype).element_size()
 
+    def _known(self) -> torch.Tensor | None:
+        """a - b as far as it is computed: the whole's rows, or this block's own."""
+        whole = self._root._dense
+        if whole is not None:
+            return whole if self._rows is None else whole[self._rows[0]:self._rows[1]]
+        return self._dense
+
     def dense(self) -> torch.Tensor:
-        if self._dense is None:
-            self._dense = self.a.sub_(self.b) if self.in_place else self.a - self.b
-        return self._dense.to(self.dtype)
+        known = self._known()
+        if known is None:
+            root = self._root
+            if self._rows is None:
+                root._dense = root.a.sub_(root.b) if root.in_place else root.a - root.b
+            else:
+                self._dense = self.a - self.b
+            known = self._known()
+        return known.to(self.dtype)
 
     def clone(self) -> torch.Tensor:
         return self.dense().clone()
+
+    def _view(self, dtype: torch.dtype, rows: tuple[int, int] | None) -> Difference:
+        made = Difference(self.a, self.b, dtype)
+        made._root = self._root
+        if rows is not None:
+            made.a, made.b = self.a[rows[0]:rows[1]], self.b[rows[0]:rows[1]]
+            start = self._rows[0] if self._rows is not None else 0
+            made._rows = (start + rows[0], start + rows[1])
+        else:
+            made._rows = self._rows
+        return made
 
     def to(self, dtype: torch.dtype | None = None, device: Any = None
            ) -> Difference | torch.Tensor:
@@ -227,18 +257,15 @@ class Difference:
             return self.dense().to(dtype=dtype, device=device)
         if dtype is None or dtype == self.dtype:
             return self
-        made = Difference(self.a, self.b, dtype, self.in_place)
-        made._dense = self._dense
-        return made
+        return self._view(dtype, None)
 
-    def rows(self, lo: int, hi: int) -> Difference | torch.Tensor:
-        if self._dense is not None:
-            return self._dense[lo:hi].to(self.dtype)
-        return Difference(self.a[lo:hi], self.b[lo:hi], self.dtype)
+    def rows(self, lo: int, hi: int) -> Difference:
+        return self._view(self.dtype, (lo, hi))
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
-        if self._dense is not None:
-            return torch.index_select(self._dense.reshape(-1), 0, index).to(self.dtype)
+        known = self._known()
+        if known is not None:
+            return torch.index_select(known.reshape(-1), 0, index).to(self.dtype)
         a = torch.index_select(self.a.reshape(-1), 0, index)
         return a.sub_(torch.index_select(self.b.reshape(-1), 0, index)).to(self.dtype)
 
@@ -279,16 +306,6 @@ def densify(value: Any) -> Any:
         return value.dense()
     if isinstance(value, list) and any(isinstance(v, (Sparse, Difference)) for v in value):
         return [densify(v) for v in value]
-    return value
-
-
-def settle(value: Any) -> Any:
-    """A Difference (or those of a list) computed whole; anything else as it is: what an
-    operation that reads every entry is given."""
-    if isinstance(value, Difference):
-        return value.dense()
-    if isinstance(value, list) and any(isinstance(v, Difference) for v in value):
-        return [settle(v) for v in value]
     return value
 
 

@@ -406,6 +406,31 @@ def test_online_merging_applies_the_compiled_rule_to_the_inner_update(models):
     assert default_prepare(rule) == "ondare_ref(tau, keep=0.3)"
 
 
+@pytest.mark.parametrize("rule", ['onties(update, ref, keep=0.2, alpha=0.3, rescale="l1")',
+                                  "ondare(update, ref, keep=0.2, alpha=0.3) + 0.5 * update"])
+def test_online_merging_of_bfloat16_parameters_reads_each_update_once(models, rule):
+    """bfloat16 parameters: the rule widens the update (a view of it in float32) and reads
+    it twice, sparsely and whole; the update is still θ after - θ before, taken once."""
+    base, sft, data = (m.bfloat16() if isinstance(m, torch.nn.Module) else m
+                       for m in (copy.deepcopy(models[0]), copy.deepcopy(models[1]),
+                                 models[2]))
+    x, y = data
+    plain, model = copy.deepcopy(sft), copy.deepcopy(sft)
+    for m in (plain, model):
+        ((m(x.bfloat16()) - y.bfloat16()).float() ** 2).mean().backward()
+    torch.optim.SGD(plain.parameters(), lr=0.1).step()
+    opt = OnlineMerging(torch.optim.SGD(model.named_parameters(), lr=0.1), rule,
+                        reference=sft, base=base, seed=9, prepare="tau")
+    opt.step()
+    start = {n: p.detach() for n, p in sft.named_parameters()}
+    update = {n: q.detach() - start[n] for n, q in plain.named_parameters()}
+    tau = {n: t.bfloat16() for n, t in taus(base, sft).items()}
+    merged = mergelang.evaluate(rule, update=update, ref=tau, seed=10)
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, (start[name].float() + merged[name]).bfloat16()), name
+
+
 def test_online_merging_is_the_rule_at_every_step_whatever_the_batches(models):
     """The rule runs on batches of parameters, on the sparse task vector and the update
     read where it keeps entries: each step is still before + rule (the dense evaluation's

@@ -210,9 +210,28 @@ def test_a_difference_is_computed_at_the_kept_entries_or_whole_in_place():
     assert torch.equal(rows.dense(), expected[3:9]) and torch.equal(held, after)  # apart
     assert diff.dense() is held and torch.equal(held, expected)  # whole: in a's memory
     assert torch.equal(gather(diff, at), expected.view(-1)[at])  # read from there after
-    assert torch.equal(diff.rows(3, 9), expected[3:9])
+    assert torch.equal(diff.rows(3, 9).dense(), expected[3:9])
     widened = Difference(after.bfloat16(), before.bfloat16()).to(torch.float32)
     assert torch.equal(widened.dense(), (after.bfloat16() - before.bfloat16()).float())
+
+
+def test_views_of_a_difference_never_subtract_twice():
+    """A dtype view (the executor widening a bfloat16 update) or a row block computed
+    whole in place: the others read that result, not a - b taken again from a's memory."""
+    from mergelang.sparse import Difference, gather
+    g = torch.Generator().manual_seed(1)
+    after = torch.randn(30, 4, generator=g).bfloat16()
+    before = torch.randn(30, 4, generator=g).bfloat16()
+    expected = after - before
+    diff = Difference(after.clone(), before, in_place=True)
+    block = diff.rows(2, 5)
+    assert torch.equal(block.dense(), expected[2:5])  # apart: a untouched
+    wide = diff.to(torch.float32)
+    assert torch.equal(wide.dense(), expected.float()) and diff.computed  # whole, in place
+    assert torch.equal(diff.dense(), expected)  # the original reads it, once
+    assert torch.equal(diff.rows(2, 5).dense(), expected[2:5])
+    assert torch.equal(gather(diff.to(torch.float32), torch.tensor([0, 9, 119])),
+                       expected.view(-1)[[0, 9, 119]].float())
 
 
 @pytest.mark.parametrize("rule", [
