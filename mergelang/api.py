@@ -141,7 +141,10 @@ class Program:
         out = Path(out)
         shard_bytes = _size(shard_size, "--shard-size 5GB")
         budget = _size(max_memory, "--max-memory 2GB")
-        parse_devices(device)
+        if cluster is None:
+            parse_devices(device)
+        else:  # the workers compute: their devices count, not this machine's
+            cluster.check_device(device)
         reads = [*self.lowered.models, *([self.path] if self.path else [])]
         _check_target(out, force, reads)
         form = self.lowered.form  # an adapter takes the deltas at compute precision

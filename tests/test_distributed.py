@@ -242,6 +242,29 @@ def test_a_worker_that_sees_other_models_is_a_diagnostic(tmp_path, processes):
     no_leftovers(tmp_path / "out")
 
 
+def test_the_device_is_checked_on_the_workers_not_here(tmp_path, models, processes,
+                                                       monkeypatch):
+    """The workers compute, so their devices count: a client without the device (here,
+    one whose check refuses every device) still runs the merge there, and a device the
+    workers lack is a diagnostic that names a worker, before anything is written."""
+    program = program_in(tmp_path, models, "a")
+
+    def nothing_here(device: str):
+        raise mergelang.MergeError(mergelang.Diagnostic(f'device "{device}" is not here'))
+    monkeypatch.setattr(mergelang.api, "parse_devices", nothing_here)
+    with pytest.raises(mergelang.MergeError, match="is not here"):
+        program.run(tmp_path / "local", "cpu")
+    with Cluster(processes.scheduler_address) as c:
+        program.run(tmp_path / "out", "cpu", cluster=c)
+        assert (tmp_path / "out" / "model.safetensors").exists()
+        with pytest.raises(mergelang.MergeError) as caught:
+            program.run(tmp_path / "gpu", "cuda:99", cluster=c)
+    d = caught.value.diagnostics[0]
+    assert 'device "cuda:99"' in d.message and d.hint
+    assert d.notes[0].startswith("on the Dask worker tcp://127.0.0.1:")
+    no_leftovers(tmp_path / "gpu")
+
+
 @pytest.mark.parametrize(("flags", "says"), [
     (["--workers", "0"], "--workers must be a whole number of at least 1"),
     (["--scheduler", "tcp://127.0.0.1:1"], "cannot reach the Dask scheduler"),

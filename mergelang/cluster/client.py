@@ -23,7 +23,16 @@ from ..plan import Plan, TensorPlan
 from ..schedule import Kernel, Order, schedule
 from .connect import connect, dashboard_link, import_dask, start_local
 from .pool import Pool
-from .tasks import PARTS, Job, Outcome, SweepTask, WriteTask, sweep_part, write_part
+from .tasks import (
+    PARTS,
+    Job,
+    Outcome,
+    SweepTask,
+    WriteTask,
+    device_problem,
+    sweep_part,
+    write_part,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -90,6 +99,16 @@ class Cluster:
         if self.client is None:
             raise error("this cluster is closed", None, hint="use it inside its `with` block")
         return self.client
+
+    def check_device(self, device: str) -> None:
+        """A MergeError unless every worker can compute on `device`: the workers run the
+        merge, so their GPUs count, not this machine's (a client without a GPU may send
+        `cuda` work to workers that have one)."""
+        answers = self.connected().run(device_problem, device)
+        for worker, problem in sorted(answers.items()):
+            if problem is not None:
+                message, hint = problem
+                raise error(message, None, hint=hint, notes=(f"on the Dask worker {worker}",))
 
     def write(self, program: Program, p: Plan, folder: Path, device: str, shard_bytes: int,
               strict: bool, progress: Callable[[TensorPlan], None] | None, budget: int,

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..devices import parse_devices
 from ..diagnostics import Diagnostic, MergeError, error
 from ..execute import execute, feed_model_wide, model_reductions
 from ..io.dtypes import FLOAT8
@@ -231,6 +232,17 @@ def _not_shared(folder: Path) -> Diagnostic:
                       notes=(f"on {_worker_address()}",),
                       hint="write the output to a folder every worker shares (the same path "
                            "on a shared filesystem)")
+
+
+def device_problem(device: str) -> tuple[str, str | None] | None:
+    """Why this process cannot compute on `device` (message, hint), or None: run on each
+    worker before a merge."""
+    try:
+        parse_devices(device)
+    except MergeError as exc:
+        first = exc.diagnostics[0]
+        return first.message, first.hint
+    return None
 
 
 def _worker_address() -> str:
