@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import api
+from .devices import parse_devices
 from .diagnostics import Diagnostic, MergeError, Source, Span, did_you_mean, error
 from .execute import Collector, execute
 from .params import Axis, Override, Value, from_json, to_json
@@ -232,7 +233,9 @@ class Sweep:
                         hint=f"e.g. --search {search} --trials 20")
         if cluster is not None:
             from .cluster.sweep import run_sweep
+            cluster.check_device(self.device)  # before any point: the workers' devices
             return run_sweep(self, cluster, search, trials, seed, on_point)
+        parse_devices(self.device)
         if search == "grid":
             return self._grid(on_point)
         from .sweep_search import search as run_search

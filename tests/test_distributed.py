@@ -379,6 +379,21 @@ def test_a_grid_sweep_on_the_cluster_scores_what_a_local_one_does_and_resumes(
     assert results_of(tmp_path / "r.jsonl") == results_of(tmp_path / "local.jsonl")
 
 
+def test_a_sweep_checks_the_device_before_any_point(tmp_path, lerp, processes):
+    """Locally here, on the workers with a cluster: a device nobody has stops the sweep
+    before a point is merged, and nothing is written to the results."""
+    space = {"lam": [0.0, 1.0], "scale": [1.0]}
+    results = tmp_path / "r.jsonl"
+    with pytest.raises(mergelang.MergeError, match='device "cuda:99"'):
+        Sweep(lerp, space, SWEEP_TASKS, results, device="cuda:99", scorer=Stub()).run()
+    with Cluster(processes.scheduler_address) as c, \
+            pytest.raises(mergelang.MergeError, match='device "cuda:99"') as caught:
+        Sweep(lerp, space, SWEEP_TASKS, results, device="cuda:99", scorer=Stub()).run(
+            cluster=c)
+    assert caught.value.diagnostics[0].notes[0].startswith("on the Dask worker")
+    assert not results.exists() or results.read_text() == ""
+
+
 def test_a_parallel_search_scores_distinct_points_and_resumes(tmp_path, lerp, threads):
     pytest.importorskip("optuna")
     space = {"lam": [i / 10 for i in range(11)], "scale": [1.0, 0.5, 0.25]}
