@@ -284,3 +284,41 @@ def test_ondare_reads_the_update_at_its_kept_entries_only():
     for name in update:
         assert isinstance(merged[name], Sparse)
         assert torch.equal(merged[name].dense(), expected[name]), name
+
+
+@st.composite
+def rules(draw, depth: int = 3):
+    """A random expression of x (dense) and s and r (given Sparse), with numbers, through
+    the operations that have sparse paths: arithmetic, entrywise primitives, keep_random
+    and top_fraction."""
+    if depth == 0:
+        return draw(st.sampled_from(["x", "s", "r", "s", "r"]))
+    a, b = draw(rules(depth=depth - 1)), draw(rules(depth=depth - 1))
+    return draw(st.sampled_from([
+        f"({a} + {b})", f"({a} - {b})", f"({a} * {b})", f"({a} / {b})", f"-{a}",
+        f"({a} * 0.5)", f"(2 - {a})", f"({a} / (r - r))", f"(0 * {a})",
+        f"sign({a})", f"abs({a})", f"clamp_abs({a}, 0.7)", f"elect_sign([{a}, {b}])",
+        f"agrees_with({a}, sign({b}))", f"keep_random({a}, 0.3)", f"top_fraction({a}, 0.2)",
+    ]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rules(), st.integers(0, 3))
+def test_any_rule_on_sparse_inputs_gives_the_dense_rule_s_values(text, seed):
+    """s and r given as Sparse values against the same tensors given dense: every
+    operation on Sparse values, their fills (0/0, 0 * inf) and signs of zero included.
+    (keep_random and top_fraction use their sparse forms either way; their dense forms
+    are compared above.)"""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 10, generator=g)
+    dense = {}
+    for name in ("s", "r"):
+        values = torch.randn(12, 10, generator=g)
+        values[torch.rand(12, 10, generator=g) < 0.8] = 0.0
+        dense[name] = values
+    expr = mergelang.expression(text)
+    inputs = {k: v for k, v in {"x": x, **dense}.items() if k in expr.names}
+    expected = expr(seed=seed, **inputs)
+    given_sparse = {k: sparse_state({k: v})[k] if k != "x" else v for k, v in inputs.items()}
+    got = expr.sparse(seed=seed, **given_sparse)
+    assert same(as_dense(got), expected), text
