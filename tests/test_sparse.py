@@ -184,6 +184,21 @@ def test_sparse_values_in_row_blocks_give_the_same_results():
     assert torch.equal(as_dense(results.tensors["w"]), rows(update=update, seed=5)["w"])
 
 
+@pytest.mark.parametrize("keep, rescale", [(0.01, "density"), (0.3, "none"), (0.0, "density"),
+                                           (1.0, "density")])
+def test_the_sparse_forms_give_the_dense_forms_values(keep, rescale):
+    from mergelang.reduce import Chunk, RandomStream
+    x = torch.randn(300, 1000, generator=torch.Generator().manual_seed(4))
+    prim = PRIMITIVES["keep_random"]
+    chunk = Chunk.whole(x, RandomStream(7, "w", "site"))
+    assert torch.equal(as_dense(prim.sparse(x, keep, rescale, chunk=chunk)),
+                       prim.fn(x, keep, rescale, chunk=chunk))
+    top = PRIMITIVES["top_fraction"]
+    x[3, :40] = 4.0  # ties at the cut-off
+    for small in ("one", "all"):
+        assert same(as_dense(top.sparse(x.abs(), keep, small)), top.fn(x.abs(), keep, small))
+
+
 def test_a_sparse_form_must_take_the_primitives_parameters():
     import dataclasses
 
