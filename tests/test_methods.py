@@ -6,6 +6,7 @@ argsort for the top-k, stacked tensors, explicit masks), not our primitives.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -113,6 +114,47 @@ def test_drop_keeps_the_expected_fraction_and_preserves_the_mean():
     assert abs(kept.float().mean().item() - 0.3) < 0.005
     torch.testing.assert_close(out[kept], torch.full_like(out[kept], 2.0 / 0.3))
     assert abs(out.mean().item() - 2.0) < 0.02  # 1/density rescale keeps the expectation
+
+
+def test_random_pages_are_the_same_drawn_on_any_number_of_threads_or_after_a_fork():
+    import os
+    stream = RandomStream(5, "t", "site")
+    numel = (7 << 18) + 1000  # seven whole pages and a short one
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = stream.uniform(0, numel, numel)
+        middle = stream.uniform(300_000, 1_200_000, numel)  # cuts pages at both ends
+        torch.set_num_threads(2)
+        assert torch.equal(stream.uniform(0, numel, numel), one)
+        assert torch.equal(stream.uniform(300_000, 1_200_000, numel), middle)
+        assert torch.equal(middle, one[300_000:1_500_000])
+        if hasattr(os, "fork"):  # a child has none of the parent's drawing threads
+            expected = one.numpy()
+            pid = os.fork()
+            if pid == 0:  # numpy only here: torch's OpenMP threads do not survive a fork
+                drawn = stream.uniform(0, numel, numel).numpy()
+                os._exit(0 if np.array_equal(drawn, expected) else 3)
+            assert _exit_code(pid, within=60) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _exit_code(pid: int, within: float) -> int | None:
+    """The child's exit code; None (and the child killed) if it has not ended in time:
+    a child that waits for threads it does not have would hang the tests otherwise."""
+    import os
+    import signal
+    import time
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return None
 
 
 def test_drop_l1_rescale_matches_the_input_norm():
