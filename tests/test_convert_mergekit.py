@@ -238,17 +238,24 @@ def _powers_of_two(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return (sign * 2.0 ** torch.randint(-2, 3, shape, generator=g)).to(torch.bfloat16)
 
 
+def _bfloat16_family(tmp_path, shapes: dict[str, tuple[int, ...]], seeds: tuple[int, int]
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """Folders base (zeros), a and b (powers of two, from `seeds`) in bfloat16; their states."""
+    states = {"base": {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in shapes.items()},
+              "a": {n: _powers_of_two(seeds[0], s) for n, s in shapes.items()},
+              "b": {n: _powers_of_two(seeds[1], s) for n, s in shapes.items()}}
+    for name, state in states.items():
+        write_hf_folder(tmp_path / name, state)
+    return states
+
+
 def test_bfloat16_models_merge_in_bfloat16_with_weights_as_bfloat16_holds_them(tmp_path):
     """mergekit merges bfloat16 models (no `dtype:`) in bfloat16 and builds the weights as a
     bfloat16 tensor: with deltas that are powers of two every product is exact, so its
     result is bf16(bf16(0.846) * da + bf16(0.3) * db) exactly, which the script gives."""
     shapes = {"model.embed_tokens.weight": (8, 4), "model.layers.0.mlp.up_proj.weight": (6, 4),
               "model.layers.1.mlp.up_proj.weight": (6, 4), "model.norm.weight": (4,)}
-    states = {"base": {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in shapes.items()},
-              "a": {n: _powers_of_two(1, s) for n, s in shapes.items()},
-              "b": {n: _powers_of_two(2, s) for n, s in shapes.items()}}
-    for name, state in states.items():
-        write_hf_folder(tmp_path / name, state)
+    states = _bfloat16_family(tmp_path, shapes, (1, 2))
     script, out = convert_and_run(tmp_path, """\
 merge_method: task_arithmetic
 base_model: base
@@ -277,11 +284,7 @@ def test_a_weight_gradient_is_rounded_layer_by_layer(tmp_path):
     layer, and the result is exact with deltas that are powers of two."""
     shapes = {"model.embed_tokens.weight": (8, 4), "model.norm.weight": (4,),
               **{f"model.layers.{i}.mlp.up_proj.weight": (6, 4) for i in range(3)}}
-    states = {"base": {n: torch.zeros(s, dtype=torch.bfloat16) for n, s in shapes.items()},
-              "a": {n: _powers_of_two(3, s) for n, s in shapes.items()},
-              "b": {n: _powers_of_two(4, s) for n, s in shapes.items()}}
-    for name, state in states.items():
-        write_hf_folder(tmp_path / name, state)
+    states = _bfloat16_family(tmp_path, shapes, (3, 4))
     script, out = convert_and_run(tmp_path, """\
 merge_method: task_arithmetic
 base_model: base
