@@ -151,8 +151,10 @@ class Collector:
     def sink(self, name: str, row0: int, part: torch.Tensor | Sparse) -> None:
         shape, dtype = self.shapes[name]
         if isinstance(part, Sparse):
-            self._blocks.setdefault(name, []).append((row0, part))
-            return
+            if name not in self._tensors:  # else rows came dense: this one joins them
+                self._blocks.setdefault(name, []).append((row0, part))
+                return
+            part = part.dense()
         if name in self._blocks:  # a block came dense: the Sparse ones go in dense too
             for start, block in self._blocks.pop(name):
                 self.sink(name, start, block.dense())

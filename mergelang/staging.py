@@ -134,6 +134,8 @@ class Writer:
         self.pool.shutdown()
 
     def write(self, t: TensorPlan, row0: int, part: torch.Tensor | Sparse) -> None:
+        if isinstance(part, Sparse):  # after the writes before it: a tensor's blocks
+            self.drain(0)             # reach the sink one at a time, in order
         if isinstance(part, Sparse) or part.numel() < SMALL:
             self._cast_and_sink(t, row0, part)
             return

@@ -337,3 +337,18 @@ def test_any_rule_on_sparse_inputs_gives_the_dense_rule_s_values(text, seed):
     given_sparse = {k: sparse_state({k: v})[k] if k != "x" else v for k, v in inputs.items()}
     got = expr.sparse(seed=seed, **given_sparse)
     assert same(as_dense(got), expected), text
+
+
+def test_row_blocks_some_sparse_some_dense_join_into_the_dense_result():
+    """top_fraction in row blocks, one of which holds a NaN (computed densely there): the
+    Collector takes the Sparse blocks and the dense one into one tensor."""
+    x = torch.randn(40, 30, generator=torch.Generator().manual_seed(6))
+    x[17, 3] = math.nan
+    expr = mergelang.expression("top_fraction(x, 0.1)")
+    expected = PRIMITIVES["top_fraction"].fn(x, 0.1)
+    plan, _ = expr._plan({"x": {"x": x}}, {}, 0, "float32")
+    results = Collector(plan.tensors)
+    with plan:
+        execute(plan, results.sink, budget=1, sparse_results=True)  # one row per block
+    got = results.tensors["x"]
+    assert isinstance(got, torch.Tensor) and same(got.abs(), expected.abs())
